@@ -1,0 +1,192 @@
+"""Bulk loads: upsert leads by email, append events by lead email.
+
+One query to read what exists and one bulk statement to write, per batch of rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy import Engine, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from db.engine import session_scope
+from db.models import Event, Lead
+from nurture.importing import (
+    LEAD_COLUMNS,
+    EventRecord,
+    LeadRecord,
+    RowProblem,
+    event_record,
+    lead_record,
+    read_rows,
+)
+
+PROFILE_FIELDS = LEAD_COLUMNS[1:]
+
+
+def _insert(session: Session, table: Any) -> Any:
+    dialect = session.get_bind().dialect.name
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
+@dataclass
+class LeadUpsertResult:
+    created: int = 0
+    updated: int = 0
+
+
+def upsert_leads(*, session: Session, records: Sequence[LeadRecord], now: datetime) -> LeadUpsertResult:
+    """Create new leads and update known ones (by normalised email); blank fields keep their value."""
+    merged: dict[str, LeadRecord] = {}
+    for record in records:  # the same address twice in a batch: later rows win field by field
+        earlier = merged.get(record.email)
+        if earlier is not None:
+            record = LeadRecord(
+                record.line, record.email, {**earlier.profile, **record.profile},
+                {**earlier.attributes, **record.attributes},
+            )
+        merged[record.email] = record
+    existing = {
+        row.email: row.attributes
+        for row in session.execute(select(Lead.email, Lead.attributes).where(Lead.email.in_(list(merged))))
+    }
+    rows = []
+    for email, record in merged.items():
+        rows.append({
+            "email": email,
+            **{f: record.profile.get(f) for f in PROFILE_FIELDS},
+            "attributes": {**(existing.get(email) or {}), **record.attributes},
+            "stage": "cold", "fit_score": 0.0, "engagement": 0.0, "score": 0.0,
+            "needs_rescore": True, "created_at": now, "updated_at": now,
+        })
+    if rows:
+        rows = [{**r, "timezone": r["timezone"] or "UTC"} for r in rows]
+        statement = _insert(session, Lead)
+        excluded = statement.excluded
+        keep = {f: _coalesce(excluded, f) for f in PROFILE_FIELDS}
+        statement = statement.on_conflict_do_update(
+            index_elements=["email"],
+            set_={**keep, "attributes": excluded.attributes, "needs_rescore": True, "updated_at": excluded.updated_at},
+        )
+        session.execute(statement, rows)
+    return LeadUpsertResult(created=len(merged) - len(existing), updated=len(existing))
+
+
+def _coalesce(excluded: Any, field: str) -> Any:
+    column = getattr(Lead, field)
+    if field == "timezone":
+        return excluded.timezone  # always given (defaults to UTC); an explicit zone wins
+    return func.coalesce(getattr(excluded, field), column)
+
+
+def lead_ids_for(*, session: Session, emails: Sequence[str], now: datetime, create: bool) -> dict[str, int]:
+    """Lead ids by email; with ``create``, unknown addresses become new cold leads."""
+    wanted = sorted(set(emails))
+    found = {row.email: int(row.id) for row in session.execute(select(Lead.email, Lead.id).where(Lead.email.in_(wanted)))}
+    missing = [e for e in wanted if e not in found]
+    if missing and create:
+        statement = _insert(session, Lead).on_conflict_do_nothing(index_elements=["email"])
+        session.execute(statement, [
+            {"email": e, "timezone": "UTC", "attributes": {}, "stage": "cold", "fit_score": 0.0, "engagement": 0.0,
+             "score": 0.0, "needs_rescore": True, "created_at": now, "updated_at": now}
+            for e in missing
+        ])
+        found.update(
+            {row.email: int(row.id) for row in session.execute(select(Lead.email, Lead.id).where(Lead.email.in_(missing)))}
+        )
+    return found
+
+
+@dataclass
+class EventInsertResult:
+    stored: int = 0
+    duplicates: int = 0
+    leads_created: int = 0
+
+
+def add_events(
+    *, session: Session, records: Sequence[EventRecord], now: datetime, source: str = "import"
+) -> EventInsertResult:
+    """Append events; an ``external_id`` already stored for this source is a duplicate, skipped."""
+    if not records:
+        return EventInsertResult()
+    before = session.scalar(select(Lead.id).order_by(Lead.id.desc()).limit(1)) or 0
+    ids = lead_ids_for(session=session, emails=[r.email for r in records], now=now, create=True)
+    created = sum(1 for i in ids.values() if i > before)
+    rows = [
+        {"lead_id": ids[r.email], "kind": r.kind, "occurred_at": r.occurred_at, "source": source,
+         "external_id": r.external_id, "properties": r.properties, "applied": False, "received_at": now}
+        for r in records
+    ]
+    statement = _insert(session, Event).on_conflict_do_nothing(index_elements=["source", "external_id"])
+    stored = len(list(session.execute(statement.returning(Event.id), rows)))
+    return EventInsertResult(stored=stored, duplicates=len(rows) - stored, leads_created=created)
+
+
+@dataclass
+class FileImportResult:
+    """The summary a user sees after an import."""
+
+    rows_read: int = 0
+    rows_kept: int = 0
+    created: int = 0
+    updated: int = 0
+    duplicates: int = 0
+    leads_created: int = 0
+    problems: list[RowProblem] = field(default_factory=list)
+
+
+def import_file(
+    *,
+    engine: Engine,
+    path: Path,
+    kind: Literal["leads", "events"],
+    now: datetime,
+    batch_size: int = 2000,
+    on_progress: Callable[[int], None] | None = None,
+) -> FileImportResult:
+    """Import a CSV/JSONL file in batches; each batch commits on its own, bad rows are reported."""
+    result = FileImportResult()
+    batch: list[Any] = []
+    parse = lead_record if kind == "leads" else event_record
+
+    def flush() -> None:
+        if not batch:
+            return
+        with session_scope(engine) as session:
+            if kind == "leads":
+                upserted = upsert_leads(session=session, records=batch, now=now)
+                result.created += upserted.created
+                result.updated += upserted.updated
+            else:
+                added = add_events(session=session, records=batch, now=now)
+                result.rows_kept -= added.duplicates
+                result.duplicates += added.duplicates
+                result.leads_created += added.leads_created
+        batch.clear()
+
+    for line, row in read_rows(path):
+        result.rows_read += 1
+        if isinstance(row, RowProblem):
+            result.problems.append(row)
+            continue
+        try:
+            batch.append(parse(line, row))
+        except ValueError as exc:
+            result.problems.append(RowProblem(line, str(exc)))
+            continue
+        result.rows_kept += 1
+        if len(batch) >= batch_size:
+            flush()
+            if on_progress is not None:
+                on_progress(result.rows_read)
+    flush()
+    if on_progress is not None:
+        on_progress(result.rows_read)
+    return result

@@ -1,0 +1,198 @@
+"""The tables: every score change, transition, enrollment and message is kept.
+
+Timestamps are UTC-aware in Python on every engine (``UTCDateTime``). Each table
+is indexed for the query that reads it on a hot path; the comment on an index
+names that query.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, String, UniqueConstraint, text
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in Python; ``timestamptz`` on PostgreSQL, naive UTC text on SQLite."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: nurture stores only timezone-aware times")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _utc(**kwargs: Any) -> Any:
+    return Field(sa_type=UTCDateTime, **kwargs)
+
+
+# Ids are BIGINT on PostgreSQL (events and messages outgrow 2^31), INTEGER on SQLite (rowid).
+_BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def _pk() -> Any:
+    return Field(default=None, sa_type=_BigId, primary_key=True)
+
+
+def _fk(target: str, *, index: bool = True, nullable: bool = False) -> Any:
+    return Field(foreign_key=target, sa_type=_BigId, index=index, nullable=nullable, ondelete="CASCADE")
+
+
+class Lead(SQLModel, table=True):
+    __tablename__ = "lead"
+    __table_args__ = (
+        # Cycle: leads whose profile changed since they were last scored.
+        Index("ix_lead_needs_rescore", "needs_rescore", postgresql_where=text("needs_rescore"),
+              sqlite_where=text("needs_rescore")),
+    )
+
+    id: int | None = _pk()
+    email: str = Field(sa_type=String(320), unique=True, index=True)
+    first_name: str | None = Field(default=None, sa_type=String(200))
+    last_name: str | None = Field(default=None, sa_type=String(200))
+    company: str | None = Field(default=None, sa_type=String(300))
+    job_title: str | None = Field(default=None, sa_type=String(300))
+    company_size: int | None = None
+    country: str | None = Field(default=None, sa_type=String(100))
+    timezone: str = Field(default="UTC", sa_type=String(64))
+    attributes: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    stage: str = Field(default="cold", sa_type=String(16), index=True)
+    fit_score: float = 0.0
+    engagement: float = 0.0
+    score: float = 0.0
+    scored_at: datetime | None = _utc(default=None)
+    # Cycle: leads whose decay alone crosses a threshold by now.
+    next_review_at: datetime | None = _utc(default=None, index=True)
+    needs_rescore: bool = True
+    suppressed: str | None = Field(default=None, sa_type=String(32))
+    created_at: datetime = _utc()
+    updated_at: datetime = _utc()
+
+
+class Event(SQLModel, table=True):
+    __tablename__ = "event"
+    __table_args__ = (
+        # Replays and the webhook's duplicates are absorbed here.
+        UniqueConstraint("source", "external_id", name="uq_event_source_external_id"),
+        # Cycle: events not yet counted in a score, oldest first.
+        Index("ix_event_pending", "occurred_at", postgresql_where=text("NOT applied"),
+              sqlite_where=text("NOT applied")),
+        # Explain, caps: one lead's events by kind and time.
+        Index("ix_event_lead_kind_time", "lead_id", "kind", "occurred_at"),
+    )
+
+    id: int | None = _pk()
+    lead_id: int = _fk("lead.id", index=False)
+    kind: str = Field(sa_type=String(64))
+    occurred_at: datetime = _utc()
+    source: str = Field(default="import", sa_type=String(32))
+    external_id: str | None = Field(default=None, sa_type=String(200))
+    properties: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    applied: bool = False
+    received_at: datetime = _utc()
+
+
+class ScoreChange(SQLModel, table=True):
+    """Append-only ledger: every score move with the rules that moved it."""
+
+    __tablename__ = "score_change"
+    __table_args__ = (Index("ix_score_change_lead_at", "lead_id", "at"),)
+
+    id: int | None = _pk()
+    lead_id: int = _fk("lead.id", index=False)
+    at: datetime = _utc()
+    old_score: float
+    new_score: float
+    contributions: dict[str, float] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    playbook_version: str = Field(sa_type=String(32))
+    flow_run_id: str | None = Field(default=None, sa_type=String(64))
+
+
+class StageTransition(SQLModel, table=True):
+    __tablename__ = "stage_transition"
+    __table_args__ = (Index("ix_stage_transition_lead_at", "lead_id", "at"),)
+
+    id: int | None = _pk()
+    lead_id: int = _fk("lead.id", index=False)
+    from_stage: str = Field(sa_type=String(16))
+    to_stage: str = Field(sa_type=String(16))
+    at: datetime = _utc()
+    score: float
+    reason: str = Field(sa_type=String(500))
+    playbook_version: str = Field(sa_type=String(32))
+    flow_run_id: str | None = Field(default=None, sa_type=String(64), index=True)
+
+
+class Enrollment(SQLModel, table=True):
+    __tablename__ = "enrollment"
+    __table_args__ = (
+        # Exits on transition: a lead's active enrollments.
+        Index("ix_enrollment_lead_state", "lead_id", "state"),
+    )
+
+    id: int | None = _pk()
+    key: str = Field(sa_type=String(300), unique=True)
+    lead_id: int = _fk("lead.id", index=False)
+    sequence: str = Field(sa_type=String(100))
+    stage: str = Field(sa_type=String(16))
+    transition_id: int = _fk("stage_transition.id")
+    started_at: datetime = _utc()
+    state: str = Field(default="active", sa_type=String(16))
+    exit_reason: str | None = Field(default=None, sa_type=String(300))
+    ended_at: datetime | None = _utc(default=None)
+
+
+class Message(SQLModel, table=True):
+    """The outbox: one row per email nurture promised to send."""
+
+    __tablename__ = "message"
+    __table_args__ = (
+        # Dispatch: queued messages that are due, oldest first.
+        Index("ix_message_status_due", "status", "due_at"),
+        Index("ix_message_lead", "lead_id"),
+    )
+
+    id: int | None = _pk()
+    lead_id: int = _fk("lead.id", index=False)
+    enrollment_id: int = _fk("enrollment.id")
+    sequence: str = Field(sa_type=String(100))
+    step: int
+    template: str = Field(sa_type=String(200))
+    subject_template: str = Field(sa_type=String(500))
+    idempotency_key: str = Field(sa_type=String(320), unique=True)
+    status: str = Field(default="queued", sa_type=String(16))
+    due_at: datetime = _utc()
+    lease_until: datetime | None = _utc(default=None)
+    attempts: int = 0
+    last_error: str | None = Field(default=None, sa_type=String(2000))
+    provider_message_id: str | None = Field(default=None, sa_type=String(200))
+    subject: str | None = Field(default=None, sa_type=String(500))
+    created_at: datetime = _utc()
+    sent_at: datetime | None = _utc(default=None)
+    updated_at: datetime = _utc()
+
+
+class Suppression(SQLModel, table=True):
+    """Addresses nurture must never mail: unsubscribed, bounced, reported, manual."""
+
+    __tablename__ = "suppression"
+
+    id: int | None = _pk()
+    email: str = Field(sa_type=String(320), unique=True, index=True)
+    reason: str = Field(sa_type=String(32))
+    at: datetime = _utc()
+    source: str = Field(default="manual", sa_type=String(32))

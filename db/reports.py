@@ -1,0 +1,131 @@
+"""Read models for people: the funnel, and everything about one lead ("why this email?")."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from db.cycle import PROFILE_COLUMNS
+from db.models import Enrollment, Event, Lead, Message, ScoreChange, StageTransition, Suppression
+from nurture.importing import normalise_email
+from nurture.playbook import Playbook, Stage
+from nurture.scoring import ActivityEvent, engagement_at, event_points, fit_breakdown
+
+STAGE_ORDER = [s.value for s in Stage]
+MESSAGE_STATUSES = ["queued", "sending", "sent", "failed", "suppressed", "cancelled"]
+
+
+def funnel(*, session: Session) -> dict[str, Any]:
+    """Leads per stage, messages per status and the number of transitions."""
+    by_stage = dict.fromkeys(STAGE_ORDER, 0)
+    by_stage.update({row[0]: int(row[1]) for row in session.execute(select(Lead.stage, func.count()).group_by(Lead.stage))})
+    by_status = dict.fromkeys(MESSAGE_STATUSES, 0)
+    by_status.update(
+        {row[0]: int(row[1]) for row in session.execute(select(Message.status, func.count()).group_by(Message.status))}
+    )
+    transitions = int(session.scalar(select(func.count()).select_from(StageTransition)) or 0)
+    by_path = {
+        f"{row[0]}→{row[1]}": int(row[2])
+        for row in session.execute(
+            select(StageTransition.from_stage, StageTransition.to_stage, func.count())
+            .group_by(StageTransition.from_stage, StageTransition.to_stage)
+            .order_by(StageTransition.from_stage, StageTransition.to_stage)
+        )
+    }
+    return {
+        "leads_by_stage": by_stage,
+        "messages_by_status": by_status,
+        "transitions": transitions,
+        "transitions_by_path": by_path,
+    }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def explain_lead(*, session: Session, email: str, playbook: Playbook, now: datetime) -> dict[str, Any] | None:
+    """Everything about one lead: profile, score breakdown, history, enrollments, messages."""
+    lead = session.scalars(select(Lead).where(Lead.email == normalise_email(email))).first()
+    if lead is None or lead.id is None:
+        return None
+    events = list(session.scalars(select(Event).where(Event.lead_id == lead.id).order_by(Event.occurred_at)))
+    scoring = playbook.scoring
+    profile = {c: getattr(lead, c) for c in PROFILE_COLUMNS}
+    counted = event_points(
+        [ActivityEvent(e.kind, e.occurred_at) for e in events if e.applied], scoring, now
+    )
+    breakdown = {
+        "fit": fit_breakdown(profile, scoring.fit),
+        "engagement_by_kind": {k: round(v, 2) for k, v in sorted(counted.by_kind.items(), key=lambda kv: -kv[1])},
+        "engagement_now": round(engagement_at(lead.engagement, lead.scored_at, now, scoring.half_life), 2),
+        "score_now": round(lead.fit_score + engagement_at(lead.engagement, lead.scored_at, now, scoring.half_life), 2),
+        "half_life_days": scoring.half_life.total_seconds() / 86400,
+        "events_not_yet_scored": sum(1 for e in events if not e.applied),
+    }
+    suppression = session.scalars(select(Suppression).where(Suppression.email == lead.email)).first()
+    changes = session.scalars(
+        select(ScoreChange).where(ScoreChange.lead_id == lead.id).order_by(ScoreChange.at.desc(), ScoreChange.id.desc()).limit(20)
+    )
+    transitions = session.scalars(
+        select(StageTransition).where(StageTransition.lead_id == lead.id).order_by(StageTransition.at, StageTransition.id)
+    )
+    enrollments = session.scalars(
+        select(Enrollment).where(Enrollment.lead_id == lead.id).order_by(Enrollment.started_at, Enrollment.id)
+    )
+    messages = session.scalars(select(Message).where(Message.lead_id == lead.id).order_by(Message.due_at, Message.id))
+    return {
+        "lead": {
+            "id": lead.id, **profile, "stage": lead.stage, "score": round(lead.score, 2),
+            "fit_score": round(lead.fit_score, 2), "engagement": round(lead.engagement, 2),
+            "scored_at": _iso(lead.scored_at), "next_review_at": _iso(lead.next_review_at),
+        },
+        "score_breakdown": breakdown,
+        "suppression": (
+            {"reason": suppression.reason, "at": _iso(suppression.at), "source": suppression.source}
+            if suppression else ({"reason": lead.suppressed} if lead.suppressed else None)
+        ),
+        "events": [
+            {"kind": e.kind, "occurred_at": _iso(e.occurred_at), "source": e.source, "scored": e.applied,
+             "properties": e.properties}
+            for e in events[-50:]
+        ],
+        "events_total": len(events),
+        "score_changes": [
+            {"at": _iso(c.at), "old": round(c.old_score, 2), "new": round(c.new_score, 2),
+             "contributions": c.contributions, "playbook_version": c.playbook_version}
+            for c in changes
+        ],
+        "transitions": [
+            {"id": t.id, "from": t.from_stage, "to": t.to_stage, "at": _iso(t.at), "score": round(t.score, 2),
+             "reason": t.reason, "playbook_version": t.playbook_version, "flow_run_id": t.flow_run_id}
+            for t in transitions
+        ],
+        "enrollments": [
+            {"id": e.id, "sequence": e.sequence, "stage": e.stage, "transition_id": e.transition_id,
+             "started_at": _iso(e.started_at), "state": e.state, "exit_reason": e.exit_reason}
+            for e in enrollments
+        ],
+        "messages": [
+            {"id": m.id, "sequence": m.sequence, "step": m.step, "template": m.template, "status": m.status,
+             "subject": m.subject, "due_at": _iso(m.due_at), "sent_at": _iso(m.sent_at), "attempts": m.attempts,
+             "enrollment_id": m.enrollment_id, "last_error": m.last_error, "idempotency_key": m.idempotency_key}
+            for m in messages
+        ],
+    }
+
+
+def story_lead(*, session: Session) -> str | None:
+    """A customer who went through the most stages: the best `nurture explain` example."""
+    query = (
+        select(Lead.email)
+        .join(StageTransition, StageTransition.lead_id == Lead.id)
+        .where(Lead.stage == Stage.customer.value)
+        .group_by(Lead.email)
+        .order_by(func.count().desc(), Lead.email)
+        .limit(1)
+    )
+    return session.scalar(query) or session.scalar(select(Lead.email).order_by(Lead.id).limit(1))

@@ -1,0 +1,319 @@
+"""The ``nurture`` command line.
+
+Every command reports bad input as a message (what, where, what was kept) and
+exits non-zero; a traceback is a bug. Prefect and the database are imported
+only by the commands that need them, so ``nurture validate`` stays quick.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from nurture.errors import NurtureError
+
+if TYPE_CHECKING:
+    from nurture.settings import Settings
+
+app = typer.Typer(
+    name="nurture",
+    help="Score leads, move them through cold → warm → hot → customer, and send nurture sequences.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+import_app = typer.Typer(help="Load leads or events from CSV or JSON Lines files.", no_args_is_help=True)
+run_app = typer.Typer(help="Run a flow once, now.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+app.add_typer(import_app, name="import")
+app.add_typer(run_app, name="run")
+app.add_typer(db_app, name="db")
+
+console = Console()
+errors = Console(stderr=True)
+
+# Rows shown per bad-input report before "... and N more".
+MAX_PROBLEMS_SHOWN = 20
+
+
+def _settings() -> Settings:
+    from nurture.settings import get_settings
+
+    return get_settings()
+
+
+def _prefect_defaults() -> None:
+    """Defaults for running flows from the CLI; an explicit environment variable wins."""
+    # The first flow run in a process starts a temporary Prefect server; on a cold
+    # machine that takes longer than Prefect's default 20 s patience.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "nurture,db,flows")
+
+
+def _quiet_prefect_console() -> None:
+    """Keep per-task INFO lines off the terminal (they still reach the Prefect UI)."""
+    _prefect_defaults()
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+
+
+def _parse_now(value: str | None) -> datetime:
+    if value is None:
+        return datetime.now(UTC)
+    from nurture.importing import parse_timestamp
+
+    try:
+        return parse_timestamp(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc).replace("occurred_at", "--now")) from exc
+
+
+def _engine(*, check_schema: bool = True) -> Any:
+    from db.engine import ensure_current_schema, get_engine
+
+    engine = get_engine(_settings().database_url)
+    if check_schema:
+        ensure_current_schema(engine)
+    return engine
+
+
+@app.command()
+def validate() -> None:
+    """Check the playbook and every template it uses, before anything runs."""
+    from nurture.errors import PlaybookError
+    from nurture.playbook import load_playbook
+    from nurture.rendering import EmailRenderer
+
+    settings = _settings()
+    playbook = load_playbook(settings.nurture_playbook, templates_dir=settings.nurture_templates)
+    problems = EmailRenderer(settings.nurture_templates).check(playbook)
+    if problems:
+        raise PlaybookError(problems)
+    steps = sum(len(s.steps) for s in playbook.sequences.values())
+    console.print(
+        f"[green]ok[/] {settings.nurture_playbook} (version {playbook.version}): "
+        f"{len(playbook.scoring.events)} event kinds, {len(playbook.scoring.fit)} fit rules, "
+        f"{len(playbook.sequences)} sequences with {steps} emails, "
+        f"{len(playbook.template_names())} templates in {settings.nurture_templates}"
+    )
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Create the tables, or bring them up to this version of nurture."""
+    from db.engine import upgrade_schema
+
+    before, after = upgrade_schema(_engine(check_schema=False))
+    if before == after:
+        console.print(f"[green]ok[/] the database is up to date (schema {after})")
+    else:
+        console.print(f"[green]ok[/] schema {before or '(empty)'} → {after}")
+
+
+def _print_problems(path: Path, problems: list[Any]) -> None:
+    for problem in problems[:MAX_PROBLEMS_SHOWN]:
+        errors.print(f"[yellow]skipped[/] {path}:{problem.line}: {problem.reason}", highlight=False)
+    if len(problems) > MAX_PROBLEMS_SHOWN:
+        errors.print(f"[yellow]... and {len(problems) - MAX_PROBLEMS_SHOWN} more bad rows[/]")
+
+
+def _import(path: Path, kind: str) -> None:
+    from db.imports import import_file
+
+    engine = _engine()
+    size = max(path.stat().st_size, 1) if path.is_file() else 1
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  console=errors, transient=True, disable=size < 1_000_000) as progress:
+        bar = progress.add_task(f"importing {path.name}", total=None)
+        result = import_file(engine=engine, path=path, kind=kind,  # type: ignore[arg-type]
+                             now=datetime.now(UTC), on_progress=lambda n: progress.update(bar, completed=n))
+    _print_problems(path, result.problems)
+    if kind == "leads":
+        summary = f"{result.created} leads created, {result.updated} updated"
+    else:
+        summary = f"{result.rows_kept} events stored, {result.duplicates} duplicates skipped"
+        if result.leads_created:
+            summary += f", {result.leads_created} new leads created from event emails"
+    bad = len(result.problems)
+    colour = "yellow" if bad else "green"
+    console.print(f"[{colour}]{path}[/]: {result.rows_read} rows read, {summary}, {bad} bad rows skipped",
+                  highlight=False)
+    if bad and not result.rows_kept:
+        raise typer.Exit(1)
+
+
+@import_app.command("leads")
+def import_leads(file: Annotated[Path, typer.Argument(help="CSV or .jsonl file with an email column")]) -> None:
+    """Create or update leads by email. Unknown columns go into the lead's attributes."""
+    _import(file, "leads")
+
+
+@import_app.command("events")
+def import_events(file: Annotated[Path, typer.Argument(help="CSV or .jsonl file: email, kind, occurred_at")]) -> None:
+    """Add behavioural events (page_view, demo_request, purchase, ...) by lead email."""
+    _import(file, "events")
+
+
+@run_app.command("cycle")
+def run_cycle(
+    now: Annotated[str | None, typer.Option(help="Run as if it were this ISO 8601 time (default: now)")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Leads per chunk and messages per dispatch batch")] = 2000,
+) -> None:
+    """Score changed leads, apply transitions, enroll, and send due messages: once."""
+    at = _parse_now(now)
+    _engine()
+    _quiet_prefect_console()
+    from flows.cycle import nurture_cycle
+
+    summary = nurture_cycle(now=at, batch_size=batch_size)
+    console.print_json(json.dumps(summary, default=str))
+
+
+def _funnel_table(totals: dict[str, Any]) -> Table:
+    table = Table(title="Funnel", show_edge=False)
+    table.add_column("stage")
+    table.add_column("leads", justify="right")
+    for stage, n in totals["leads_by_stage"].items():
+        table.add_row(stage, str(n))
+    return table
+
+
+def _messages_table(totals: dict[str, Any]) -> Table:
+    table = Table(title="Messages", show_edge=False)
+    table.add_column("status")
+    table.add_column("messages", justify="right")
+    for status, n in totals["messages_by_status"].items():
+        table.add_row(status, str(n))
+    return table
+
+
+def _transitions_table(totals: dict[str, Any]) -> Table:
+    table = Table(title=f"Transitions ({totals['transitions']})", show_edge=False)
+    table.add_column("from → to")
+    table.add_column("leads", justify="right")
+    for path, n in totals["transitions_by_path"].items():
+        table.add_row(path, str(n))
+    return table
+
+
+def _print_funnel(totals: dict[str, Any]) -> None:
+    from rich.columns import Columns
+
+    console.print(Columns([_funnel_table(totals), _transitions_table(totals), _messages_table(totals)], padding=4))
+
+
+@app.command()
+def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False) -> None:
+    """Leads per stage, messages per status, transitions so far."""
+    from db.engine import session_scope
+    from db.reports import funnel
+
+    with session_scope(_engine()) as session:
+        totals = funnel(session=session)
+    if as_json:
+        console.print_json(json.dumps(totals))
+    else:
+        _print_funnel(totals)
+
+
+@app.command()
+def explain(
+    email: Annotated[str, typer.Argument(help="The lead's email address")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    now: Annotated[str | None, typer.Option(help="Explain the score as of this ISO 8601 time")] = None,
+) -> None:
+    """Why a lead has its score and stage, and why it got each email."""
+    from db.engine import session_scope
+    from db.reports import explain_lead
+    from nurture.playbook import load_playbook
+
+    settings = _settings()
+    playbook = load_playbook(settings.nurture_playbook)
+    try:
+        from nurture.importing import normalise_email
+
+        normalise_email(email)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    with session_scope(_engine()) as session:
+        report = explain_lead(session=session, email=email, playbook=playbook, now=_parse_now(now))
+    if report is None:
+        errors.print(f"no lead with the email {email.strip().lower()}")
+        raise typer.Exit(1)
+    if as_json:
+        console.print_json(json.dumps(report, default=str))
+        return
+    _print_explanation(report)
+
+
+def _print_explanation(report: dict[str, Any]) -> None:
+    lead = report["lead"]
+    name = " ".join(p for p in (lead["first_name"], lead["last_name"]) if p) or lead["email"]
+    console.print(f"[bold]{name}[/] <{lead['email']}>  {lead['job_title'] or ''} {('at ' + lead['company']) if lead['company'] else ''}",
+                  highlight=False)
+    if report["suppression"]:
+        console.print(f"[red]suppressed[/]: {report['suppression']['reason']}")
+    b = report["score_breakdown"]
+    console.print(f"stage [bold]{lead['stage']}[/], score {lead['score']} at last scoring "
+                  f"({lead['scored_at']}), {b['score_now']} now")
+    console.print(f"  fit {lead['fit_score']}: " + (", ".join(f"{k} {v:+g}" for k, v in b["fit"].items()) or "no rule matches"))
+    console.print(f"  engagement {b['engagement_now']} now (half-life {b['half_life_days']:g} days): "
+                  + (", ".join(f"{k} {v:+.1f}" for k, v in b["engagement_by_kind"].items()) or "no events"))
+    table = Table(title="Stage history", show_edge=False)
+    for column in ("at", "from → to", "score", "reason"):
+        table.add_column(column)
+    for t in report["transitions"]:
+        table.add_row(t["at"][:16], f"{t['from']} → {t['to']}", str(t["score"]), t["reason"])
+    console.print(table)
+    table = Table(title="Messages", show_edge=False)
+    for column in ("due", "sequence", "step", "template", "status", "why"):
+        table.add_column(column)
+    enrollments = {e["id"]: e for e in report["enrollments"]}
+    transitions = {t["id"]: t for t in report["transitions"]}
+    for m in report["messages"]:
+        enrollment = enrollments.get(m["enrollment_id"], {})
+        t = transitions.get(enrollment.get("transition_id"), {})
+        why = f"{t.get('from')} → {t.get('to')} on {str(t.get('at'))[:10]}" if t else ""
+        if m["last_error"]:
+            why += f"; {m['last_error']}"
+        table.add_row(m["due_at"][:16], m["sequence"], str(m["step"] + 1), m["template"], m["status"], why)
+    console.print(table)
+
+
+@app.command()
+def demo(
+    leads: Annotated[int, typer.Option(min=1, max=100_000, help="How many leads to generate")] = 500,
+    weeks: Annotated[int, typer.Option(min=1, max=26, help="Simulated weeks of behaviour")] = 6,
+    tick_hours: Annotated[int, typer.Option(min=1, max=168, help="Simulated hours between cycles")] = 12,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same demo")] = 7,
+    reset: Annotated[bool, typer.Option(help="Delete what a previous run left in the database and outbox")] = True,
+) -> None:
+    """Generate a realistic population and run the nurture cycle through simulated weeks."""
+    _quiet_prefect_console()
+    from flows.demo import run_demo
+
+    settings = _settings()
+    run_demo(settings=settings, leads=leads, weeks=weeks, tick=timedelta(hours=tick_hours), seed=seed,
+             reset=reset, console=console)
+
+
+def main() -> None:
+    """Entry point: runs the app and turns nurture's errors into messages."""
+    try:
+        app()
+    except NurtureError as exc:
+        errors.print(f"[red]error:[/] {exc}", highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

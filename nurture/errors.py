@@ -1,0 +1,65 @@
+"""The one error tree of nurture.
+
+Every error a user can cause or meet is a ``NurtureError``; the CLI and the API
+turn it into a message (what was wrong, where, what was kept), never a traceback.
+
+    NurtureError
+     ├── ConfigurationError        settings that cannot work together
+     ├── PlaybookError             nurture.yaml is invalid (key path, line)
+     ├── TemplateError             a template is missing or fails to render
+     ├── ImportDataError           a whole import file is unusable
+     ├── SchemaOutOfDateError      the database needs `nurture db upgrade`
+     └── DeliveryError             a message could not be handed to the provider
+          ├── TransientDeliveryError   try again later (429, 5xx, network)
+          └── PermanentDeliveryError   do not retry (4xx, invalid address)
+"""
+
+from __future__ import annotations
+
+
+class NurtureError(Exception):
+    """Base of every error nurture reports to a user."""
+
+
+class ConfigurationError(NurtureError):
+    """Settings are missing or contradict each other."""
+
+
+class PlaybookError(NurtureError):
+    """The playbook (nurture.yaml) or its templates are invalid.
+
+    ``problems`` holds one line per problem, each naming the key path and,
+    where known, the file and line.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid playbook:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class TemplateError(NurtureError):
+    """A template is missing, does not parse, or fails to render for a lead."""
+
+
+class ImportDataError(NurtureError):
+    """An import file cannot be read at all (missing, unknown format, no header)."""
+
+
+class SchemaOutOfDateError(NurtureError):
+    """The database schema is older (or newer) than this version of nurture."""
+
+
+class DeliveryError(NurtureError):
+    """A message could not be handed to the email provider."""
+
+
+class TransientDeliveryError(DeliveryError):
+    """The provider may accept the message later (rate limit, server error, network)."""
+
+    def __init__(self, message: str, *, retry_after_seconds: float | None = None) -> None:
+        self.retry_after_seconds = retry_after_seconds
+        super().__init__(message)
+
+
+class PermanentDeliveryError(DeliveryError):
+    """The provider rejected the message; sending it again would fail the same way."""

@@ -1,0 +1,313 @@
+"""Load and validate the playbook (nurture.yaml) into typed, frozen models.
+
+The playbook is what marketers edit: scoring rules, stage thresholds and the
+nurture sequences bound to stage transitions. Everything is checked here, before
+any run: unknown keys, impossible thresholds, bad durations and templates that do
+not exist all fail with the key path and the line in the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from datetime import timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from nurture.errors import PlaybookError
+
+
+class Stage(StrEnum):
+    """Lifecycle stages, coldest first."""
+
+    cold = "cold"
+    warm = "warm"
+    hot = "hot"
+    customer = "customer"
+
+
+_DURATION = re.compile(r"^(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+
+
+def parse_duration(value: object) -> timedelta:
+    """Parse ``3d``, ``12h``, ``1d12h``, ``90m``, ``2w`` or ``0h`` into a timedelta."""
+    if isinstance(value, timedelta):
+        return value
+    text = str(value).strip()
+    match = _DURATION.match(text)
+    if not text or match is None or not any(match.groups()):
+        raise ValueError(f"{value!r} is not a duration; write e.g. 0h, 90m, 3d, 1d12h or 2w")
+    weeks, days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
+    return timedelta(weeks=weeks, days=days, hours=hours, minutes=minutes, seconds=seconds)
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class EventRule(_Frozen):
+    """Points one event of a kind is worth when it happens; ``max_per_day`` caps the count."""
+
+    points: float
+    max_per_day: int | None = Field(default=None, ge=1)
+
+
+def _event_rule(value: object) -> object:
+    # A bare number is the common case: `page_view: 1`.
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return {"points": value}
+    return value
+
+
+class FitRule(_Frozen):
+    """Points for a profile field that matches; exactly one operator per rule."""
+
+    field: str
+    points: float
+    name: str | None = None
+    equals: str | int | float | bool | None = None
+    in_: tuple[str | int | float, ...] | None = Field(default=None, alias="in")
+    regex: str | None = None
+    gte: float | None = None
+    lte: float | None = None
+
+    @model_validator(mode="after")
+    def _one_operator(self) -> FitRule:
+        given = [op for op in ("equals", "in_", "regex", "gte", "lte") if getattr(self, op) is not None]
+        if len(given) != 1:
+            raise ValueError("a fit rule needs exactly one of: equals, in, regex, gte, lte")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"regex {self.regex!r} does not compile: {exc}") from exc
+        return self
+
+    @property
+    def label(self) -> str:
+        """The name shown in explanations and the ledger."""
+        if self.name:
+            return self.name
+        for op, symbol in (("equals", "="), ("in_", "in"), ("regex", "~"), ("gte", ">="), ("lte", "<=")):
+            value = getattr(self, op)
+            if value is not None:
+                shown = list(value) if isinstance(value, tuple) else value
+                return f"{self.field} {symbol} {shown}"
+        return self.field  # unreachable: the validator demands one operator
+
+
+class Scoring(_Frozen):
+    """How a lead's score is computed: profile fit plus decayed engagement."""
+
+    half_life: Duration
+    events: dict[str, Annotated[EventRule, BeforeValidator(_event_rule)]]
+    fit: tuple[FitRule, ...] = ()
+
+    @model_validator(mode="after")
+    def _positive_half_life(self) -> Scoring:
+        if self.half_life <= timedelta(0):
+            raise ValueError("half_life must be longer than 0")
+        return self
+
+
+class Threshold(_Frozen):
+    """Enter a stage at ``enter_at``; leave it only below ``leave_below`` (hysteresis)."""
+
+    enter_at: float
+    leave_below: float
+
+    @model_validator(mode="after")
+    def _leave_not_above_enter(self) -> Threshold:
+        if self.leave_below > self.enter_at:
+            raise ValueError("leave_below must not be above enter_at")
+        return self
+
+
+class CustomerRule(_Frozen):
+    """A lead becomes a customer when one of these events happens; it is never left."""
+
+    on_events: tuple[str, ...] = ("purchase",)
+
+
+class Stages(_Frozen):
+    warm: Threshold
+    hot: Threshold
+    customer: CustomerRule = CustomerRule()
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Stages:
+        if self.warm.enter_at >= self.hot.enter_at:
+            raise ValueError(
+                f"warm.enter_at ({self.warm.enter_at:g}) must be below hot.enter_at ({self.hot.enter_at:g})"
+            )
+        if self.warm.leave_below >= self.hot.leave_below:
+            raise ValueError(
+                f"warm.leave_below ({self.warm.leave_below:g}) must be below "
+                f"hot.leave_below ({self.hot.leave_below:g})"
+            )
+        return self
+
+
+def _stage_list(value: object) -> object:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return value
+
+
+class Trigger(_Frozen):
+    """A transition a sequence is bound to; no ``from`` means from any stage."""
+
+    from_: Annotated[tuple[Stage, ...], BeforeValidator(_stage_list)] = Field(default=(), alias="from")
+    to: Stage
+
+    @model_validator(mode="after")
+    def _possible(self) -> Trigger:
+        if Stage.customer in self.from_:
+            raise ValueError("customer is final: no transition leaves it")
+        if self.to in self.from_:
+            raise ValueError(f"a lead cannot move from {self.to} to {self.to}")
+        return self
+
+    def matches(self, from_stage: Stage, to_stage: Stage) -> bool:
+        return self.to == to_stage and (not self.from_ or from_stage in self.from_)
+
+
+class Step(_Frozen):
+    """One email of a sequence, sent ``after`` the enrollment started."""
+
+    after: Duration
+    template: str
+    subject: str
+
+
+class Sequence(_Frozen):
+    """Emails sent to a lead after a transition; exited when the lead leaves the stage."""
+
+    description: str = ""
+    triggers: tuple[Trigger, ...] = Field(min_length=1)
+    steps: tuple[Step, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_target_stage(self) -> Sequence:
+        targets = {t.to for t in self.triggers}
+        if len(targets) != 1:
+            raise ValueError("all triggers of a sequence must lead to the same stage")
+        afters = [s.after for s in self.steps]
+        if afters != sorted(afters):
+            raise ValueError("steps must be in the order they are sent (after: ascending)")
+        return self
+
+    @property
+    def stage(self) -> Stage:
+        """The stage the lead is in while enrolled; leaving it exits the sequence."""
+        return self.triggers[0].to
+
+
+class Brand(_Frozen):
+    name: str
+    website: str
+
+
+class Playbook(_Frozen):
+    """The whole playbook; ``version`` is a hash of the file, recorded with every decision."""
+
+    version: str = ""
+    brand: Brand
+    links: dict[str, str] = {}
+    scoring: Scoring
+    stages: Stages
+    sequences: dict[str, Sequence]
+
+    def sequences_for(self, from_stage: Stage, to_stage: Stage) -> list[str]:
+        """Names of the sequences a transition enrolls a lead in, in playbook order."""
+        return [
+            name
+            for name, seq in self.sequences.items()
+            if any(t.matches(from_stage, to_stage) for t in seq.triggers)
+        ]
+
+    def template_names(self) -> set[str]:
+        return {step.template for seq in self.sequences.values() for step in seq.steps}
+
+
+def _line_index(node: yaml.Node, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
+    """Map each key path in a YAML document to its 1-based line number."""
+    lines = {path: node.start_mark.line + 1}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            child = (*path, str(key.value))
+            lines[child] = key.start_mark.line + 1
+            lines.update({k: v for k, v in _line_index(value, child).items() if k != child})
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines.update(_line_index(item, (*path, str(i))))
+    return lines
+
+
+def _where(source: str, lines: Mapping[tuple[str, ...], int], loc: tuple[str, ...]) -> str:
+    for end in range(len(loc), -1, -1):
+        if loc[:end] in lines:
+            return f"{source}:{lines[loc[:end]]}"
+    return source
+
+
+def parse_playbook(text: str, *, source: str = "nurture.yaml") -> Playbook:
+    """Validate playbook text; raises PlaybookError listing every problem with its line."""
+    try:
+        document = yaml.safe_load(text)
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        raise PlaybookError([f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from exc
+    if not isinstance(document, dict):
+        raise PlaybookError([f"{source}: the playbook must be a mapping of keys (brand, scoring, ...)"])
+    lines = _line_index(root) if root is not None else {}
+    document["version"] = hashlib.sha256(text.encode()).hexdigest()[:12]
+    try:
+        return Playbook.model_validate(document)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = tuple(str(p) for p in error["loc"] if not str(p).startswith("function-"))
+            loc = tuple(p for p in loc if p not in {"int", "float", "str", "bool"})
+            key = ".".join(loc) or "(top level)"
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                message = "unknown key (check its spelling)"
+            problems.append(f"{_where(source, lines, loc)}: {key}: {message}")
+        raise PlaybookError(problems) from exc
+
+
+def load_playbook(path: Path, *, templates_dir: Path | None = None) -> Playbook:
+    """Read, validate and (given the templates folder) check every template exists."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PlaybookError([f"{path}: cannot read the playbook: {exc.strerror}"]) from exc
+    playbook = parse_playbook(text, source=str(path))
+    if templates_dir is not None:
+        missing = []
+        lines = _line_index(yaml.compose(text))
+        for name, seq in playbook.sequences.items():
+            for i, step in enumerate(seq.steps):
+                for suffix in (".html", ".txt"):
+                    if not (templates_dir / f"{step.template}{suffix}").is_file():
+                        loc = ("sequences", name, "steps", str(i), "template")
+                        missing.append(
+                            f"{_where(str(path), lines, loc)}: {'.'.join(loc)}: template "
+                            f"{step.template!r} has no {templates_dir / (step.template + suffix)}"
+                        )
+        if missing:
+            raise PlaybookError(missing)
+    return playbook

@@ -1,0 +1,65 @@
+"""Settings from the environment, in one pydantic-settings class.
+
+Built lazily by :func:`get_settings`: importing nurture opens no database and
+reads no secret. Secrets are ``SecretStr`` so they never print in logs.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from nurture.errors import ConfigurationError
+
+DEFAULT_SECRET_KEY = "change-me-nurture-development-key"
+
+
+class Settings(BaseSettings):
+    """Every knob of nurture; the environment variable is the field name upper-cased."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", frozen=True)
+
+    nurture_database_url: str = Field(
+        default="sqlite:///./nurture.db",
+        description="SQLAlchemy URL of the app database (SQLite file or postgresql+psycopg://...).",
+    )
+    nurture_playbook: Path = Path("./nurture.yaml")
+    nurture_templates: Path = Path("./templates")
+    nurture_transport: Literal["outbox", "sendgrid", "memory"] = "outbox"
+    nurture_outbox_dir: Path = Path("./outbox")
+    sendgrid_api_key: SecretStr | None = None
+    sendgrid_api_host: str = "https://api.sendgrid.com"
+    nurture_from_email: str = "Acme Analytics <hello@acme-analytics.example>"
+    nurture_postal_address: str = "Acme Analytics Inc., 100 Market Street, San Francisco, CA 94105"
+    nurture_public_url: str = "http://localhost:8000"
+    nurture_secret_key: SecretStr = SecretStr(DEFAULT_SECRET_KEY)
+
+    @model_validator(mode="after")
+    def _sendgrid_needs_a_key(self) -> Settings:
+        if self.nurture_transport == "sendgrid" and not self.sendgrid_api_key:
+            raise ValueError("NURTURE_TRANSPORT=sendgrid needs SENDGRID_API_KEY to be set")
+        if not self.nurture_postal_address.strip():
+            raise ValueError("NURTURE_POSTAL_ADDRESS must not be empty: every email carries it")
+        return self
+
+    @property
+    def database_url(self) -> str:
+        return self.nurture_database_url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            variable = ".".join(str(part) for part in error["loc"]).upper()
+            where = f"{variable}: " if variable else ""
+            problems.append(f"{where}{error['msg']}")
+        raise ConfigurationError("invalid settings: " + "; ".join(problems)) from exc

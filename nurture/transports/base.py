@@ -1,0 +1,47 @@
+"""The transport seam: what an email is when it leaves nurture, and how it is handed over."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingEmail:
+    """A rendered email, ready for a provider.
+
+    ``custom_args`` travel with the email to the provider and come back in its
+    events: they carry the message id only, never personal data.
+    """
+
+    message_id: int
+    idempotency_key: str
+    to_email: str
+    from_email: str
+    subject: str
+    html: str
+    text: str
+    unsubscribe_url: str
+    category: str
+    date: datetime | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    custom_args: dict[str, str] = field(default_factory=dict)
+
+
+class EmailTransport(Protocol):
+    """Hands an email to a provider and returns the provider's message id.
+
+    Raises ``TransientDeliveryError`` when trying again later may work and
+    ``PermanentDeliveryError`` when it will not.
+    """
+
+    def send(self, email: OutgoingEmail) -> str: ...
+
+
+def list_unsubscribe_headers(unsubscribe_url: str) -> dict[str, str]:
+    """RFC 8058 one-click unsubscribe headers, on every email."""
+    return {
+        "List-Unsubscribe": f"<{unsubscribe_url}>",
+        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+    }

@@ -1,0 +1,63 @@
+"""File outbox: one ``.eml`` file per message, openable in any mail client.
+
+The embedded default. The file name is derived from the message's idempotency
+key, and files are written atomically (temp file, then rename), so sending the
+same message twice leaves one file, never two or a torn one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from email.message import EmailMessage
+from email.utils import format_datetime, make_msgid
+from pathlib import Path
+
+from nurture.errors import TransientDeliveryError
+from nurture.transports.base import OutgoingEmail, list_unsubscribe_headers
+
+
+def outbox_filename(email: OutgoingEmail) -> str:
+    safe_key = re.sub(r"[^A-Za-z0-9_.-]+", "_", email.idempotency_key)
+    return f"{email.message_id:08d}_{safe_key}.eml"
+
+
+def build_mime(email: OutgoingEmail) -> EmailMessage:
+    """A multipart/alternative message with the text and HTML parts and all headers."""
+    mime = EmailMessage()
+    mime["From"] = email.from_email
+    mime["To"] = email.to_email
+    mime["Subject"] = email.subject
+    if email.date is not None:
+        mime["Date"] = format_datetime(email.date)
+    mime["Message-ID"] = make_msgid(idstring=f"nurture-{email.message_id}", domain="nurture.local")
+    for name, value in {**list_unsubscribe_headers(email.unsubscribe_url), **email.headers}.items():
+        mime[name] = value
+    for name, value in email.custom_args.items():
+        mime[f"X-Nurture-{name.replace('_', '-').title()}"] = value
+    mime["X-Nurture-Category"] = email.category
+    mime.set_content(email.text)
+    mime.add_alternative(email.html, subtype="html")
+    return mime
+
+
+class FileOutboxTransport:
+    """Writes each email to ``<outbox>/<message id>_<idempotency key>.eml``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def send(self, email: OutgoingEmail) -> str:
+        mime = build_mime(email)
+        target = self.directory / outbox_filename(email)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, temp = tempfile.mkstemp(dir=self.directory, prefix=".sending-", suffix=".eml")
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(bytes(mime))
+            os.replace(temp, target)
+        except OSError as exc:
+            raise TransientDeliveryError(f"cannot write to the outbox {self.directory}: {exc.strerror}") from exc
+        return f"outbox:{target.name}"
+

@@ -1,0 +1,76 @@
+"""SendGrid v3 Mail Send, through the official ``sendgrid`` package.
+
+Vendor errors are translated here, at the edge: 429, 5xx and network errors
+become ``TransientDeliveryError`` (with the rate-limit reset when SendGrid
+sends one), other 4xx ``PermanentDeliveryError`` with SendGrid's own words.
+``custom_args`` carry the message id and idempotency key only: SendGrid warns
+they are not a place for personal data.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from typing import Any
+from urllib.error import URLError
+
+from python_http_client.exceptions import HTTPError
+from sendgrid import SendGridAPIClient
+from sendgrid.helpers.mail import Category, CustomArg, Header, Mail
+
+from nurture.errors import PermanentDeliveryError, TransientDeliveryError
+from nurture.transports.base import OutgoingEmail, list_unsubscribe_headers
+
+
+def build_mail(email: OutgoingEmail) -> Mail:
+    """The SendGrid ``Mail`` for an email: both parts, headers, category, custom args."""
+    mail = Mail(
+        from_email=email.from_email,
+        to_emails=email.to_email,
+        subject=email.subject,
+        plain_text_content=email.text,
+        html_content=email.html,
+    )
+    for name, value in {**list_unsubscribe_headers(email.unsubscribe_url), **email.headers}.items():
+        mail.header = Header(name, value)
+    for name, value in email.custom_args.items():
+        mail.custom_arg = CustomArg(name, value)
+    mail.category = Category(email.category[:255])
+    return mail
+
+
+def _error_text(body: Any) -> str:
+    try:
+        errors = json.loads(body)["errors"]
+        return "; ".join(f"{e.get('field') or 'request'}: {e.get('message')}" for e in errors)
+    except (ValueError, KeyError, TypeError):
+        return (body.decode(errors="replace") if isinstance(body, bytes) else str(body))[:500]
+
+
+class SendGridTransport:
+    """Posts each email to ``/v3/mail/send`` and returns SendGrid's ``X-Message-Id``."""
+
+    def __init__(self, *, api_key: str, host: str, timeout_seconds: float = 10.0) -> None:
+        self._client = SendGridAPIClient(api_key=api_key, host=host)
+        self._timeout = timeout_seconds
+
+    def send(self, email: OutgoingEmail) -> str:
+        try:
+            response = self._client.client.mail.send.post(
+                request_body=build_mail(email).get(), timeout=self._timeout
+            )
+        except HTTPError as exc:
+            status = int(getattr(exc, "status_code", 0) or 0)
+            text = f"SendGrid answered {status}: {_error_text(getattr(exc, 'body', b''))}"
+            if status == 429:
+                reset = (getattr(exc, "headers", None) or {}).get("X-RateLimit-Reset")
+                wait = max(float(reset) - time.time(), 0.0) if reset and str(reset).isdigit() else None
+                raise TransientDeliveryError(text, retry_after_seconds=wait) from exc
+            if status >= 500:
+                raise TransientDeliveryError(text) from exc
+            raise PermanentDeliveryError(text) from exc
+        except (URLError, socket.timeout, ConnectionError, OSError) as exc:
+            raise TransientDeliveryError(f"no answer from SendGrid: {exc}") from exc
+        headers = response.headers
+        return str(headers.get("X-Message-Id", "")) if headers is not None else ""
