@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import func, insert, select, union, update
 from sqlalchemy.orm import Session
+from sqlmodel import col
 
 from db.models import Enrollment, Event, Lead, Message, ScoreChange, StageTransition
 from nurture.lifecycle import StageHolder, move, review_thresholds, target_stage, transition_reason
@@ -26,8 +27,17 @@ from nurture.sequences import enrollment_key, exits_on_transition, idempotency_k
 # Keeps IN (...) lists and executemany batches well under every driver's limits.
 _IN_BATCH = 5000
 
-PROFILE_COLUMNS = ("email", "first_name", "last_name", "company", "job_title", "company_size", "country",
-                   "timezone", "attributes")
+PROFILE_COLUMNS = (
+    "email",
+    "first_name",
+    "last_name",
+    "company",
+    "job_title",
+    "company_size",
+    "country",
+    "timezone",
+    "attributes",
+)
 
 
 def batched(items: Sequence[Any], size: int = _IN_BATCH) -> Iterable[Sequence[Any]]:
@@ -37,9 +47,11 @@ def batched(items: Sequence[Any], size: int = _IN_BATCH) -> Iterable[Sequence[An
 
 def _candidates(now: datetime) -> Any:
     """Ids of leads a cycle at ``now`` must look at (three indexed lookups)."""
-    with_events = select(Event.lead_id.label("id")).where(Event.applied.is_(False), Event.occurred_at <= now)
-    profile_changed = select(Lead.id).where(Lead.needs_rescore.is_(True))
-    review_due = select(Lead.id).where(Lead.next_review_at <= now)
+    with_events: Any = select(col(Event.lead_id).label("id")).where(
+        col(Event.applied).is_(False), col(Event.occurred_at) <= now
+    )
+    profile_changed = select(col(Lead.id)).where(col(Lead.needs_rescore).is_(True))
+    review_due = select(col(Lead.id)).where(col(Lead.next_review_at) <= now)
     return union(with_events, profile_changed, review_due).subquery()
 
 
@@ -82,17 +94,25 @@ class ChunkResult:
 def _load_leads(session: Session, lead_ids: Sequence[int]) -> list[Any]:
     columns = [getattr(Lead, c) for c in PROFILE_COLUMNS]
     query = (
-        select(Lead.id, Lead.stage, Lead.fit_score, Lead.engagement, Lead.score, Lead.scored_at, *columns)
-        .where(Lead.id.in_(lead_ids))
-        .order_by(Lead.id)
+        select(
+            col(Lead.id),
+            col(Lead.stage),
+            col(Lead.fit_score),
+            col(Lead.engagement),
+            col(Lead.score),
+            col(Lead.scored_at),
+            *columns,
+        )
+        .where(col(Lead.id).in_(lead_ids))
+        .order_by(col(Lead.id))
         .with_for_update()  # PostgreSQL: a concurrent cycle waits instead of double-transitioning
     )
     return list(session.execute(query))
 
 
 def _pending_events(session: Session, lead_ids: Sequence[int], now: datetime) -> list[Any]:
-    query = select(Event.id, Event.lead_id, Event.kind, Event.occurred_at).where(
-        Event.lead_id.in_(lead_ids), Event.applied.is_(False), Event.occurred_at <= now
+    query = select(col(Event.id), col(Event.lead_id), col(Event.kind), col(Event.occurred_at)).where(
+        col(Event.lead_id).in_(lead_ids), col(Event.applied).is_(False), col(Event.occurred_at) <= now
     )
     return list(session.execute(query))
 
@@ -106,12 +126,17 @@ def _counted_per_day(
     counted: dict[int, Counter[tuple[str, date]]] = defaultdict(Counter)
     if not relevant:
         return counted
-    since = datetime.combine(min(row.occurred_at for row in relevant).date(), time(0), tzinfo=relevant[0].occurred_at.tzinfo)
+    since = datetime.combine(
+        min(row.occurred_at for row in relevant).date(), time(0), tzinfo=relevant[0].occurred_at.tzinfo
+    )
     lead_ids = sorted({row.lead_id for row in relevant})
     kinds = sorted({row.kind for row in relevant})
     for ids in batched(lead_ids):
-        query = select(Event.lead_id, Event.kind, Event.occurred_at).where(
-            Event.lead_id.in_(ids), Event.kind.in_(kinds), Event.applied.is_(True), Event.occurred_at >= since
+        query = select(col(Event.lead_id), col(Event.kind), col(Event.occurred_at)).where(
+            col(Event.lead_id).in_(ids),
+            col(Event.kind).in_(kinds),
+            col(Event.applied).is_(True),
+            col(Event.occurred_at) >= since,
         )
         for row in session.execute(query):
             counted[row.lead_id][(row.kind, row.occurred_at.date())] += 1
@@ -163,20 +188,37 @@ def advance_leads(
         review = None
         if target != Stage.customer:
             review = next_review_at(
-                fit=update_.fit, engagement=update_.engagement, now=now,
-                half_life=playbook.scoring.half_life, thresholds=thresholds,
+                fit=update_.fit,
+                engagement=update_.engagement,
+                now=now,
+                half_life=playbook.scoring.half_life,
+                thresholds=thresholds,
             )
-        lead_updates.append({
-            "id": lead.id, "fit_score": update_.fit, "engagement": update_.engagement, "score": update_.score,
-            "scored_at": now, "next_review_at": review, "needs_rescore": False, "stage": target.value,
-            "updated_at": now,
-        })
+        lead_updates.append(
+            {
+                "id": lead.id,
+                "fit_score": update_.fit,
+                "engagement": update_.engagement,
+                "score": update_.score,
+                "scored_at": now,
+                "next_review_at": review,
+                "needs_rescore": False,
+                "stage": target.value,
+                "updated_at": now,
+            }
+        )
         if update_.changed or state.scored_at is None:
-            ledger.append({
-                "lead_id": lead.id, "at": now, "old_score": update_.old_score, "new_score": update_.score,
-                "contributions": update_.contributions, "playbook_version": playbook.version,
-                "flow_run_id": flow_run_id,
-            })
+            ledger.append(
+                {
+                    "lead_id": lead.id,
+                    "at": now,
+                    "old_score": update_.old_score,
+                    "new_score": update_.score,
+                    "contributions": update_.contributions,
+                    "playbook_version": playbook.version,
+                    "flow_run_id": flow_run_id,
+                }
+            )
         if target != current:
             holder = StageHolder(stage=current.value)
             move(holder, target)  # raises on a move the lifecycle forbids
@@ -189,7 +231,7 @@ def advance_leads(
         session.execute(insert(ScoreChange), ledger)
     result.score_changes = len(ledger)
     for ids in batched([row.id for row in pending]):
-        session.execute(update(Event).where(Event.id.in_(ids)).values(applied=True))
+        session.execute(update(Event).where(col(Event.id).in_(ids)).values(applied=True))
     if moves:
         _record_transitions(session, moves, playbook, now, flow_run_id, result)
     return result
@@ -204,12 +246,20 @@ def _record_transitions(
     result: ChunkResult,
 ) -> None:
     rows = [
-        {"lead_id": lead_id, "from_stage": src.value, "to_stage": dst.value, "at": now, "score": score,
-         "reason": reason, "playbook_version": playbook.version, "flow_run_id": flow_run_id}
+        {
+            "lead_id": lead_id,
+            "from_stage": src.value,
+            "to_stage": dst.value,
+            "at": now,
+            "score": score,
+            "reason": reason,
+            "playbook_version": playbook.version,
+            "flow_run_id": flow_run_id,
+        }
         for lead_id, src, dst, score, reason in moves
     ]
     returned = session.execute(
-        insert(StageTransition).returning(StageTransition.id, sort_by_parameter_order=True), rows
+        insert(StageTransition).returning(col(StageTransition.id), sort_by_parameter_order=True), rows
     )
     transition_ids = [int(r.id) for r in returned]
     for row, transition_id in zip(rows, transition_ids, strict=True):
@@ -217,31 +267,49 @@ def _record_transitions(
         result.transition_rows.append({**row, "id": transition_id})
 
     _exit_enrollments(session, moves, now, result)
-    enrollments = []
+    enrollments: list[dict[str, Any]] = []
     for (lead_id, src, dst, _score, _reason), transition_id in zip(moves, transition_ids, strict=True):
         for sequence in playbook.sequences_for(src, dst):
-            enrollments.append({
-                "key": enrollment_key(lead_id=lead_id, sequence=sequence, transition_id=transition_id),
-                "lead_id": lead_id, "sequence": sequence, "stage": dst.value, "transition_id": transition_id,
-                "started_at": now, "state": "active",
-            })
+            enrollments.append(
+                {
+                    "key": enrollment_key(lead_id=lead_id, sequence=sequence, transition_id=transition_id),
+                    "lead_id": lead_id,
+                    "sequence": sequence,
+                    "stage": dst.value,
+                    "transition_id": transition_id,
+                    "started_at": now,
+                    "state": "active",
+                }
+            )
     if not enrollments:
         return
     returned = session.execute(
-        insert(Enrollment).returning(Enrollment.id, sort_by_parameter_order=True), enrollments
+        insert(Enrollment).returning(col(Enrollment.id), sort_by_parameter_order=True), enrollments
     )
-    messages = []
+    messages: list[dict[str, Any]] = []
     for enrollment, enrollment_id in zip(enrollments, [int(r.id) for r in returned], strict=True):
         for planned in plan_sequence(playbook, enrollment["sequence"], started_at=now):
-            messages.append({
-                "lead_id": enrollment["lead_id"], "enrollment_id": enrollment_id, "sequence": planned.sequence,
-                "step": planned.step, "template": planned.template, "subject_template": planned.subject,
-                "idempotency_key": idempotency_key(
-                    lead_id=enrollment["lead_id"], sequence=planned.sequence,
-                    transition_id=enrollment["transition_id"], step=planned.step,
-                ),
-                "status": "queued", "due_at": planned.due_at, "attempts": 0, "created_at": now, "updated_at": now,
-            })
+            messages.append(
+                {
+                    "lead_id": enrollment["lead_id"],
+                    "enrollment_id": enrollment_id,
+                    "sequence": planned.sequence,
+                    "step": planned.step,
+                    "template": planned.template,
+                    "subject_template": planned.subject,
+                    "idempotency_key": idempotency_key(
+                        lead_id=enrollment["lead_id"],
+                        sequence=planned.sequence,
+                        transition_id=enrollment["transition_id"],
+                        step=planned.step,
+                    ),
+                    "status": "queued",
+                    "due_at": planned.due_at,
+                    "attempts": 0,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+            )
     session.execute(insert(Message), messages)
     result.enrollments += len(enrollments)
     result.messages_queued += len(messages)
@@ -254,23 +322,26 @@ def _exit_enrollments(
     new_stage = {lead_id: dst for lead_id, _src, dst, _s, _r in moves}
     leaving: list[dict[str, Any]] = []
     for ids in batched(sorted(new_stage)):
-        query = select(Enrollment.id, Enrollment.lead_id, Enrollment.stage, Enrollment.sequence).where(
-            Enrollment.lead_id.in_(ids), Enrollment.state == "active"
-        )
+        query = select(
+            col(Enrollment.id), col(Enrollment.lead_id), col(Enrollment.stage), col(Enrollment.sequence)
+        ).where(col(Enrollment.lead_id).in_(ids), col(Enrollment.state) == "active")
         for row in session.execute(query):
             if exits_on_transition(Stage(row.stage), new_stage[row.lead_id]):
-                leaving.append({
-                    "id": row.id, "state": "exited", "ended_at": now,
-                    "exit_reason": f"lead left {row.stage} for {new_stage[row.lead_id].value}",
-                })
+                leaving.append(
+                    {
+                        "id": row.id,
+                        "state": "exited",
+                        "ended_at": now,
+                        "exit_reason": f"lead left {row.stage} for {new_stage[row.lead_id].value}",
+                    }
+                )
     if not leaving:
         return
     session.execute(update(Enrollment), leaving)
     for batch in batched([row["id"] for row in leaving]):
         cancelled = session.execute(
             update(Message)
-            .where(Message.enrollment_id.in_(batch), Message.status == "queued")
+            .where(col(Message.enrollment_id).in_(batch), col(Message.status) == "queued")
             .values(status="cancelled", last_error="enrollment exited: lead changed stage", updated_at=now)
         )
         result.messages_cancelled += int(getattr(cancelled, "rowcount", 0) or 0)
-

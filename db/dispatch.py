@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import Engine, and_, exists, select, update
 from sqlalchemy.orm import Session
+from sqlmodel import col
 
 from db.cycle import PROFILE_COLUMNS
 from db.engine import session_scope
@@ -58,18 +59,18 @@ class DispatchResult:
 def claim_due_messages(*, session: Session, now: datetime, limit: int) -> list[int]:
     """Mark up to ``limit`` due messages as ``sending`` under a lease; returns their ids."""
     query = (
-        select(Message.id)
-        .where(Message.status == "queued", Message.due_at <= now)
-        .order_by(Message.due_at, Message.id)
+        select(col(Message.id))
+        .where(col(Message.status) == "queued", col(Message.due_at) <= now)
+        .order_by(col(Message.due_at), col(Message.id))
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
-    ids = [int(i) for i in session.scalars(query)]
+    ids = [int(i) for i in session.scalars(query) if i is not None]
     if ids:
         session.execute(
             update(Message)
-            .where(Message.id.in_(ids))
-            .values(status="sending", lease_until=now + LEASE, attempts=Message.attempts + 1, updated_at=now)
+            .where(col(Message.id).in_(ids))
+            .values(status="sending", lease_until=now + LEASE, attempts=col(Message.attempts) + 1, updated_at=now)
         )
     return ids
 
@@ -78,20 +79,30 @@ def _load_claimed(session: Session, ids: list[int]) -> list[Any]:
     profile = [getattr(Lead, c) for c in PROFILE_COLUMNS]
     query = (
         select(
-            Message.id, Message.lead_id, Message.sequence, Message.step, Message.template,
-            Message.subject_template, Message.idempotency_key, Message.attempts,
-            Lead.stage, Lead.score, Lead.suppressed, Suppression.reason.label("suppression_reason"), *profile,
+            col(Message.id),
+            col(Message.lead_id),
+            col(Message.sequence),
+            col(Message.step),
+            col(Message.template),
+            col(Message.subject_template),
+            col(Message.idempotency_key),
+            col(Message.attempts),
+            col(Lead.stage),
+            col(Lead.score),
+            col(Lead.suppressed),
+            col(Suppression.reason).label("suppression_reason"),
+            *profile,
         )
-        .join(Lead, Lead.id == Message.lead_id)
-        .outerjoin(Suppression, Suppression.email == Lead.email)
-        .where(Message.id.in_(ids))
-        .order_by(Message.id)
+        .join(Lead, col(Lead.id) == col(Message.lead_id))
+        .outerjoin(Suppression, col(Suppression.email) == col(Lead.email))
+        .where(col(Message.id).in_(ids))
+        .order_by(col(Message.id))
     )
     return list(session.execute(query))
 
 
 def _backoff(attempts: int) -> timedelta:
-    return timedelta(minutes=min(2 ** attempts, 60))
+    return timedelta(minutes=min(2**attempts, 60))
 
 
 def send_claimed(
@@ -116,10 +127,15 @@ def send_claimed(
         updates.append(outcome)
         result.by_status[outcome["status"]] += 1
         if outcome["status"] in {"failed", "suppressed"}:
-            result.failures.append({
-                "message_id": row.id, "lead_id": row.lead_id, "template": row.template,
-                "status": outcome["status"], "reason": outcome.get("last_error", ""),
-            })
+            result.failures.append(
+                {
+                    "message_id": row.id,
+                    "lead_id": row.lead_id,
+                    "template": row.template,
+                    "status": outcome["status"],
+                    "reason": outcome.get("last_error", ""),
+                }
+            )
     return updates, result
 
 
@@ -133,8 +149,12 @@ def _deliver(
             template=row.template,
             subject=row.subject_template,
             context=email_context(
-                playbook, lead=lead, unsubscribe_url=link, postal_address=sender.postal_address,
-                sequence=row.sequence, step=row.step,
+                playbook,
+                lead=lead,
+                unsubscribe_url=link,
+                postal_address=sender.postal_address,
+                sequence=row.sequence,
+                step=row.step,
             ),
         )
     except TemplateError as exc:
@@ -161,19 +181,24 @@ def _deliver(
             return {"status": "failed", "last_error": f"gave up after {row.attempts} attempts: {exc}"}
         wait = timedelta(seconds=exc.retry_after_seconds) if exc.retry_after_seconds else _backoff(row.attempts)
         return {"status": "queued", "due_at": now + wait, "last_error": str(exc)}
-    return {"status": "sent", "sent_at": now, "provider_message_id": provider_id, "subject": rendered.subject,
-            "last_error": None}
+    return {
+        "status": "sent",
+        "sent_at": now,
+        "provider_message_id": provider_id,
+        "subject": rendered.subject,
+        "last_error": None,
+    }
 
 
 def _complete_enrollments(session: Session, message_ids: list[int], now: datetime) -> None:
     """An active enrollment with nothing left queued or sending is completed."""
-    enrollment_ids = select(Message.enrollment_id).where(Message.id.in_(message_ids))
+    enrollment_ids = select(col(Message.enrollment_id)).where(col(Message.id).in_(message_ids))
     unfinished = exists().where(
-        and_(Message.enrollment_id == Enrollment.id, Message.status.in_(("queued", "sending")))
+        and_(col(Message.enrollment_id) == col(Enrollment.id), col(Message.status).in_(("queued", "sending")))
     )
     session.execute(
         update(Enrollment)
-        .where(Enrollment.id.in_(enrollment_ids), Enrollment.state == "active", ~unfinished)
+        .where(col(Enrollment.id).in_(enrollment_ids), col(Enrollment.state) == "active", ~unfinished)
         .values(state="completed", ended_at=now)
     )
 

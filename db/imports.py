@@ -14,6 +14,7 @@ from typing import Any, Literal
 from sqlalchemy import Engine, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+from sqlmodel import col
 
 from db.engine import session_scope
 from db.models import Event, Lead
@@ -48,23 +49,34 @@ def upsert_leads(*, session: Session, records: Sequence[LeadRecord], now: dateti
         earlier = merged.get(record.email)
         if earlier is not None:
             record = LeadRecord(
-                record.line, record.email, {**earlier.profile, **record.profile},
+                record.line,
+                record.email,
+                {**earlier.profile, **record.profile},
                 {**earlier.attributes, **record.attributes},
             )
         merged[record.email] = record
     existing = {
         row.email: row.attributes
-        for row in session.execute(select(Lead.email, Lead.attributes).where(Lead.email.in_(list(merged))))
+        for row in session.execute(
+            select(col(Lead.email), col(Lead.attributes)).where(col(Lead.email).in_(list(merged)))
+        )
     }
     rows = []
     for email, record in merged.items():
-        rows.append({
-            "email": email,
-            **{f: record.profile.get(f) for f in PROFILE_FIELDS},
-            "attributes": {**(existing.get(email) or {}), **record.attributes},
-            "stage": "cold", "fit_score": 0.0, "engagement": 0.0, "score": 0.0,
-            "needs_rescore": True, "created_at": now, "updated_at": now,
-        })
+        rows.append(
+            {
+                "email": email,
+                **{f: record.profile.get(f) for f in PROFILE_FIELDS},
+                "attributes": {**(existing.get(email) or {}), **record.attributes},
+                "stage": "cold",
+                "fit_score": 0.0,
+                "engagement": 0.0,
+                "score": 0.0,
+                "needs_rescore": True,
+                "created_at": now,
+                "updated_at": now,
+            }
+        )
     if rows:
         rows = [{**r, "timezone": r["timezone"] or "UTC"} for r in rows]
         statement = _insert(session, Lead)
@@ -88,17 +100,36 @@ def _coalesce(excluded: Any, field: str) -> Any:
 def lead_ids_for(*, session: Session, emails: Sequence[str], now: datetime, create: bool) -> dict[str, int]:
     """Lead ids by email; with ``create``, unknown addresses become new cold leads."""
     wanted = sorted(set(emails))
-    found = {row.email: int(row.id) for row in session.execute(select(Lead.email, Lead.id).where(Lead.email.in_(wanted)))}
+    found = {
+        row.email: int(row.id)
+        for row in session.execute(select(col(Lead.email), col(Lead.id)).where(col(Lead.email).in_(wanted)))
+    }
     missing = [e for e in wanted if e not in found]
     if missing and create:
         statement = _insert(session, Lead).on_conflict_do_nothing(index_elements=["email"])
-        session.execute(statement, [
-            {"email": e, "timezone": "UTC", "attributes": {}, "stage": "cold", "fit_score": 0.0, "engagement": 0.0,
-             "score": 0.0, "needs_rescore": True, "created_at": now, "updated_at": now}
-            for e in missing
-        ])
+        session.execute(
+            statement,
+            [
+                {
+                    "email": e,
+                    "timezone": "UTC",
+                    "attributes": {},
+                    "stage": "cold",
+                    "fit_score": 0.0,
+                    "engagement": 0.0,
+                    "score": 0.0,
+                    "needs_rescore": True,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for e in missing
+            ],
+        )
         found.update(
-            {row.email: int(row.id) for row in session.execute(select(Lead.email, Lead.id).where(Lead.email.in_(missing)))}
+            {
+                row.email: int(row.id)
+                for row in session.execute(select(col(Lead.email), col(Lead.id)).where(col(Lead.email).in_(missing)))
+            }
         )
     return found
 
@@ -116,16 +147,24 @@ def add_events(
     """Append events; an ``external_id`` already stored for this source is a duplicate, skipped."""
     if not records:
         return EventInsertResult()
-    before = session.scalar(select(Lead.id).order_by(Lead.id.desc()).limit(1)) or 0
+    before = session.scalar(select(col(Lead.id)).order_by(col(Lead.id).desc()).limit(1)) or 0
     ids = lead_ids_for(session=session, emails=[r.email for r in records], now=now, create=True)
     created = sum(1 for i in ids.values() if i > before)
     rows = [
-        {"lead_id": ids[r.email], "kind": r.kind, "occurred_at": r.occurred_at, "source": source,
-         "external_id": r.external_id, "properties": r.properties, "applied": False, "received_at": now}
+        {
+            "lead_id": ids[r.email],
+            "kind": r.kind,
+            "occurred_at": r.occurred_at,
+            "source": source,
+            "external_id": r.external_id,
+            "properties": r.properties,
+            "applied": False,
+            "received_at": now,
+        }
         for r in records
     ]
     statement = _insert(session, Event).on_conflict_do_nothing(index_elements=["source", "external_id"])
-    stored = len(list(session.execute(statement.returning(Event.id), rows)))
+    stored = len(list(session.execute(statement.returning(col(Event.id)), rows)))
     return EventInsertResult(stored=stored, duplicates=len(rows) - stored, leads_created=created)
 
 

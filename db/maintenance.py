@@ -12,7 +12,7 @@ _TABLES = (Message, Enrollment, StageTransition, ScoreChange, Event, Suppression
 
 
 def row_counts(*, session: Session) -> dict[str, int]:
-    return {t.__tablename__: int(session.scalar(select(func.count()).select_from(t)) or 0) for t in _TABLES}  # type: ignore[attr-defined]
+    return {t.__tablename__: int(session.scalar(select(func.count()).select_from(t)) or 0) for t in _TABLES}
 
 
 def delete_everything(*, session: Session) -> dict[str, int]:

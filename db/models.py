@@ -56,8 +56,12 @@ class Lead(SQLModel, table=True):
     __tablename__ = "lead"
     __table_args__ = (
         # Cycle: leads whose profile changed since they were last scored.
-        Index("ix_lead_needs_rescore", "needs_rescore", postgresql_where=text("needs_rescore"),
-              sqlite_where=text("needs_rescore")),
+        Index(
+            "ix_lead_needs_rescore",
+            "needs_rescore",
+            postgresql_where=text("needs_rescore"),
+            sqlite_where=text("needs_rescore"),
+        ),
     )
 
     id: int | None = _pk()
@@ -89,8 +93,9 @@ class Event(SQLModel, table=True):
         # Replays and the webhook's duplicates are absorbed here.
         UniqueConstraint("source", "external_id", name="uq_event_source_external_id"),
         # Cycle: events not yet counted in a score, oldest first.
-        Index("ix_event_pending", "occurred_at", postgresql_where=text("NOT applied"),
-              sqlite_where=text("NOT applied")),
+        Index(
+            "ix_event_pending", "occurred_at", postgresql_where=text("NOT applied"), sqlite_where=text("NOT applied")
+        ),
         # Explain, caps: one lead's events by kind and time.
         Index("ix_event_lead_kind_time", "lead_id", "kind", "occurred_at"),
     )

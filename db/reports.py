@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+from sqlmodel import col
 
 from db.cycle import PROFILE_COLUMNS
 from db.models import Enrollment, Event, Lead, Message, ScoreChange, StageTransition, Suppression
@@ -21,18 +22,26 @@ MESSAGE_STATUSES = ["queued", "sending", "sent", "failed", "suppressed", "cancel
 def funnel(*, session: Session) -> dict[str, Any]:
     """Leads per stage, messages per status and the number of transitions."""
     by_stage = dict.fromkeys(STAGE_ORDER, 0)
-    by_stage.update({row[0]: int(row[1]) for row in session.execute(select(Lead.stage, func.count()).group_by(Lead.stage))})
+    by_stage.update(
+        {
+            row[0]: int(row[1])
+            for row in session.execute(select(col(Lead.stage), func.count()).group_by(col(Lead.stage)))
+        }
+    )
     by_status = dict.fromkeys(MESSAGE_STATUSES, 0)
     by_status.update(
-        {row[0]: int(row[1]) for row in session.execute(select(Message.status, func.count()).group_by(Message.status))}
+        {
+            row[0]: int(row[1])
+            for row in session.execute(select(col(Message.status), func.count()).group_by(col(Message.status)))
+        }
     )
     transitions = int(session.scalar(select(func.count()).select_from(StageTransition)) or 0)
     by_path = {
         f"{row[0]}→{row[1]}": int(row[2])
         for row in session.execute(
-            select(StageTransition.from_stage, StageTransition.to_stage, func.count())
-            .group_by(StageTransition.from_stage, StageTransition.to_stage)
-            .order_by(StageTransition.from_stage, StageTransition.to_stage)
+            select(col(StageTransition.from_stage), col(StageTransition.to_stage), func.count())
+            .group_by(col(StageTransition.from_stage), col(StageTransition.to_stage))
+            .order_by(col(StageTransition.from_stage), col(StageTransition.to_stage))
         )
     }
     return {
@@ -49,15 +58,13 @@ def _iso(value: datetime | None) -> str | None:
 
 def explain_lead(*, session: Session, email: str, playbook: Playbook, now: datetime) -> dict[str, Any] | None:
     """Everything about one lead: profile, score breakdown, history, enrollments, messages."""
-    lead = session.scalars(select(Lead).where(Lead.email == normalise_email(email))).first()
+    lead = session.scalars(select(Lead).where(col(Lead.email) == normalise_email(email))).first()
     if lead is None or lead.id is None:
         return None
-    events = list(session.scalars(select(Event).where(Event.lead_id == lead.id).order_by(Event.occurred_at)))
+    events = list(session.scalars(select(Event).where(col(Event.lead_id) == lead.id).order_by(col(Event.occurred_at))))
     scoring = playbook.scoring
     profile = {c: getattr(lead, c) for c in PROFILE_COLUMNS}
-    counted = event_points(
-        [ActivityEvent(e.kind, e.occurred_at) for e in events if e.applied], scoring, now
-    )
+    counted = event_points([ActivityEvent(e.kind, e.occurred_at) for e in events if e.applied], scoring, now)
     breakdown = {
         "fit": fit_breakdown(profile, scoring.fit),
         "engagement_by_kind": {k: round(v, 2) for k, v in sorted(counted.by_kind.items(), key=lambda kv: -kv[1])},
@@ -66,53 +73,104 @@ def explain_lead(*, session: Session, email: str, playbook: Playbook, now: datet
         "half_life_days": scoring.half_life.total_seconds() / 86400,
         "events_not_yet_scored": sum(1 for e in events if not e.applied),
     }
-    suppression = session.scalars(select(Suppression).where(Suppression.email == lead.email)).first()
+    suppression = session.scalars(select(Suppression).where(col(Suppression.email) == lead.email)).first()
     changes = session.scalars(
-        select(ScoreChange).where(ScoreChange.lead_id == lead.id).order_by(ScoreChange.at.desc(), ScoreChange.id.desc()).limit(20)
+        select(ScoreChange)
+        .where(col(ScoreChange.lead_id) == lead.id)
+        .order_by(col(ScoreChange.at).desc(), col(ScoreChange.id).desc())
+        .limit(20)
     )
     transitions = session.scalars(
-        select(StageTransition).where(StageTransition.lead_id == lead.id).order_by(StageTransition.at, StageTransition.id)
+        select(StageTransition)
+        .where(col(StageTransition.lead_id) == lead.id)
+        .order_by(col(StageTransition.at), col(StageTransition.id))
     )
     enrollments = session.scalars(
-        select(Enrollment).where(Enrollment.lead_id == lead.id).order_by(Enrollment.started_at, Enrollment.id)
+        select(Enrollment)
+        .where(col(Enrollment.lead_id) == lead.id)
+        .order_by(col(Enrollment.started_at), col(Enrollment.id))
     )
-    messages = session.scalars(select(Message).where(Message.lead_id == lead.id).order_by(Message.due_at, Message.id))
+    messages = session.scalars(
+        select(Message).where(col(Message.lead_id) == lead.id).order_by(col(Message.due_at), col(Message.id))
+    )
     return {
         "lead": {
-            "id": lead.id, **profile, "stage": lead.stage, "score": round(lead.score, 2),
-            "fit_score": round(lead.fit_score, 2), "engagement": round(lead.engagement, 2),
-            "scored_at": _iso(lead.scored_at), "next_review_at": _iso(lead.next_review_at),
+            "id": lead.id,
+            **profile,
+            "stage": lead.stage,
+            "score": round(lead.score, 2),
+            "fit_score": round(lead.fit_score, 2),
+            "engagement": round(lead.engagement, 2),
+            "scored_at": _iso(lead.scored_at),
+            "next_review_at": _iso(lead.next_review_at),
         },
         "score_breakdown": breakdown,
         "suppression": (
             {"reason": suppression.reason, "at": _iso(suppression.at), "source": suppression.source}
-            if suppression else ({"reason": lead.suppressed} if lead.suppressed else None)
+            if suppression
+            else ({"reason": lead.suppressed} if lead.suppressed else None)
         ),
         "events": [
-            {"kind": e.kind, "occurred_at": _iso(e.occurred_at), "source": e.source, "scored": e.applied,
-             "properties": e.properties}
+            {
+                "kind": e.kind,
+                "occurred_at": _iso(e.occurred_at),
+                "source": e.source,
+                "scored": e.applied,
+                "properties": e.properties,
+            }
             for e in events[-50:]
         ],
         "events_total": len(events),
         "score_changes": [
-            {"at": _iso(c.at), "old": round(c.old_score, 2), "new": round(c.new_score, 2),
-             "contributions": c.contributions, "playbook_version": c.playbook_version}
+            {
+                "at": _iso(c.at),
+                "old": round(c.old_score, 2),
+                "new": round(c.new_score, 2),
+                "contributions": c.contributions,
+                "playbook_version": c.playbook_version,
+            }
             for c in changes
         ],
         "transitions": [
-            {"id": t.id, "from": t.from_stage, "to": t.to_stage, "at": _iso(t.at), "score": round(t.score, 2),
-             "reason": t.reason, "playbook_version": t.playbook_version, "flow_run_id": t.flow_run_id}
+            {
+                "id": t.id,
+                "from": t.from_stage,
+                "to": t.to_stage,
+                "at": _iso(t.at),
+                "score": round(t.score, 2),
+                "reason": t.reason,
+                "playbook_version": t.playbook_version,
+                "flow_run_id": t.flow_run_id,
+            }
             for t in transitions
         ],
         "enrollments": [
-            {"id": e.id, "sequence": e.sequence, "stage": e.stage, "transition_id": e.transition_id,
-             "started_at": _iso(e.started_at), "state": e.state, "exit_reason": e.exit_reason}
+            {
+                "id": e.id,
+                "sequence": e.sequence,
+                "stage": e.stage,
+                "transition_id": e.transition_id,
+                "started_at": _iso(e.started_at),
+                "state": e.state,
+                "exit_reason": e.exit_reason,
+            }
             for e in enrollments
         ],
         "messages": [
-            {"id": m.id, "sequence": m.sequence, "step": m.step, "template": m.template, "status": m.status,
-             "subject": m.subject, "due_at": _iso(m.due_at), "sent_at": _iso(m.sent_at), "attempts": m.attempts,
-             "enrollment_id": m.enrollment_id, "last_error": m.last_error, "idempotency_key": m.idempotency_key}
+            {
+                "id": m.id,
+                "sequence": m.sequence,
+                "step": m.step,
+                "template": m.template,
+                "status": m.status,
+                "subject": m.subject,
+                "due_at": _iso(m.due_at),
+                "sent_at": _iso(m.sent_at),
+                "attempts": m.attempts,
+                "enrollment_id": m.enrollment_id,
+                "last_error": m.last_error,
+                "idempotency_key": m.idempotency_key,
+            }
             for m in messages
         ],
     }
@@ -121,11 +179,11 @@ def explain_lead(*, session: Session, email: str, playbook: Playbook, now: datet
 def story_lead(*, session: Session) -> str | None:
     """A customer who went through the most stages: the best `nurture explain` example."""
     query = (
-        select(Lead.email)
-        .join(StageTransition, StageTransition.lead_id == Lead.id)
-        .where(Lead.stage == Stage.customer.value)
-        .group_by(Lead.email)
-        .order_by(func.count().desc(), Lead.email)
+        select(col(Lead.email))
+        .join(StageTransition, col(StageTransition.lead_id) == col(Lead.id))
+        .where(col(Lead.stage) == Stage.customer.value)
+        .group_by(col(Lead.email))
+        .order_by(func.count().desc(), col(Lead.email))
         .limit(1)
     )
-    return session.scalar(query) or session.scalar(select(Lead.email).order_by(Lead.id).limit(1))
+    return session.scalar(query) or session.scalar(select(col(Lead.email)).order_by(col(Lead.id)).limit(1))

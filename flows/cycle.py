@@ -50,8 +50,7 @@ def advance_leads_task(now: datetime, after_id: int, batch_size: int, chunk: int
     run_id = str(flow_run.id) if flow_run.id else None
     with session_scope(runtime.engine) as session:
         lead_ids = next_lead_ids(session=session, now=now, after_id=after_id, limit=batch_size)
-        return advance_leads(session=session, lead_ids=lead_ids, playbook=runtime.playbook, now=now,
-                             flow_run_id=run_id)
+        return advance_leads(session=session, lead_ids=lead_ids, playbook=runtime.playbook, now=now, flow_run_id=run_id)
 
 
 @task(name="dispatch-due-messages", cache_policy=NO_CACHE)
@@ -60,8 +59,13 @@ def dispatch_task(now: datetime, batch_size: int) -> DispatchResult:
     runtime = current_runtime()
     logger = get_run_logger()
     result = dispatch_due(
-        engine=runtime.engine, playbook=runtime.playbook, renderer=runtime.renderer,
-        transport=runtime.transport, sender=runtime.sender, now=now, batch_size=batch_size,
+        engine=runtime.engine,
+        playbook=runtime.playbook,
+        renderer=runtime.renderer,
+        transport=runtime.transport,
+        sender=runtime.sender,
+        now=now,
+        batch_size=batch_size,
     )
     for failure in result.failures[:20]:
         logger.warning("message %(message_id)s to lead %(lead_id)s (%(template)s) %(status)s: %(reason)s", failure)
@@ -117,8 +121,12 @@ def nurture_cycle(now: datetime | None = None, batch_size: int = 2000, dispatch:
     totals = publish_report_task(advanced, dispatched)
     logger.info(
         "cycle at %s: %d leads rescored, %d transitions, %d messages queued, %d sent, %d failed",
-        at.isoformat(), advanced.leads, sum(advanced.transitions.values()), advanced.messages_queued,
-        dispatched.by_status.get("sent", 0), dispatched.by_status.get("failed", 0),
+        at.isoformat(),
+        advanced.leads,
+        sum(advanced.transitions.values()),
+        advanced.messages_queued,
+        dispatched.by_status.get("sent", 0),
+        dispatched.by_status.get("failed", 0),
     )
     return {
         "now": at.isoformat(),

@@ -9,8 +9,10 @@ the simulated time.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -26,6 +28,13 @@ from nurture.population import generate_population
 from nurture.settings import Settings
 
 
+@dataclass(frozen=True)
+class DemoResult:
+    totals: dict[str, Any]
+    example_email: str | None
+    seconds: float
+
+
 def _clear_outbox(outbox: Path) -> int:
     removed = 0
     if outbox.is_dir():
@@ -37,8 +46,8 @@ def _clear_outbox(outbox: Path) -> int:
 
 def run_demo(
     *, settings: Settings, leads: int, weeks: int, tick: timedelta, seed: int, reset: bool, console: Console
-) -> dict[str, object]:
-    """Set up, generate, simulate, and print the funnel; returns the final totals."""
+) -> DemoResult:
+    """Set up, generate and simulate, showing progress; returns the final funnel."""
     started = time.monotonic()
     load_playbook(settings.nurture_playbook, templates_dir=settings.nurture_templates)  # fail before any work
     engine = get_engine(settings.database_url)
@@ -84,10 +93,17 @@ def run_demo(
         ticks.append(at)
         at += tick
     sent = transitions = 0
-    with Progress(
-        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console,
-    ) as progress, temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    with (
+        Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress,
+        temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
+    ):
         # Heartbeats detect crashed runs of long flows; each costs a second at the end of a
         # run, which would double the demo's time for runs that last well under a second.
         bar = progress.add_task("simulating", total=len(ticks), detail="")
@@ -95,22 +111,14 @@ def run_demo(
             summary = nurture_cycle(now=now)
             transitions += sum(summary["transitions"].values())
             sent += summary["messages"].get("sent", 0)
-            progress.update(bar, advance=1, description=f"{now:%Y-%m-%d %H:%M}",
-                            detail=f"{transitions} transitions, {sent} emails sent")
+            progress.update(
+                bar,
+                advance=1,
+                description=f"{now:%Y-%m-%d %H:%M}",
+                detail=f"{transitions} transitions, {sent} emails sent",
+            )
 
     with session_scope(engine) as session:
         totals = funnel(session=session)
-    from nurture.cli import _print_funnel
-
-    _print_funnel(totals)
-    with session_scope(engine) as session:
-        example = story_lead(session=session) or "someone@example.com"
-    console.print(
-        f"\nDone in {time.monotonic() - started:.0f} s. Where to look next:\n"
-        f"  • the emails:     {settings.nurture_outbox_dir.resolve()}/  (open any .eml in a mail client)\n"
-        f"  • the numbers:    nurture status\n"
-        f"  • one lead's story: nurture explain {example}\n",
-        highlight=False,
-    )
-    return totals
-
+        example = story_lead(session=session)
+    return DemoResult(totals=totals, example_email=example, seconds=time.monotonic() - started)

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from nurture.errors import NurtureError
@@ -131,11 +132,22 @@ def _import(path: Path, kind: str) -> None:
 
     engine = _engine()
     size = max(path.stat().st_size, 1) if path.is_file() else 1
-    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  console=errors, transient=True, disable=size < 1_000_000) as progress:
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=errors,
+        transient=True,
+        disable=size < 1_000_000,
+    ) as progress:
         bar = progress.add_task(f"importing {path.name}", total=None)
-        result = import_file(engine=engine, path=path, kind=kind,  # type: ignore[arg-type]
-                             now=datetime.now(UTC), on_progress=lambda n: progress.update(bar, completed=n))
+        result = import_file(
+            engine=engine,
+            path=path,
+            kind=kind,  # type: ignore[arg-type]
+            now=datetime.now(UTC),
+            on_progress=lambda n: progress.update(bar, completed=n),
+        )
     _print_problems(path, result.problems)
     if kind == "leads":
         summary = f"{result.created} leads created, {result.updated} updated"
@@ -145,8 +157,9 @@ def _import(path: Path, kind: str) -> None:
             summary += f", {result.leads_created} new leads created from event emails"
     bad = len(result.problems)
     colour = "yellow" if bad else "green"
-    console.print(f"[{colour}]{path}[/]: {result.rows_read} rows read, {summary}, {bad} bad rows skipped",
-                  highlight=False)
+    console.print(
+        f"[{colour}]{path}[/]: {result.rows_read} rows read, {summary}, {bad} bad rows skipped", highlight=False
+    )
     if bad and not result.rows_kept:
         raise typer.Exit(1)
 
@@ -258,16 +271,22 @@ def explain(
 def _print_explanation(report: dict[str, Any]) -> None:
     lead = report["lead"]
     name = " ".join(p for p in (lead["first_name"], lead["last_name"]) if p) or lead["email"]
-    console.print(f"[bold]{name}[/] <{lead['email']}>  {lead['job_title'] or ''} {('at ' + lead['company']) if lead['company'] else ''}",
-                  highlight=False)
+    role = " at ".join(p for p in (lead["job_title"], lead["company"]) if p)
+    console.print(f"[bold]{escape(name)}[/] <{escape(lead['email'])}>  {escape(role)}", highlight=False)
     if report["suppression"]:
         console.print(f"[red]suppressed[/]: {report['suppression']['reason']}")
     b = report["score_breakdown"]
-    console.print(f"stage [bold]{lead['stage']}[/], score {lead['score']} at last scoring "
-                  f"({lead['scored_at']}), {b['score_now']} now")
-    console.print(f"  fit {lead['fit_score']}: " + (", ".join(f"{k} {v:+g}" for k, v in b["fit"].items()) or "no rule matches"))
-    console.print(f"  engagement {b['engagement_now']} now (half-life {b['half_life_days']:g} days): "
-                  + (", ".join(f"{k} {v:+.1f}" for k, v in b["engagement_by_kind"].items()) or "no events"))
+    console.print(
+        f"stage [bold]{lead['stage']}[/], score {lead['score']} at last scoring "
+        f"({lead['scored_at']}), {b['score_now']} now"
+    )
+    console.print(
+        f"  fit {lead['fit_score']}: " + (", ".join(f"{k} {v:+g}" for k, v in b["fit"].items()) or "no rule matches")
+    )
+    console.print(
+        f"  engagement {b['engagement_now']} now (half-life {b['half_life_days']:g} days): "
+        + (", ".join(f"{k} {v:+.1f}" for k, v in b["engagement_by_kind"].items()) or "no events")
+    )
     table = Table(title="Stage history", show_edge=False)
     for column in ("at", "from → to", "score", "reason"):
         table.add_column(column)
@@ -302,8 +321,23 @@ def demo(
     from flows.demo import run_demo
 
     settings = _settings()
-    run_demo(settings=settings, leads=leads, weeks=weeks, tick=timedelta(hours=tick_hours), seed=seed,
-             reset=reset, console=console)
+    result = run_demo(
+        settings=settings,
+        leads=leads,
+        weeks=weeks,
+        tick=timedelta(hours=tick_hours),
+        seed=seed,
+        reset=reset,
+        console=console,
+    )
+    _print_funnel(result.totals)
+    console.print(
+        f"\nDone in {result.seconds:.0f} s. Where to look next:\n"
+        f"  • the emails:       {settings.nurture_outbox_dir.resolve()}/  (open any .eml in a mail client)\n"
+        f"  • the numbers:      nurture status\n"
+        f"  • one lead's story: nurture explain {result.example_email or 'EMAIL'}\n",
+        highlight=False,
+    )
 
 
 def main() -> None:

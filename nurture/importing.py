@@ -117,7 +117,7 @@ def event_record(line: int, row: dict[str, Any]) -> EventRecord:
     elif isinstance(properties, str):
         try:
             properties = json.loads(properties)
-        except ValueError as exc:
+        except json.JSONDecodeError as exc:
             raise ValueError(f"properties is not valid JSON: {exc.msg}") from exc
     if not isinstance(properties, dict):
         raise ValueError("properties must be a JSON object")
@@ -187,7 +187,7 @@ def _jsonl_rows(handle: io.TextIOBase) -> Iterator[tuple[int, dict[str, Any] | R
         try:
             value = json.loads(text)
         except ValueError as exc:
-            yield line, RowProblem(line, f"not valid JSON: {getattr(exc, 'msg', exc)}")
+            yield line, RowProblem(line, f"not valid JSON: {exc}")
             continue
         if not isinstance(value, dict):
             yield line, RowProblem(line, "each line must be a JSON object")

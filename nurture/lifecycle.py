@@ -23,7 +23,7 @@ from nurture.playbook import Stage, Stages
 __all__ = ["LeadLifecycle", "Stage", "StageHolder", "TransitionNotAllowed", "move", "target_stage"]
 
 
-class LeadLifecycle(StateChart):  # type: ignore[misc]
+class LeadLifecycle(StateChart[Any]):
     """The stage chart; events are named after where they take the lead."""
 
     # Bugs must raise, not be ignored: see the 3.x defaults of StateChart.

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
@@ -150,8 +150,7 @@ class Stages(_Frozen):
             )
         if self.warm.leave_below >= self.hot.leave_below:
             raise ValueError(
-                f"warm.leave_below ({self.warm.leave_below:g}) must be below "
-                f"hot.leave_below ({self.hot.leave_below:g})"
+                f"warm.leave_below ({self.warm.leave_below:g}) must be below hot.leave_below ({self.hot.leave_below:g})"
             )
         return self
 
@@ -231,9 +230,7 @@ class Playbook(_Frozen):
     def sequences_for(self, from_stage: Stage, to_stage: Stage) -> list[str]:
         """Names of the sequences a transition enrolls a lead in, in playbook order."""
         return [
-            name
-            for name, seq in self.sequences.items()
-            if any(t.matches(from_stage, to_stage) for t in seq.triggers)
+            name for name, seq in self.sequences.items() if any(t.matches(from_stage, to_stage) for t in seq.triggers)
         ]
 
     def template_names(self) -> set[str]:
@@ -298,7 +295,8 @@ def load_playbook(path: Path, *, templates_dir: Path | None = None) -> Playbook:
     playbook = parse_playbook(text, source=str(path))
     if templates_dir is not None:
         missing = []
-        lines = _line_index(yaml.compose(text))
+        root = yaml.compose(text)
+        lines = _line_index(root) if root is not None else {}
         for name, seq in playbook.sequences.items():
             for i, step in enumerate(seq.steps):
                 for suffix in (".html", ".txt"):

@@ -16,22 +16,123 @@ from datetime import datetime, timedelta
 
 from nurture.importing import EventRecord, LeadRecord
 
-FIRST_NAMES = ["Ava", "Ben", "Chloe", "Daniel", "Elena", "Farid", "Grace", "Hiro", "Isla", "Jonas", "Keira", "Luis",
-               "Maya", "Noah", "Olivia", "Priya", "Quinn", "Rosa", "Samir", "Tara", "Umar", "Vera", "Wen", "Yusuf",
-               "Zoe", "Amara", "Bruno", "Camille", "Dmitri", "Esther", "Felix", "Greta", "Hannah", "Ivan", "Jade"]
-LAST_NAMES = ["Anders", "Brooks", "Castillo", "Dubois", "Eriksen", "Fischer", "Garcia", "Hughes", "Ito", "Jensen",
-              "Kowalski", "Lindqvist", "Moreau", "Nakamura", "Okafor", "Patel", "Quist", "Rossi", "Schmidt", "Tanaka",
-              "Ueda", "Varga", "Walsh", "Xu", "Young", "Zimmer", "Haddad", "Novak", "Silva", "Chen"]
-COMPANY_WORDS = ["Blue", "North", "Bright", "Cedar", "Delta", "Echo", "Fern", "Granite", "Harbor", "Iron", "Juniper",
-                 "Kite", "Lumen", "Maple", "Nimbus", "Orbit", "Pine", "Quartz", "River", "Summit", "Tidal", "Vista"]
+FIRST_NAMES = [
+    "Ava",
+    "Ben",
+    "Chloe",
+    "Daniel",
+    "Elena",
+    "Farid",
+    "Grace",
+    "Hiro",
+    "Isla",
+    "Jonas",
+    "Keira",
+    "Luis",
+    "Maya",
+    "Noah",
+    "Olivia",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Samir",
+    "Tara",
+    "Umar",
+    "Vera",
+    "Wen",
+    "Yusuf",
+    "Zoe",
+    "Amara",
+    "Bruno",
+    "Camille",
+    "Dmitri",
+    "Esther",
+    "Felix",
+    "Greta",
+    "Hannah",
+    "Ivan",
+    "Jade",
+]
+LAST_NAMES = [
+    "Anders",
+    "Brooks",
+    "Castillo",
+    "Dubois",
+    "Eriksen",
+    "Fischer",
+    "Garcia",
+    "Hughes",
+    "Ito",
+    "Jensen",
+    "Kowalski",
+    "Lindqvist",
+    "Moreau",
+    "Nakamura",
+    "Okafor",
+    "Patel",
+    "Quist",
+    "Rossi",
+    "Schmidt",
+    "Tanaka",
+    "Ueda",
+    "Varga",
+    "Walsh",
+    "Xu",
+    "Young",
+    "Zimmer",
+    "Haddad",
+    "Novak",
+    "Silva",
+    "Chen",
+]
+COMPANY_WORDS = [
+    "Blue",
+    "North",
+    "Bright",
+    "Cedar",
+    "Delta",
+    "Echo",
+    "Fern",
+    "Granite",
+    "Harbor",
+    "Iron",
+    "Juniper",
+    "Kite",
+    "Lumen",
+    "Maple",
+    "Nimbus",
+    "Orbit",
+    "Pine",
+    "Quartz",
+    "River",
+    "Summit",
+    "Tidal",
+    "Vista",
+]
 COMPANY_SUFFIXES = ["Labs", "Systems", "Logistics", "Health", "Retail", "Software", "Bank", "Media", "Works", "Cloud"]
 TITLES_SENIOR = ["VP Product", "Head of Growth", "Director of Analytics", "CTO", "Chief Marketing Officer", "Founder"]
-TITLES_OTHER = ["Product Manager", "Data Analyst", "Marketing Manager", "Software Engineer", "Growth Marketer",
-                "Customer Success Manager", "Student"]
+TITLES_OTHER = [
+    "Product Manager",
+    "Data Analyst",
+    "Marketing Manager",
+    "Software Engineer",
+    "Growth Marketer",
+    "Customer Success Manager",
+    "Student",
+]
 COUNTRIES = ["US", "US", "US", "GB", "DE", "CA", "FR", "NL", "AU", "IN", "BR", "ES"]
-TIMEZONES = {"US": "America/New_York", "GB": "Europe/London", "DE": "Europe/Berlin", "CA": "America/Toronto",
-             "FR": "Europe/Paris", "NL": "Europe/Amsterdam", "AU": "Australia/Sydney", "IN": "Asia/Kolkata",
-             "BR": "America/Sao_Paulo", "ES": "Europe/Madrid"}
+TIMEZONES = {
+    "US": "America/New_York",
+    "GB": "Europe/London",
+    "DE": "Europe/Berlin",
+    "CA": "America/Toronto",
+    "FR": "Europe/Paris",
+    "NL": "Europe/Amsterdam",
+    "AU": "Australia/Sydney",
+    "IN": "Asia/Kolkata",
+    "BR": "America/Sao_Paulo",
+    "ES": "Europe/Madrid",
+}
 INDUSTRIES = ["software", "saas", "fintech", "retail", "healthcare", "logistics", "media", "education"]
 PAGES = ["/", "/product", "/features/funnels", "/features/retention", "/blog/activation", "/integrations", "/docs"]
 
@@ -102,7 +203,7 @@ class _Behaviour:
 
 def generate_population(*, leads: int, start: datetime, end: datetime, seed: int = 7) -> Population:
     """``leads`` leads with event streams between ``start`` and ``end``."""
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # noqa: S311  (a reproducible demo, not a secret)
     days = (end - start).total_seconds() / 86400
     records: list[LeadRecord] = []
     events: list[EventRecord] = []
@@ -137,9 +238,15 @@ def generate_population(*, leads: int, start: datetime, end: datetime, seed: int
             b.browse(back, back + 5, per_day=4, pricing_share=0.3)
             b.add("demo_request", back + 3)
         for n, event in enumerate(b.events):
-            events.append(EventRecord(
-                line=0, email=event.email, kind=event.kind, occurred_at=event.occurred_at,
-                properties=event.properties, external_id=f"demo-{seed}-{index}-{n}",
-            ))
+            events.append(
+                EventRecord(
+                    line=0,
+                    email=event.email,
+                    kind=event.kind,
+                    occurred_at=event.occurred_at,
+                    properties=event.properties,
+                    external_id=f"demo-{seed}-{index}-{n}",
+                )
+            )
         records.append(lead)
     return Population(leads=records, events=events, personas=personas)

@@ -15,7 +15,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from nurture.errors import ConfigurationError
 
-DEFAULT_SECRET_KEY = "change-me-nurture-development-key"
+# Good enough for the outbox on a laptop; refused when real email goes out.
+DEFAULT_SECRET_KEY = "change-me-nurture-development-key"  # noqa: S105
 
 
 class Settings(BaseSettings):
@@ -42,6 +43,10 @@ class Settings(BaseSettings):
     def _sendgrid_needs_a_key(self) -> Settings:
         if self.nurture_transport == "sendgrid" and not self.sendgrid_api_key:
             raise ValueError("NURTURE_TRANSPORT=sendgrid needs SENDGRID_API_KEY to be set")
+        if self.nurture_transport == "sendgrid" and self.nurture_secret_key.get_secret_value() == DEFAULT_SECRET_KEY:
+            raise ValueError(
+                "NURTURE_TRANSPORT=sendgrid needs NURTURE_SECRET_KEY (it signs unsubscribe links in real email)"
+            )
         if not self.nurture_postal_address.strip():
             raise ValueError("NURTURE_POSTAL_ADDRESS must not be empty: every email carries it")
         return self

@@ -21,9 +21,7 @@ def transport_from_settings(settings: Settings) -> EmailTransport:
         from nurture.transports.sendgrid_v3 import SendGridTransport
 
         assert settings.sendgrid_api_key is not None  # the settings validator demands it
-        return SendGridTransport(
-            api_key=settings.sendgrid_api_key.get_secret_value(), host=settings.sendgrid_api_host
-        )
+        return SendGridTransport(api_key=settings.sendgrid_api_key.get_secret_value(), host=settings.sendgrid_api_host)
     if settings.nurture_transport == "memory":
         return InMemoryTransport()
     return FileOutboxTransport(settings.nurture_outbox_dir)

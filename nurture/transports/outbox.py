@@ -60,4 +60,3 @@ class FileOutboxTransport:
         except OSError as exc:
             raise TransientDeliveryError(f"cannot write to the outbox {self.directory}: {exc.strerror}") from exc
         return f"outbox:{target.name}"
-

@@ -10,7 +10,6 @@ they are not a place for personal data.
 from __future__ import annotations
 
 import json
-import socket
 import time
 from typing import Any
 from urllib.error import URLError
@@ -57,9 +56,7 @@ class SendGridTransport:
 
     def send(self, email: OutgoingEmail) -> str:
         try:
-            response = self._client.client.mail.send.post(
-                request_body=build_mail(email).get(), timeout=self._timeout
-            )
+            response = self._client.client.mail.send.post(request_body=build_mail(email).get(), timeout=self._timeout)
         except HTTPError as exc:
             status = int(getattr(exc, "status_code", 0) or 0)
             text = f"SendGrid answered {status}: {_error_text(getattr(exc, 'body', b''))}"
@@ -70,7 +67,7 @@ class SendGridTransport:
             if status >= 500:
                 raise TransientDeliveryError(text) from exc
             raise PermanentDeliveryError(text) from exc
-        except (URLError, socket.timeout, ConnectionError, OSError) as exc:
+        except (TimeoutError, URLError, ConnectionError, OSError) as exc:
             raise TransientDeliveryError(f"no answer from SendGrid: {exc}") from exc
         headers = response.headers
         return str(headers.get("X-Message-Id", "")) if headers is not None else ""
