@@ -299,13 +299,17 @@ def load_playbook(path: Path, *, templates_dir: Path | None = None) -> Playbook:
         lines = _line_index(root) if root is not None else {}
         for name, seq in playbook.sequences.items():
             for i, step in enumerate(seq.steps):
-                for suffix in (".html", ".txt"):
-                    if not (templates_dir / f"{step.template}{suffix}").is_file():
-                        loc = ("sequences", name, "steps", str(i), "template")
-                        missing.append(
-                            f"{_where(str(path), lines, loc)}: {'.'.join(loc)}: template "
-                            f"{step.template!r} has no {templates_dir / (step.template + suffix)}"
-                        )
+                absent = [
+                    str(templates_dir / f"{step.template}{suffix}")
+                    for suffix in (".html", ".txt")
+                    if not (templates_dir / f"{step.template}{suffix}").is_file()
+                ]
+                if absent:
+                    loc = ("sequences", name, "steps", str(i), "template")
+                    missing.append(
+                        f"{_where(str(path), lines, loc)}: {'.'.join(loc)}: template "
+                        f"{step.template!r} has no {' and no '.join(absent)}"
+                    )
         if missing:
             raise PlaybookError(missing)
     return playbook

@@ -1,0 +1,38 @@
+# Two commands do all the set-up on a machine with Python 3.11, pip and make:
+#   make demo   — install, create ./nurture.db, run the demo
+#   make test   — install, then lint, type-check, check the layers and run the tests
+PYTHON ?= python3
+UV_VERSION := 0.13.9
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+export UV_PYTHON := $(PYTHON)
+export UV_PYTHON_DOWNLOADS := never
+
+.PHONY: setup demo test lint typecheck clean
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
+
+.venv/.synced: uv.lock pyproject.toml | $(UV)
+	$(UV) sync --locked
+	touch $@
+
+setup: .venv/.synced
+
+demo: setup
+	$(UV) run --locked nurture demo
+
+lint: setup
+	$(UV) run --locked ruff check .
+	$(UV) run --locked ruff format --check .
+	$(UV) run --locked lint-imports
+
+typecheck: setup
+	$(UV) run --locked mypy
+
+test: lint typecheck
+	$(UV) run --locked pytest
+
+clean:
+	rm -rf $(TOOLS) .venv nurture.db nurture.db-* outbox .pytest_cache .mypy_cache .ruff_cache

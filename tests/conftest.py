@@ -1,0 +1,72 @@
+"""Shared fixtures: the shipped playbook, and a migrated database on SQLite and on PostgreSQL.
+
+PostgreSQL tests need ``NURTURE_TEST_DATABASE_URL`` (CI sets it); each test gets
+a fresh schema in that database, dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+
+from db.engine import get_engine, upgrade_schema
+from nurture.playbook import Playbook, load_playbook
+from nurture.rendering import EmailRenderer
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAYBOOK_PATH = ROOT / "nurture.yaml"
+TEMPLATES_DIR = ROOT / "templates"
+T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)  # a Monday morning
+
+
+@pytest.fixture(scope="session")
+def playbook() -> Playbook:
+    return load_playbook(PLAYBOOK_PATH, templates_dir=TEMPLATES_DIR)
+
+
+@pytest.fixture(scope="session")
+def renderer() -> EmailRenderer:
+    return EmailRenderer(TEMPLATES_DIR)
+
+
+def postgres_url() -> str | None:
+    return os.environ.get("NURTURE_TEST_DATABASE_URL") or None
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database: a SQLite file, or a fresh schema in the test PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'nurture.db'}"
+        return
+    base = postgres_url()
+    if base is None:
+        pytest.skip("NURTURE_TEST_DATABASE_URL is not set: PostgreSQL tests skipped (CI sets it)")
+    schema = f"nurture_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(base)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    separator = "&" if "?" in base else "?"
+    url = f"{base}{separator}options=-csearch_path%3D{schema}"
+    try:
+        yield url
+    finally:
+        get_engine(url).dispose()
+        get_engine.cache_clear()
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+@pytest.fixture
+def engine(database_url: str) -> Engine:
+    """A database at the current schema."""
+    engine = get_engine(database_url)
+    upgrade_schema(engine)
+    return engine

@@ -1,0 +1,98 @@
+"""Reading import files: every bad row is reported with its line, every good row is kept."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from nurture.errors import ImportDataError
+from nurture.importing import RowProblem, event_record, lead_record, normalise_email, parse_timestamp, read_rows
+
+
+def test_emails_are_normalised_and_checked() -> None:
+    assert normalise_email("  Jane.Doe@Example.COM ") == "jane.doe@example.com"
+    for bad in ("", "jane", "jane@", "a b@example.com", "<x@example.com>"):
+        with pytest.raises(ValueError, match="email"):
+            normalise_email(bad)
+
+
+def test_timestamps_are_utc() -> None:
+    assert parse_timestamp("2026-11-02T14:30:00Z") == datetime(2026, 11, 2, 14, 30, tzinfo=UTC)
+    assert parse_timestamp("2026-11-02T15:30:00+01:00") == datetime(2026, 11, 2, 14, 30, tzinfo=UTC)
+    assert parse_timestamp("2026-11-02 14:30") == datetime(2026, 11, 2, 14, 30, tzinfo=UTC)
+    with pytest.raises(ValueError, match="ISO 8601"):
+        parse_timestamp("yesterday")
+
+
+def test_lead_rows_split_profile_and_attributes() -> None:
+    record = lead_record(
+        2,
+        {
+            "email": "A@B.example",
+            "first_name": " Ann ",
+            "company_size": "1,200",
+            "timezone": "Europe/Berlin",
+            "industry": "saas",
+            "notes": "",
+        },
+    )
+    assert record.email == "a@b.example"
+    assert record.profile == {"first_name": "Ann", "company_size": 1200, "timezone": "Europe/Berlin"}
+    assert record.attributes == {"industry": "saas"}
+    with pytest.raises(ValueError, match="timezone 'Mars/Olympus'"):
+        lead_record(3, {"email": "a@b.example", "timezone": "Mars/Olympus"})
+    with pytest.raises(ValueError, match="company_size 'big'"):
+        lead_record(3, {"email": "a@b.example", "company_size": "big"})
+
+
+def test_event_rows() -> None:
+    record = event_record(
+        5,
+        {
+            "email": "a@b.example",
+            "kind": "page_view",
+            "occurred_at": "2026-11-02T10:00:00Z",
+            "properties": '{"path": "/pricing"}',
+            "external_id": "e-1",
+        },
+    )
+    assert (record.kind, record.properties, record.external_id) == ("page_view", {"path": "/pricing"}, "e-1")
+    with pytest.raises(ValueError, match="kind 'Page View'"):
+        event_record(5, {"email": "a@b.example", "kind": "Page View", "occurred_at": "2026-11-02"})
+    with pytest.raises(ValueError, match="properties is not valid JSON"):
+        event_record(5, {"email": "a@b.example", "kind": "x", "occurred_at": "2026-11-02", "properties": "{"})
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        event_record(5, {"email": "a@b.example", "kind": "x", "occurred_at": "2026-11-02", "properties": "[1]"})
+
+
+def test_csv_rows_carry_their_line_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "leads.csv"
+    path.write_text('email,first_name\na@b.example,Ann\n\n"c@d.example","multi\nline"\nonly-one-field,x,extra\n')
+    rows = list(read_rows(path))
+    assert rows[0] == (2, {"email": "a@b.example", "first_name": "Ann"})
+    assert rows[1] == (5, {"email": "c@d.example", "first_name": "multi\nline"})
+    assert rows[2] == (6, RowProblem(6, "has 3 fields, the header has 2"))
+
+
+def test_jsonl_rows(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"email": "a@b.example", "Kind": "page_view"}\nnot json\n[1, 2]\n')
+    rows = list(read_rows(path))
+    assert rows[0] == (1, {"email": "a@b.example", "kind": "page_view"})
+    assert rows[1][1] == RowProblem(2, rows[1][1].reason) and "not valid JSON" in rows[1][1].reason  # type: ignore[union-attr]
+    assert rows[2] == (3, RowProblem(3, "each line must be a JSON object"))
+
+
+def test_unusable_files_are_rejected_whole(tmp_path: Path) -> None:
+    with pytest.raises(ImportDataError, match="unknown file type .xlsx"):
+        list(read_rows(tmp_path / "leads.xlsx"))
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(ImportDataError, match="empty"):
+        list(read_rows(tmp_path / "empty.csv"))
+    (tmp_path / "noemail.csv").write_text("name\nAnn\n")
+    with pytest.raises(ImportDataError, match="no 'email' column"):
+        list(read_rows(tmp_path / "noemail.csv"))
+    with pytest.raises(ImportDataError, match="cannot open"):
+        list(read_rows(tmp_path / "missing.csv"))

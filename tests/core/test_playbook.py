@@ -1,0 +1,130 @@
+"""The playbook: the shipped one is complete, and every kind of mistake names its key and line."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from nurture.errors import PlaybookError
+from nurture.playbook import Playbook, Stage, load_playbook, parse_duration, parse_playbook
+from tests.conftest import PLAYBOOK_PATH, TEMPLATES_DIR
+
+SHIPPED = PLAYBOOK_PATH.read_text()
+
+
+def test_shipped_playbook_scores_the_documented_event_kinds(playbook: Playbook) -> None:
+    for kind in (
+        "page_view",
+        "pricing_view",
+        "form_submit",
+        "webinar_attended",
+        "demo_request",
+        "email_open",
+        "email_click",
+        "purchase",
+    ):
+        assert kind in playbook.scoring.events
+    assert playbook.scoring.events["unsubscribe"].points < 0
+
+
+def test_every_transition_into_warm_hot_and_customer_starts_a_sequence(playbook: Playbook) -> None:
+    for source in (Stage.cold, Stage.warm, Stage.hot):
+        for target in (Stage.warm, Stage.hot, Stage.customer):
+            if source != target:
+                assert playbook.sequences_for(source, target), f"{source} → {target} sends nothing"
+
+
+def test_shipped_sequences_have_several_steps(playbook: Playbook) -> None:
+    assert max(len(s.steps) for s in playbook.sequences.values()) >= 3
+    assert playbook.sequences["welcome"].steps[1].after == timedelta(days=3)
+
+
+def test_version_changes_with_the_file() -> None:
+    assert parse_playbook(SHIPPED).version != parse_playbook(SHIPPED + "\n# edited\n").version
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("0h", timedelta(0)),
+        ("90m", timedelta(minutes=90)),
+        ("3d", timedelta(days=3)),
+        ("1d12h", timedelta(days=1, hours=12)),
+        ("2w", timedelta(weeks=2)),
+    ],
+)
+def test_durations(value: str, expected: timedelta) -> None:
+    assert parse_duration(value) == expected
+
+
+@pytest.mark.parametrize("value", ["", "3", "3 days", "d3", "-1d", "1.5d"])
+def test_bad_durations(value: str) -> None:
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration(value)
+
+
+def _problems(text: str) -> str:
+    with pytest.raises(PlaybookError) as caught:
+        parse_playbook(text, source="nurture.yaml")
+    return "\n".join(caught.value.problems)
+
+
+def _line_of(text: str, needle: str) -> int:
+    return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
+
+
+def test_unknown_key_is_named_with_its_line() -> None:
+    broken = SHIPPED.replace("    form_submit: 10\n", "    form_submit: {pointz: 10}\n")
+    assert f"nurture.yaml:{_line_of(broken, 'pointz')}: scoring.events.form_submit.pointz: unknown key" in _problems(
+        broken
+    )
+
+
+def test_warm_must_be_below_hot() -> None:
+    broken = SHIPPED.replace("warm: {enter_at: 40, leave_below: 30}", "warm: {enter_at: 80, leave_below: 30}")
+    message = _problems(broken)
+    assert "stages: warm.enter_at (80) must be below hot.enter_at (75)" in message
+    assert f"nurture.yaml:{_line_of(broken, 'stages:')}" in message
+
+
+def test_leave_below_above_enter_at_is_rejected() -> None:
+    broken = SHIPPED.replace("hot: {enter_at: 75, leave_below: 60}", "hot: {enter_at: 75, leave_below: 90}")
+    assert "stages.hot: leave_below must not be above enter_at" in _problems(broken)
+
+
+def test_bad_step_delay_names_the_step() -> None:
+    broken = SHIPPED.replace(
+        "      - after: 3d\n        template: case_study", "      - after: three days\n        template: case_study"
+    )
+    message = _problems(broken)
+    assert "sequences.welcome.steps.1.after: 'three days' is not a duration" in message
+    assert f"nurture.yaml:{_line_of(broken, 'three days')}" in message
+
+
+def test_impossible_trigger_is_rejected() -> None:
+    broken = SHIPPED.replace("      - {to: customer}", "      - {from: customer, to: customer}")
+    assert "customer is final" in _problems(broken)
+
+
+def test_broken_regex_and_invalid_yaml() -> None:
+    assert "does not compile" in _problems(SHIPPED.replace('regex: "@(gmail', 'regex: "@((gmail'))
+    assert "nurture.yaml:2: not valid YAML: mapping values are not allowed here" in _problems(
+        "brand: x\nscoring: half_life: 3d\nstages: {}\n"
+    )
+
+
+def test_unknown_template_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "nurture.yaml"
+    path.write_text(SHIPPED.replace("template: case_study", "template: case_studdy"))
+    with pytest.raises(PlaybookError) as caught:
+        load_playbook(path, templates_dir=TEMPLATES_DIR)
+    (problem,) = caught.value.problems
+    assert "sequences.welcome.steps.1.template: template 'case_studdy' has no" in problem
+    assert f"{path}:{_line_of(path.read_text(), 'case_studdy')}" in problem
+
+
+def test_missing_file_is_a_playbook_error(tmp_path: Path) -> None:
+    with pytest.raises(PlaybookError, match="cannot read the playbook"):
+        load_playbook(tmp_path / "nope.yaml")

@@ -1,0 +1,98 @@
+"""A small test world: leads and events in a real database, advanced and dispatched like a cycle does."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, select
+from sqlmodel import col
+
+from db.cycle import ChunkResult, advance_leads, next_lead_ids
+from db.dispatch import DispatchResult, Sender, dispatch_due
+from db.engine import session_scope
+from db.imports import add_events, upsert_leads
+from db.models import Enrollment, Lead, Message, ScoreChange, StageTransition
+from nurture.importing import EventRecord, LeadRecord
+from nurture.playbook import Playbook
+from nurture.rendering import EmailRenderer
+from nurture.transports import InMemoryTransport
+from nurture.transports.base import EmailTransport
+from tests.conftest import TEMPLATES_DIR
+
+SENDER = Sender(
+    from_email="Acme <hello@acme.example>",
+    postal_address="Acme Inc., 1 Test Street, Testville",
+    public_url="https://nurture.acme.example",
+    secret_key="test-secret",
+)
+
+
+@dataclass
+class World:
+    engine: Engine
+    playbook: Playbook
+    transport: EmailTransport = field(default_factory=InMemoryTransport)
+    templates: Path = TEMPLATES_DIR
+
+    def lead(self, email: str, *, at: datetime, **profile: Any) -> None:
+        attributes = profile.pop("attributes", {})
+        with session_scope(self.engine) as session:
+            upsert_leads(session=session, records=[LeadRecord(1, email, profile, attributes)], now=at)
+
+    def events(self, email: str, *events: tuple[str, datetime], received: datetime | None = None) -> None:
+        records = [EventRecord(1, email, kind, when) for kind, when in events]
+        with session_scope(self.engine) as session:
+            add_events(session=session, records=records, now=received or events[0][1])
+
+    def advance(self, now: datetime, *, batch_size: int = 1000) -> ChunkResult:
+        total, after = ChunkResult(), 0
+        while True:
+            with session_scope(self.engine) as session:
+                ids = next_lead_ids(session=session, now=now, after_id=after, limit=batch_size)
+                chunk = advance_leads(session=session, lead_ids=ids, playbook=self.playbook, now=now)
+            total.add(chunk)
+            if len(ids) < batch_size:
+                return total
+            after = chunk.last_lead_id
+
+    def dispatch(self, now: datetime, *, batch_size: int = 500) -> DispatchResult:
+        return dispatch_due(
+            engine=self.engine,
+            playbook=self.playbook,
+            renderer=EmailRenderer(self.templates),
+            transport=self.transport,
+            sender=SENDER,
+            now=now,
+            batch_size=batch_size,
+        )
+
+    def row(self, email: str) -> Lead:
+        with session_scope(self.engine) as session:
+            lead = session.scalars(select(Lead).where(col(Lead.email) == email)).one()
+            session.expunge(lead)
+            return lead
+
+    def all(self, model: Any, email: str | None = None) -> list[Any]:
+        with session_scope(self.engine) as session:
+            query = select(model).order_by(model.id)
+            if email is not None:
+                query = query.join(Lead, Lead.id == model.lead_id).where(col(Lead.email) == email)
+            rows = list(session.scalars(query))
+            for row in rows:
+                session.expunge(row)
+            return rows
+
+    def transitions(self, email: str) -> list[tuple[str, str]]:
+        return [(t.from_stage, t.to_stage) for t in self.all(StageTransition, email)]
+
+    def messages(self, email: str) -> list[Message]:
+        return self.all(Message, email)
+
+    def enrollments(self, email: str) -> list[Enrollment]:
+        return self.all(Enrollment, email)
+
+    def ledger(self, email: str) -> list[ScoreChange]:
+        return self.all(ScoreChange, email)
