@@ -81,12 +81,13 @@ def test_jsonl_rows(tmp_path: Path) -> None:
     path.write_text('{"email": "a@b.example", "Kind": "page_view"}\nnot json\n[1, 2]\n')
     rows = list(read_rows(path))
     assert rows[0] == (1, {"email": "a@b.example", "kind": "page_view"})
-    assert rows[1][1] == RowProblem(2, rows[1][1].reason) and "not valid JSON" in rows[1][1].reason  # type: ignore[union-attr]
+    assert rows[1][1] == RowProblem(2, rows[1][1].reason)
+    assert "not valid JSON" in rows[1][1].reason
     assert rows[2] == (3, RowProblem(3, "each line must be a JSON object"))
 
 
 def test_unusable_files_are_rejected_whole(tmp_path: Path) -> None:
-    with pytest.raises(ImportDataError, match="unknown file type .xlsx"):
+    with pytest.raises(ImportDataError, match=r"unknown file type \.xlsx"):
         list(read_rows(tmp_path / "leads.xlsx"))
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(ImportDataError, match="empty"):

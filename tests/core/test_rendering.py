@@ -23,11 +23,13 @@ def test_every_template_renders_with_footer_and_both_parts(playbook: Playbook, r
     context = sample_context(playbook)
     for template, subject in _all_steps(playbook):
         email = renderer.render(template=template, subject=subject, context=context)
-        assert email.subject and "\n" not in email.subject
+        assert email.subject
+        assert "\n" not in email.subject
         for part in (email.html, email.text):
             assert context["unsubscribe_url"] in part
             assert context["postal_address"] in part
-        assert "<html" in email.html and "<html" not in email.text
+        assert "<html" in email.html
+        assert "<html" not in email.text
         assert "None" not in email.html + email.text
 
 

@@ -48,7 +48,8 @@ def test_a_lead_that_warms_up_is_enrolled_and_its_emails_are_queued(world: World
     ]
     assert len({m.idempotency_key for m in messages}) == 3
     (change,) = world.ledger(ANN)
-    assert change.old_score == 0 and change.new_score == pytest.approx(lead.score)
+    assert change.old_score == 0
+    assert change.new_score == pytest.approx(lead.score)
     assert sum(change.contributions.values()) == pytest.approx(lead.score, abs=1e-3)
     assert set(change.contributions) == {
         "fit: decision maker",
