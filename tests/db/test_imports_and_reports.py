@@ -1,0 +1,96 @@
+"""Imports keep good rows and report bad ones; status and explain tell the story."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, select
+
+from db.engine import ensure_current_schema, get_engine, session_scope
+from db.imports import import_file
+from db.models import Lead
+from db.reports import explain_lead, funnel
+from nurture.errors import SchemaOutOfDateError
+from nurture.playbook import Playbook
+from tests.conftest import T0
+from tests.db.world import World
+
+
+def test_leads_are_upserted_by_normalised_email(engine: Engine, tmp_path: Path) -> None:
+    first = tmp_path / "leads.csv"
+    first.write_text(
+        "email,first_name,company_size,industry\n"
+        "Ann@Northwind.example,Ann,200,saas\n"
+        "not-an-email,Bob,10,retail\n"
+        "cara@delta.example,Cara,lots,retail\n"
+        "dan@echo.example,Dan,,\n"
+    )
+    result = import_file(engine=engine, path=first, kind="leads", now=T0)
+    assert (result.rows_read, result.rows_kept, result.created, result.updated) == (4, 2, 2, 0)
+    assert [(p.line, p.reason) for p in result.problems] == [
+        (3, "'not-an-email' is not an email address"),
+        (4, "company_size 'lots' is not a whole number"),
+    ]
+    second = tmp_path / "more.jsonl"
+    second.write_text('{"email": "ann@northwind.example", "last_name": "Lee", "region": "emea"}\n')
+    result = import_file(engine=engine, path=second, kind="leads", now=T0)
+    assert (result.created, result.updated) == (0, 1)
+    with session_scope(engine) as session:
+        ann = session.scalars(select(Lead).where(Lead.email == "ann@northwind.example")).one()
+        assert (ann.first_name, ann.last_name, ann.company_size) == ("Ann", "Lee", 200)
+        assert ann.attributes == {"industry": "saas", "region": "emea"}
+
+
+def test_events_are_deduplicated_and_create_unknown_leads(engine: Engine, tmp_path: Path) -> None:
+    path = tmp_path / "events.csv"
+    path.write_text(
+        "email,kind,occurred_at,external_id,properties\n"
+        'new@lead.example,page_view,2026-03-01T10:00:00Z,e-1,"{""path"": ""/pricing""}"\n'
+        "new@lead.example,page_view,2026-03-01T10:00:00Z,e-1,\n"
+        "new@lead.example,page_view,yesterday,e-2,\n"
+    )
+    result = import_file(engine=engine, path=path, kind="events", now=T0)
+    assert (result.rows_read, result.rows_kept, result.duplicates, result.leads_created) == (3, 1, 1, 1)
+    assert result.problems[0].line == 4
+    again = import_file(engine=engine, path=path, kind="events", now=T0)
+    assert (again.rows_kept, again.duplicates, again.leads_created) == (0, 2, 0)
+
+
+def test_status_and_explain_tell_the_story(engine: Engine, playbook: Playbook) -> None:
+    world = World(engine, playbook)
+    email = "ann@northwind.example"
+    world.lead(email, at=T0, first_name="Ann", job_title="CTO", company_size=500)
+    world.events(email, ("demo_request", T0), ("webinar_attended", T0), ("pricing_view", T0))
+    world.lead("cold@lead.example", at=T0)
+    world.advance(T0 + timedelta(minutes=5))
+    world.dispatch(T0 + timedelta(minutes=5))
+    with session_scope(engine) as session:
+        totals = funnel(session=session)
+        report = explain_lead(
+            session=session, email=" ANN@northwind.example", playbook=playbook, now=T0 + timedelta(days=14, minutes=5)
+        )
+        assert explain_lead(session=session, email="nobody@x.example", playbook=playbook, now=T0) is None
+    assert totals["leads_by_stage"] == {"cold": 1, "warm": 0, "hot": 1, "customer": 0}
+    assert totals["messages_by_status"]["sent"] == 1
+    assert totals["messages_by_status"]["queued"] == 1
+    assert totals["transitions"] == 1
+    assert report is not None
+    assert report["lead"]["stage"] == "hot"
+    assert report["lead"]["score"] == pytest.approx(25 + 30 + 15 + 6, abs=0.1)
+    assert report["score_breakdown"]["fit"] == {"decision maker": 15, "mid-market or larger": 10}
+    assert report["score_breakdown"]["engagement_by_kind"]["demo_request"] == pytest.approx(15, abs=0.01)
+    assert report["transitions"][0]["reason"].startswith("score 76.0 reached hot.enter_at 75")
+    assert [(m["template"], m["status"]) for m in report["messages"]] == [
+        ("demo_offer", "sent"),
+        ("sales_handoff", "queued"),
+    ]
+    assert report["enrollments"][0]["transition_id"] == report["transitions"][0]["id"]
+    assert report["suppression"] is None
+
+
+def test_an_empty_database_is_refused_with_the_command_to_run(tmp_path: Path) -> None:
+    engine = get_engine(f"sqlite:///{tmp_path / 'new.db'}")
+    with pytest.raises(SchemaOutOfDateError, match="run `nurture db upgrade`"):
+        ensure_current_schema(engine)

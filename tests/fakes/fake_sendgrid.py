@@ -1,0 +1,110 @@
+"""A loopback fake of SendGrid's v3 Mail Send endpoint, for tests of the real ``sendgrid`` client.
+
+It answers like SendGrid (202 with ``X-Message-Id``, 400 with SendGrid's error
+body, 401 without a bearer key), validates every body against the official
+request schema, records what it accepted, and injects faults on demand.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+SCHEMA = json.loads((Path(__file__).parent / "sendgrid-mail-send.schema.json").read_text())
+VALIDATOR = jsonschema.Draft202012Validator(SCHEMA, format_checker=jsonschema.FormatChecker())
+
+
+@dataclass(frozen=True)
+class Fault:
+    status: int
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+class FakeSendGrid:
+    """Start with ``with FakeSendGrid() as fake:``; point the client at ``fake.url``."""
+
+    def __init__(self, api_key: str = "SG.test-key") -> None:
+        self.api_key = api_key
+        self.accepted: list[dict[str, Any]] = []
+        self.rejected: list[tuple[int, dict[str, Any] | None]] = []
+        self.schema_errors: list[str] = []
+        self._faults: deque[Fault] = deque()
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def fail_next(self, status: int, *, headers: dict[str, str] | None = None, message: str = "injected") -> None:
+        self._faults.append(Fault(status, headers or {}, {"errors": [{"message": message, "field": None}]}))
+
+    def __enter__(self) -> FakeSendGrid:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:  # keep test output clean
+                return
+
+            def _answer(self, status: int, body: dict[str, Any] | None, headers: dict[str, str] | None = None) -> None:
+                data = json.dumps(body).encode() if body is not None else b""
+                self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if self.path != "/v3/mail/send":
+                    self._answer(404, {"errors": [{"message": "not found"}]})
+                    return
+                if self.headers.get("Authorization") != f"Bearer {fake.api_key}":
+                    self._answer(401, {"errors": [{"message": "The provided authorization grant is invalid"}]})
+                    return
+                with fake._lock:
+                    fault = fake._faults.popleft() if fake._faults else None
+                if fault is not None:
+                    fake.rejected.append((fault.status, None))
+                    self._answer(fault.status, fault.body, fault.headers)
+                    return
+                try:
+                    body = json.loads(raw)
+                except ValueError:
+                    self._answer(400, {"errors": [{"message": "Bad Request", "field": None}]})
+                    return
+                problems = sorted(VALIDATOR.iter_errors(body), key=lambda e: list(e.path))
+                if problems:
+                    first = problems[0]
+                    field = ".".join(str(p) for p in first.path) or None
+                    with fake._lock:
+                        fake.schema_errors.extend(p.message for p in problems)
+                        fake.rejected.append((400, body))
+                    self._answer(400, {"errors": [{"message": first.message, "field": field}]})
+                    return
+                with fake._lock:
+                    fake.accepted.append(body)
+                self._answer(202, None, {"X-Message-Id": uuid.uuid4().hex[:22]})
+
+        return Handler
