@@ -70,3 +70,35 @@ def engine(database_url: str) -> Engine:
     engine = get_engine(database_url)
     upgrade_schema(engine)
     return engine
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[str]:
+    """One Prefect test server for the whole session (it takes ~20 s to start); yields its API URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        url = PREFECT_API_URL.value()
+        assert url, "the Prefect test harness did not set an API URL"
+        yield url
+
+
+@pytest.fixture
+def nurture_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """Settings for a nurture installation in ``tmp_path`` (SQLite, file outbox)."""
+    from flows.runtime import reset_runtime
+
+    env = {
+        "NURTURE_DATABASE_URL": f"sqlite:///{tmp_path / 'nurture.db'}",
+        "NURTURE_PLAYBOOK": str(PLAYBOOK_PATH),
+        "NURTURE_TEMPLATES": str(TEMPLATES_DIR),
+        "NURTURE_OUTBOX_DIR": str(tmp_path / "outbox"),
+        "NURTURE_TRANSPORT": "outbox",
+        "NURTURE_PUBLIC_URL": "https://nurture.acme.example",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    reset_runtime()
+    yield env
+    reset_runtime()

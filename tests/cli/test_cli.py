@@ -1,0 +1,146 @@
+"""The `nurture` command as a user runs it: real processes, real files, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from email import policy
+from email.parser import BytesParser
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PLAYBOOK_PATH
+
+pytestmark = pytest.mark.usefixtures("nurture_env")
+
+
+def nurture(*args: str, env: dict[str, str] | None = None, expect: int = 0) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "nurture.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+        timeout=600,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == expect, output
+    assert "Traceback" not in output, output
+    return result
+
+
+def test_validate_accepts_the_shipped_playbook() -> None:
+    assert "ok" in nurture("validate").stdout
+
+
+def test_a_broken_playbook_is_reported_with_file_line_and_key(tmp_path: Path) -> None:
+    broken = tmp_path / "nurture.yaml"
+    text = PLAYBOOK_PATH.read_text().replace("half_life: 14d", "half_life: fortnight")
+    broken.write_text(text)
+    line = next(i for i, row in enumerate(text.splitlines(), 1) if "fortnight" in row)
+    result = nurture("validate", env={"NURTURE_PLAYBOOK": str(broken)}, expect=1)
+    assert f"{broken}:{line}: scoring.half_life: 'fortnight' is not a duration" in result.stderr
+
+
+def test_commands_refuse_a_database_without_tables() -> None:
+    result = nurture("status", expect=1)
+    assert "run `nurture db upgrade`" in result.stderr
+
+
+def test_malformed_csv_rows_are_reported_and_good_rows_kept(tmp_path: Path) -> None:
+    nurture("db", "upgrade")
+    leads = tmp_path / "leads.csv"
+    leads.write_text(
+        "email,first_name,company_size,timezone\n"
+        "ann@northwind.example,Ann,200,Europe/Berlin\n"
+        "bob@,Bob,10,UTC\n"
+        "cara@delta.example,Cara,10,Mars/Base\n"
+        "dan@echo.example,Dan,10\n"
+        "eve@fox.example,Eve,,\n"
+    )
+    result = nurture("import", "leads", str(leads))
+    assert f"{leads}:3: 'bob@' is not an email address" in result.stderr
+    assert f"{leads}:4: timezone 'Mars/Base' is not an IANA time zone" in result.stderr
+    assert f"{leads}:5: has 3 fields, the header has 4" in result.stderr
+    assert "5 rows read, 2 leads created, 0 updated, 3 bad rows skipped" in result.stdout
+    status = json.loads(nurture("status", "--json").stdout)
+    assert status["leads_by_stage"]["cold"] == 2
+    missing = nurture("import", "leads", str(tmp_path / "nope.csv"), expect=1)
+    assert "cannot open" in missing.stderr
+
+
+def test_escaped_name_in_the_onboarding_email_and_json_reports(
+    prefect_api: str, tmp_path: Path, nurture_env: dict[str, str]
+) -> None:
+    env = {"PREFECT_API_URL": prefect_api}
+    nurture("db", "upgrade")
+    leads = tmp_path / "leads.csv"
+    leads.write_text("email,first_name,company\nxss@evil.example,<script>alert(1)</script>,Evil Corp\n")
+    nurture("import", "leads", str(leads))
+    events = tmp_path / "events.jsonl"
+    events.write_text(
+        '{"email": "xss@evil.example", "kind": "pricing_view", "occurred_at": "2026-03-02T09:00:00Z"}\n'
+        '{"email": "xss@evil.example", "kind": "purchase", "occurred_at": "2026-03-02T10:00:00Z", '
+        '"properties": {"plan": "team"}, "external_id": "order-1"}\n'
+    )
+    assert "2 events stored" in nurture("import", "events", str(events)).stdout
+    nurture("run", "cycle", "--now", "2026-03-02T10:30:00Z", env=env)
+
+    outbox = Path(nurture_env["NURTURE_OUTBOX_DIR"])
+    (eml,) = [p for p in outbox.glob("*.eml") if "onboarding" in p.name]
+    message = BytesParser(policy=policy.default).parse(eml.open("rb"))
+    html = message.get_body(("html",)).get_content()
+    text = message.get_body(("plain",)).get_content()
+    assert "Welcome, &lt;script&gt;alert(1)&lt;/script&gt;!" in html
+    assert "<script>" not in html
+    assert "Welcome, <script>alert(1)</script>!" in text
+    assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+
+    status = json.loads(nurture("status", "--json").stdout)
+    assert status["leads_by_stage"] == {"cold": 0, "warm": 0, "hot": 0, "customer": 1}
+    assert status["messages_by_status"]["sent"] == 1
+    assert status["messages_by_status"]["queued"] == 1
+    assert status["transitions"] == 1
+    report = json.loads(nurture("explain", "XSS@evil.example", "--json").stdout)
+    assert report["lead"]["stage"] == "customer"
+    assert report["lead"]["score"] > 50
+    assert set(report["score_breakdown"]) >= {"fit", "engagement_by_kind"}
+    assert [e["kind"] for e in report["events"]] == ["pricing_view", "purchase"]
+    assert [(t["from"], t["to"], t["reason"]) for t in report["transitions"]] == [
+        ("cold", "customer", "purchase event")
+    ]
+    assert [e["sequence"] for e in report["enrollments"]] == ["onboarding"]
+    assert [(m["template"], m["status"]) for m in report["messages"]] == [
+        ("onboarding_welcome", "sent"),
+        ("onboarding_tips", "queued"),
+    ]
+    human = nurture("explain", "xss@evil.example").stdout
+    assert "<script>alert(1)</script>" in human
+    assert "purchase event" in human
+    assert "no lead" in nurture("explain", "nobody@evil.example", expect=1).stderr
+
+
+def test_demo_reaches_every_stage_and_sends_multi_step_sequences(prefect_api: str, nurture_env: dict[str, str]) -> None:
+    env = {"PREFECT_API_URL": prefect_api}
+    result = nurture("demo", "--leads", "150", "--weeks", "4", "--tick-hours", "24", env=env)
+    assert "Funnel" in result.stdout
+    status = json.loads(nurture("status", "--json").stdout)
+    assert all(n > 0 for n in status["leads_by_stage"].values()), status
+    assert status["messages_by_status"]["sent"] > 0
+    outbox = Path(nurture_env["NURTURE_OUTBOX_DIR"])
+    files = sorted(outbox.glob("*.eml"))
+    assert len(files) == status["messages_by_status"]["sent"]
+    steps_by_enrollment: dict[str, set[str]] = {}
+    for path in files:
+        enrollment, _, step = path.stem.split("_", 1)[1].rpartition("_step-")
+        steps_by_enrollment.setdefault(enrollment, set()).add(step)
+    assert max(len(steps) for steps in steps_by_enrollment.values()) >= 2
+    message = BytesParser(policy=policy.default).parse(files[0].open("rb"))
+    assert message.get_body(("html",)) is not None
+    assert message.get_body(("plain",)) is not None
+    assert message["List-Unsubscribe"]
+    rerun = nurture("demo", "--leads", "20", "--weeks", "1", "--tick-hours", "48", env=env)
+    assert "Starting clean: removed 150 leads" in rerun.stdout
