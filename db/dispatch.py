@@ -22,7 +22,12 @@ from sqlmodel import col
 from db.cycle import PROFILE_COLUMNS
 from db.engine import session_scope
 from db.models import Enrollment, Lead, Message, Suppression
-from nurture.errors import PermanentDeliveryError, TemplateError, TransientDeliveryError
+from nurture.errors import (
+    AmbiguousDeliveryError,
+    PermanentDeliveryError,
+    TemplateError,
+    TransientDeliveryError,
+)
 from nurture.playbook import Playbook
 from nurture.rendering import EmailRenderer, email_context
 from nurture.transports.base import EmailTransport, OutgoingEmail
@@ -176,6 +181,9 @@ def _deliver(
         provider_id = transport.send(email)
     except PermanentDeliveryError as exc:
         return {"status": "failed", "last_error": str(exc), "subject": rendered.subject}
+    except AmbiguousDeliveryError as exc:
+        # Left `sending` and never claimed again: the provider's events settle it.
+        return {"status": "sending", "last_error": f"outcome unknown, not retried: {exc}", "subject": rendered.subject}
     except TransientDeliveryError as exc:
         if row.attempts >= MAX_ATTEMPTS:
             return {"status": "failed", "last_error": f"gave up after {row.attempts} attempts: {exc}"}

@@ -10,8 +10,10 @@ turn it into a message (what was wrong, where, what was kept), never a traceback
      ├── ImportDataError           a whole import file is unusable
      ├── SchemaOutOfDateError      the database needs `nurture db upgrade`
      └── DeliveryError             a message could not be handed to the provider
-          ├── TransientDeliveryError   try again later (429, 5xx, network)
-          └── PermanentDeliveryError   do not retry (4xx, invalid address)
+          ├── TransientDeliveryError   try again later (429, 5xx, refused connection)
+          ├── PermanentDeliveryError   do not retry (4xx, invalid address)
+          └── AmbiguousDeliveryError   the request left but no answer came: it may
+                                       have been sent, so it must not be resent blindly
 """
 
 from __future__ import annotations
@@ -63,3 +65,11 @@ class TransientDeliveryError(DeliveryError):
 
 class PermanentDeliveryError(DeliveryError):
     """The provider rejected the message; sending it again would fail the same way."""
+
+
+class AmbiguousDeliveryError(DeliveryError):
+    """The request may have reached the provider (a timeout after sending).
+
+    Retrying could send the email twice, so the message is left for the
+    provider's own events (or a reconciliation) to settle.
+    """

@@ -18,7 +18,7 @@ from python_http_client.exceptions import HTTPError
 from sendgrid import SendGridAPIClient
 from sendgrid.helpers.mail import Category, CustomArg, Header, Mail
 
-from nurture.errors import PermanentDeliveryError, TransientDeliveryError
+from nurture.errors import AmbiguousDeliveryError, PermanentDeliveryError, TransientDeliveryError
 from nurture.transports.base import OutgoingEmail, list_unsubscribe_headers
 
 
@@ -67,7 +67,13 @@ class SendGridTransport:
             if status >= 500:
                 raise TransientDeliveryError(text) from exc
             raise PermanentDeliveryError(text) from exc
-        except (TimeoutError, URLError, ConnectionError, OSError) as exc:
-            raise TransientDeliveryError(f"no answer from SendGrid: {exc}") from exc
+        except URLError as exc:
+            # urllib raises URLError while connecting and sending: SendGrid has not
+            # received the request, so trying again later is safe.
+            raise TransientDeliveryError(f"could not reach SendGrid: {exc.reason}") from exc
+        except OSError as exc:
+            # A timeout or reset while waiting for the answer: the request left and
+            # SendGrid may have accepted it. Resending could mail the lead twice.
+            raise AmbiguousDeliveryError(f"no answer from SendGrid after sending: {exc!r}") from exc
         headers = response.headers
         return str(headers.get("X-Message-Id", "")) if headers is not None else ""

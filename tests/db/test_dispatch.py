@@ -112,6 +112,23 @@ def test_the_sendgrid_transport_in_a_dispatch(engine: Engine, playbook: Playbook
         assert recipients == [f"lead{i}@northwind.example" for i in range(5)]
 
 
+def test_an_ambiguous_send_is_never_resent(engine: Engine, playbook: Playbook) -> None:
+    with FakeSendGrid() as fake:
+        world = World(
+            engine, playbook, transport=SendGridTransport(api_key=fake.api_key, host=fake.url, timeout_seconds=0.5)
+        )
+        _hot_lead(world)
+        fake.accept_slowly_next(2.0)
+        now = T0 + timedelta(minutes=10)
+        assert world.dispatch(now).by_status == {"sending": 1}
+        assert world.dispatch(now + timedelta(hours=1)).claimed == 0
+        (message, _) = world.messages(ANN)
+        assert message.status == "sending"
+        assert message.last_error is not None
+        assert message.last_error.startswith("outcome unknown, not retried")
+        assert len(fake.accepted) == 1
+
+
 def test_naive_datetimes_are_refused(engine: Engine, playbook: Playbook) -> None:
     world = World(engine, playbook)
     with pytest.raises(Exception, match="naive datetime"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ class Fault:
     status: int
     headers: dict[str, str]
     body: dict[str, Any]
+    delay_seconds: float = 0.0
 
 
 class FakeSendGrid:
@@ -49,6 +51,10 @@ class FakeSendGrid:
 
     def fail_next(self, status: int, *, headers: dict[str, str] | None = None, message: str = "injected") -> None:
         self._faults.append(Fault(status, headers or {}, {"errors": [{"message": message, "field": None}]}))
+
+    def accept_slowly_next(self, seconds: float) -> None:
+        """Accept the next request, but answer only after ``seconds`` (past the client's timeout)."""
+        self._faults.append(Fault(202, {}, {}, delay_seconds=seconds))
 
     def __enter__(self) -> FakeSendGrid:
         self._thread.start()
@@ -85,6 +91,12 @@ class FakeSendGrid:
                     return
                 with fake._lock:
                     fault = fake._faults.popleft() if fake._faults else None
+                if fault is not None and fault.delay_seconds:
+                    with fake._lock:
+                        fake.accepted.append(json.loads(raw))
+                    time.sleep(fault.delay_seconds)
+                    self._answer(202, None, {"X-Message-Id": uuid.uuid4().hex[:22]})
+                    return
                 if fault is not None:
                     fake.rejected.append((fault.status, None))
                     self._answer(fault.status, fault.body, fault.headers)

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from nurture.errors import PermanentDeliveryError, TransientDeliveryError
+from nurture.errors import AmbiguousDeliveryError, PermanentDeliveryError, TransientDeliveryError
 from nurture.transports.sendgrid_v3 import SendGridTransport
 from tests.fakes.fake_sendgrid import FakeSendGrid
 from tests.transports.test_outbox import _email
@@ -55,8 +55,15 @@ def test_rate_limits_and_server_errors_are_transient(fake: FakeSendGrid) -> None
         transport.send(_email())
 
 
+def test_a_timeout_after_sending_is_ambiguous_not_retryable(fake: FakeSendGrid) -> None:
+    fake.accept_slowly_next(2.0)
+    with pytest.raises(AmbiguousDeliveryError, match="no answer from SendGrid after sending"):
+        SendGridTransport(api_key=fake.api_key, host=fake.url, timeout_seconds=0.5).send(_email())
+    assert len(fake.accepted) == 1  # SendGrid has it: a retry would be a duplicate
+
+
 def test_nothing_listening_is_transient() -> None:
     with FakeSendGrid() as server:
         url = server.url
-    with pytest.raises(TransientDeliveryError, match="no answer from SendGrid"):
+    with pytest.raises(TransientDeliveryError, match="could not reach SendGrid"):
         SendGridTransport(api_key="SG.x", host=url, timeout_seconds=2).send(_email())
