@@ -78,7 +78,6 @@ class ChunkResult:
     messages_queued: int = 0
     messages_cancelled: int = 0
     last_lead_id: int = 0
-    transition_rows: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, other: ChunkResult) -> None:
         self.leads += other.leads
@@ -88,7 +87,6 @@ class ChunkResult:
         self.messages_queued += other.messages_queued
         self.messages_cancelled += other.messages_cancelled
         self.last_lead_id = max(self.last_lead_id, other.last_lead_id)
-        self.transition_rows.extend(other.transition_rows)
 
 
 def _load_leads(session: Session, lead_ids: Sequence[int]) -> list[Any]:
@@ -262,9 +260,8 @@ def _record_transitions(
         insert(StageTransition).returning(col(StageTransition.id), sort_by_parameter_order=True), rows
     )
     transition_ids = [int(r.id) for r in returned]
-    for row, transition_id in zip(rows, transition_ids, strict=True):
+    for row in rows:
         result.transitions[f"{row['from_stage']}→{row['to_stage']}"] += 1
-        result.transition_rows.append({**row, "id": transition_id})
 
     _exit_enrollments(session, moves, now, result)
     enrollments: list[dict[str, Any]] = []

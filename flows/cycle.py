@@ -35,14 +35,6 @@ def _now(value: datetime | None) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-@task(name="count-leads-to-advance", cache_policy=NO_CACHE)
-def count_leads_task(now: datetime) -> int:
-    """How many leads have new events, a changed profile, or a decay review due."""
-    runtime = current_runtime()
-    with session_scope(runtime.engine) as session:
-        return count_leads_to_advance(session=session, now=now)
-
-
 @task(name="advance-leads", task_run_name="advance-leads-{chunk}/{chunks}", cache_policy=NO_CACHE)
 def advance_leads_task(now: datetime, after_id: int, batch_size: int, chunk: int, chunks: int) -> ChunkResult:
     """Score one chunk of leads, apply their transitions and enrollments in one transaction."""
@@ -72,11 +64,9 @@ def dispatch_task(now: datetime, batch_size: int) -> DispatchResult:
     return result
 
 
-@task(name="publish-cycle-report", cache_policy=NO_CACHE)
-def publish_report_task(advanced: ChunkResult, dispatched: DispatchResult) -> dict[str, Any]:
+def publish_report(advanced: ChunkResult, dispatched: DispatchResult) -> dict[str, Any]:
     """Table artifacts with stable keys: transitions by path, messages by status, the funnel."""
-    runtime = current_runtime()
-    with session_scope(runtime.engine) as session:
+    with session_scope(current_runtime().engine) as session:
         totals = funnel(session=session)
     create_table_artifact(
         key="nurture-cycle-transitions",
@@ -106,7 +96,8 @@ def nurture_cycle(now: datetime | None = None, batch_size: int = 2000, dispatch:
     """
     logger = get_run_logger()
     at = _now(now)
-    to_advance = count_leads_task(at)
+    with session_scope(current_runtime().engine) as session:
+        to_advance = count_leads_to_advance(session=session, now=at)
     chunks = max(math.ceil(to_advance / batch_size), 1)
     advanced = ChunkResult()
     chunk, after_id = 0, 0
@@ -118,7 +109,7 @@ def nurture_cycle(now: datetime | None = None, batch_size: int = 2000, dispatch:
             break
         after_id = result.last_lead_id
     dispatched = dispatch_task(at, batch_size) if dispatch else DispatchResult()
-    totals = publish_report_task(advanced, dispatched)
+    totals = publish_report(advanced, dispatched)
     logger.info(
         "cycle at %s: %d leads rescored, %d transitions, %d messages queued, %d sent, %d failed",
         at.isoformat(),
