@@ -23,6 +23,7 @@ from rich.table import Table
 from nurture.errors import NurtureError
 
 if TYPE_CHECKING:
+    from nurture.playbook import Playbook
     from nurture.settings import Settings
 
 app = typer.Typer(
@@ -87,9 +88,8 @@ def _engine(*, check_schema: bool = True) -> Any:
     return engine
 
 
-@app.command()
-def validate() -> None:
-    """Check the playbook and every template it uses, before anything runs."""
+def _checked_playbook() -> Playbook:
+    """The playbook, after checking it and every template it uses (PlaybookError if not)."""
     from nurture.errors import PlaybookError
     from nurture.playbook import load_playbook
     from nurture.rendering import EmailRenderer
@@ -99,6 +99,14 @@ def validate() -> None:
     problems = EmailRenderer(settings.nurture_templates).check(playbook)
     if problems:
         raise PlaybookError(problems)
+    return playbook
+
+
+@app.command()
+def validate() -> None:
+    """Check the playbook and every template it uses, before anything runs."""
+    settings = _settings()
+    playbook = _checked_playbook()
     steps = sum(len(s.steps) for s in playbook.sequences.values())
     console.print(
         f"[green]ok[/] {settings.nurture_playbook} (version {playbook.version}): "
@@ -183,6 +191,7 @@ def run_cycle(
 ) -> None:
     """Score changed leads, apply transitions, enroll, and send due messages: once."""
     at = _parse_now(now)
+    _checked_playbook()
     _engine()
     _quiet_prefect_console()
     from flows.cycle import nurture_cycle
@@ -317,6 +326,7 @@ def demo(
     reset: Annotated[bool, typer.Option(help="Delete what a previous run left in the database and outbox")] = True,
 ) -> None:
     """Generate a realistic population and run the nurture cycle through simulated weeks."""
+    _checked_playbook()
     _quiet_prefect_console()
     from flows.demo import run_demo
 

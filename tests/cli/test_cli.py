@@ -41,8 +41,9 @@ def test_a_broken_playbook_is_reported_with_file_line_and_key(tmp_path: Path) ->
     text = PLAYBOOK_PATH.read_text().replace("half_life: 14d", "half_life: fortnight")
     broken.write_text(text)
     line = next(i for i, row in enumerate(text.splitlines(), 1) if "fortnight" in row)
-    result = nurture("validate", env={"NURTURE_PLAYBOOK": str(broken)}, expect=1)
-    assert f"{broken}:{line}: scoring.half_life: 'fortnight' is not a duration" in result.stderr
+    for command in (["validate"], ["run", "cycle"], ["demo"]):
+        result = nurture(*command, env={"NURTURE_PLAYBOOK": str(broken)}, expect=1)
+        assert f"{broken}:{line}: scoring.half_life: 'fortnight' is not a duration" in result.stderr
 
 
 def test_commands_refuse_a_database_without_tables() -> None:
