@@ -31,6 +31,22 @@ from nurture.importing import (
 PROFILE_FIELDS = LEAD_COLUMNS[1:]
 
 
+def _new_lead_row(email: str, now: datetime) -> dict[str, Any]:
+    """A lead as it is first stored: cold, unscored, waiting for the next cycle."""
+    return {
+        "email": email,
+        "timezone": "UTC",
+        "attributes": {},
+        "stage": "cold",
+        "fit_score": 0.0,
+        "engagement": 0.0,
+        "score": 0.0,
+        "needs_rescore": True,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
 def _insert(session: Session, table: Any) -> Any:
     dialect = session.get_bind().dialect.name
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
@@ -56,29 +72,23 @@ def upsert_leads(*, session: Session, records: Sequence[LeadRecord], now: dateti
             )
         merged[record.email] = record
     existing = {
-        row.email: row.attributes
+        row.email: row
         for row in session.execute(
-            select(col(Lead.email), col(Lead.attributes)).where(col(Lead.email).in_(list(merged)))
+            select(col(Lead.email), col(Lead.attributes), col(Lead.timezone)).where(col(Lead.email).in_(list(merged)))
         )
     }
     rows = []
     for email, record in merged.items():
+        known = existing.get(email)
         rows.append(
-            {
-                "email": email,
-                **{f: record.profile.get(f) for f in PROFILE_FIELDS},
-                "attributes": {**(existing.get(email) or {}), **record.attributes},
-                "stage": "cold",
-                "fit_score": 0.0,
-                "engagement": 0.0,
-                "score": 0.0,
-                "needs_rescore": True,
-                "created_at": now,
-                "updated_at": now,
+            _new_lead_row(email, now)
+            | {f: record.profile.get(f) for f in PROFILE_FIELDS}
+            | {
+                "attributes": {**(known.attributes if known else {}), **record.attributes},
+                "timezone": record.profile.get("timezone") or (known.timezone if known else "UTC"),
             }
         )
     if rows:
-        rows = [{**r, "timezone": r["timezone"] or "UTC"} for r in rows]
         statement = _insert(session, Lead)
         excluded = statement.excluded
         keep = {f: _coalesce(excluded, f) for f in PROFILE_FIELDS}
@@ -93,7 +103,7 @@ def upsert_leads(*, session: Session, records: Sequence[LeadRecord], now: dateti
 def _coalesce(excluded: Any, field: str) -> Any:
     column = getattr(Lead, field)
     if field == "timezone":
-        return excluded.timezone  # always given (defaults to UTC); an explicit zone wins
+        return excluded.timezone  # always given: the imported zone, else the stored one
     return func.coalesce(getattr(excluded, field), column)
 
 
@@ -109,21 +119,7 @@ def lead_ids_for(*, session: Session, emails: Sequence[str], now: datetime, crea
         statement = _insert(session, Lead).on_conflict_do_nothing(index_elements=["email"])
         session.execute(
             statement,
-            [
-                {
-                    "email": e,
-                    "timezone": "UTC",
-                    "attributes": {},
-                    "stage": "cold",
-                    "fit_score": 0.0,
-                    "engagement": 0.0,
-                    "score": 0.0,
-                    "needs_rescore": True,
-                    "created_at": now,
-                    "updated_at": now,
-                }
-                for e in missing
-            ],
+            [_new_lead_row(e, now) for e in missing],
         )
         found.update(
             {

@@ -200,37 +200,30 @@ def run_cycle(
     console.print_json(json.dumps(summary, default=str))
 
 
-def _funnel_table(totals: dict[str, Any]) -> Table:
-    table = Table(title="Funnel", show_edge=False)
-    table.add_column("stage")
-    table.add_column("leads", justify="right")
-    for stage, n in totals["leads_by_stage"].items():
-        table.add_row(stage, str(n))
-    return table
-
-
-def _messages_table(totals: dict[str, Any]) -> Table:
-    table = Table(title="Messages", show_edge=False)
-    table.add_column("status")
-    table.add_column("messages", justify="right")
-    for status, n in totals["messages_by_status"].items():
-        table.add_row(status, str(n))
-    return table
-
-
-def _transitions_table(totals: dict[str, Any]) -> Table:
-    table = Table(title=f"Transitions ({totals['transitions']})", show_edge=False)
-    table.add_column("from → to")
-    table.add_column("leads", justify="right")
-    for path, n in totals["transitions_by_path"].items():
-        table.add_row(path, str(n))
+def _count_table(title: str, label: str, unit: str, counts: dict[str, int]) -> Table:
+    table = Table(title=title, show_edge=False)
+    table.add_column(label)
+    table.add_column(unit, justify="right")
+    for key, n in counts.items():
+        table.add_row(key, str(n))
     return table
 
 
 def _print_funnel(totals: dict[str, Any]) -> None:
     from rich.columns import Columns
 
-    console.print(Columns([_funnel_table(totals), _transitions_table(totals), _messages_table(totals)], padding=4))
+    console.print(
+        Columns(
+            [
+                _count_table("Funnel", "stage", "leads", totals["leads_by_stage"]),
+                _count_table(
+                    f"Transitions ({totals['transitions']})", "from → to", "leads", totals["transitions_by_path"]
+                ),
+                _count_table("Messages", "status", "messages", totals["messages_by_status"]),
+            ],
+            padding=4,
+        )
+    )
 
 
 @app.command()

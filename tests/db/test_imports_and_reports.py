@@ -21,11 +21,11 @@ from tests.db.world import World
 def test_leads_are_upserted_by_normalised_email(engine: Engine, tmp_path: Path) -> None:
     first = tmp_path / "leads.csv"
     first.write_text(
-        "email,first_name,company_size,industry\n"
-        "Ann@Northwind.example,Ann,200,saas\n"
-        "not-an-email,Bob,10,retail\n"
-        "cara@delta.example,Cara,lots,retail\n"
-        "dan@echo.example,Dan,,\n"
+        "email,first_name,company_size,timezone,industry\n"
+        "Ann@Northwind.example,Ann,200,Europe/Berlin,saas\n"
+        "not-an-email,Bob,10,,retail\n"
+        "cara@delta.example,Cara,lots,,retail\n"
+        "dan@echo.example,Dan,,,\n"
     )
     result = import_file(engine=engine, path=first, kind="leads", now=T0)
     assert (result.rows_read, result.rows_kept, result.created, result.updated) == (4, 2, 2, 0)
@@ -39,7 +39,7 @@ def test_leads_are_upserted_by_normalised_email(engine: Engine, tmp_path: Path) 
     assert (result.created, result.updated) == (0, 1)
     with session_scope(engine) as session:
         ann = session.scalars(select(Lead).where(Lead.email == "ann@northwind.example")).one()
-        assert (ann.first_name, ann.last_name, ann.company_size) == ("Ann", "Lee", 200)
+        assert (ann.first_name, ann.last_name, ann.company_size, ann.timezone) == ("Ann", "Lee", 200, "Europe/Berlin")
         assert ann.attributes == {"industry": "saas", "region": "emea"}
 
 
