@@ -20,6 +20,7 @@ from db.cycle import ChunkResult, advance_leads, count_leads_to_advance, next_le
 from db.dispatch import DispatchResult, dispatch_due
 from db.engine import session_scope
 from db.reports import funnel
+from flows.pacing import send_pacer
 from flows.runtime import current_runtime
 
 
@@ -50,6 +51,7 @@ def dispatch_task(now: datetime, batch_size: int) -> DispatchResult:
     """Send every message due by ``now`` (suppressed addresses are skipped and recorded)."""
     runtime = current_runtime()
     logger = get_run_logger()
+    settings = runtime.settings
     result = dispatch_due(
         engine=runtime.engine,
         playbook=runtime.playbook,
@@ -58,7 +60,11 @@ def dispatch_task(now: datetime, batch_size: int) -> DispatchResult:
         sender=runtime.sender,
         now=now,
         batch_size=batch_size,
+        concurrency=settings.nurture_send_concurrency,
+        pace=send_pacer(settings.nurture_send_rate),
     )
+    if result.settled:
+        logger.warning("%d sends were never confirmed by the provider and are now failed (not resent)", result.settled)
     for failure in result.failures[:20]:
         logger.warning("message %(message_id)s to lead %(lead_id)s (%(template)s) %(status)s: %(reason)s", failure)
     return result
@@ -130,3 +136,27 @@ def nurture_cycle(now: datetime | None = None, batch_size: int = 2000, dispatch:
         "messages": dict(dispatched.by_status),
         "funnel": totals,
     }
+
+
+def _dispatch_run_name() -> str:
+    now = flow_run.parameters.get("now")
+    when = now if isinstance(now, datetime) else datetime.now(UTC)
+    return f"dispatch-{when.astimezone(UTC):%Y-%m-%dT%H:%MZ}"
+
+
+@flow(name="dispatch", flow_run_name=_dispatch_run_name)
+def dispatch_messages(now: datetime | None = None, batch_size: int = 500) -> dict[str, int]:
+    """Send the messages that are due, between cycles; several may run at once.
+
+    Claims are exclusive (``FOR UPDATE SKIP LOCKED`` on PostgreSQL) and the send
+    rate is shared through the ``nurture-send`` limit, so extra dispatchers add
+    throughput, never duplicates.
+    """
+    result = dispatch_task(_now(now), batch_size)
+    create_table_artifact(
+        key="nurture-dispatch-messages",
+        table=[{"status": status, "messages": n} for status, n in sorted(result.by_status.items())]
+        or [{"status": "(nothing due)", "messages": 0}],
+        description="Messages this dispatch tried to send, by outcome",
+    )
+    return dict(result.by_status)

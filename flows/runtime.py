@@ -45,6 +45,8 @@ def build_runtime(settings: Settings) -> Runtime:
             postal_address=settings.nurture_postal_address,
             public_url=settings.nurture_public_url,
             secret_key=settings.nurture_secret_key.get_secret_value(),
+            unsubscribe_mailto=settings.nurture_unsubscribe_mailto,
+            asm_group_id=settings.sendgrid_asm_group_id,
         ),
     )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping
-from datetime import timedelta
+from datetime import time, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -193,6 +193,8 @@ class Sequence(_Frozen):
     """Emails sent to a lead after a transition; exited when the lead leaves the stage."""
 
     description: str = ""
+    # When the frequency cap lets only some due emails out, lower numbers go first.
+    priority: int = Field(default=100, ge=0)
     triggers: tuple[Trigger, ...] = Field(min_length=1)
     steps: tuple[Step, ...] = Field(min_length=1)
 
@@ -212,6 +214,48 @@ class Sequence(_Frozen):
         return self.triggers[0].to
 
 
+_CLOCK = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
+
+
+def _clock_time(value: object) -> time:
+    if isinstance(value, time):
+        return value
+    match = _CLOCK.match(str(value).strip())
+    if match is None:
+        raise ValueError(f"{value!r} is not a time of day; write it as HH:MM, e.g. 08:00")
+    return time(int(match.group(1)), int(match.group(2)))
+
+
+ClockTime = Annotated[time, BeforeValidator(_clock_time)]
+
+
+class QuietHours(_Frozen):
+    """No email between ``start`` and ``end`` in the lead's own time zone (may span midnight)."""
+
+    start: ClockTime
+    end: ClockTime
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> QuietHours:
+        if self.start == self.end:
+            raise ValueError("start and end must differ")
+        return self
+
+
+class FrequencyCap(_Frozen):
+    """At most ``max_messages`` emails per lead in any rolling ``per`` period, across sequences."""
+
+    max_messages: int = Field(ge=1)
+    per: Duration
+
+
+class ContactPolicy(_Frozen):
+    """Checked when an email becomes due, not when it is queued."""
+
+    quiet_hours: QuietHours | None = None
+    frequency_cap: FrequencyCap | None = None
+
+
 class Brand(_Frozen):
     name: str
     website: str
@@ -226,6 +270,7 @@ class Playbook(_Frozen):
     scoring: Scoring
     stages: Stages
     sequences: dict[str, Sequence]
+    contact_policy: ContactPolicy = ContactPolicy()
 
     def sequences_for(self, from_stage: Stage, to_stage: Stage) -> list[str]:
         """Names of the sequences a transition enrolls a lead in, in playbook order."""

@@ -38,6 +38,14 @@ class Settings(BaseSettings):
     nurture_postal_address: str = "Acme Analytics Inc., 100 Market Street, San Francisco, CA 94105"
     nurture_public_url: str = "http://localhost:8000"
     nurture_secret_key: SecretStr = SecretStr(DEFAULT_SECRET_KEY)
+    nurture_unsubscribe_mailto: str | None = Field(
+        default=None, description="Address for mailto: unsubscribe requests, added to List-Unsubscribe"
+    )
+    sendgrid_asm_group_id: int | None = Field(default=None, description="SendGrid unsubscribe group for every email")
+    nurture_send_rate: float = Field(
+        default=0.0, ge=0, description="Messages per second across all dispatchers; 0 = no limit"
+    )
+    nurture_send_concurrency: int = Field(default=4, ge=1, le=64, description="Parallel requests per dispatcher")
 
     @model_validator(mode="after")
     def _sendgrid_needs_a_key(self) -> Settings:

@@ -25,6 +25,8 @@ class OutgoingEmail:
     unsubscribe_url: str
     category: str
     date: datetime | None = None
+    unsubscribe_mailto: str | None = None
+    asm_group_id: int | None = None
     headers: dict[str, str] = field(default_factory=dict)
     custom_args: dict[str, str] = field(default_factory=dict)
 
@@ -39,9 +41,12 @@ class EmailTransport(Protocol):
     def send(self, email: OutgoingEmail) -> str: ...
 
 
-def list_unsubscribe_headers(unsubscribe_url: str) -> dict[str, str]:
-    """RFC 8058 one-click unsubscribe headers, on every email."""
+def list_unsubscribe_headers(email: OutgoingEmail) -> dict[str, str]:
+    """RFC 8058 one-click unsubscribe headers, on every email (the mailto only if configured)."""
+    targets = [f"<{email.unsubscribe_url}>"]
+    if email.unsubscribe_mailto:
+        targets.append(f"<mailto:{email.unsubscribe_mailto}?subject=unsubscribe>")
     return {
-        "List-Unsubscribe": f"<{unsubscribe_url}>",
+        "List-Unsubscribe": ", ".join(targets),
         "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
     }

@@ -32,7 +32,7 @@ def build_mime(email: OutgoingEmail) -> EmailMessage:
     if email.date is not None:
         mime["Date"] = format_datetime(email.date)
     mime["Message-ID"] = make_msgid(idstring=f"nurture-{email.message_id}", domain="nurture.local")
-    for name, value in {**list_unsubscribe_headers(email.unsubscribe_url), **email.headers}.items():
+    for name, value in {**list_unsubscribe_headers(email), **email.headers}.items():
         mime[name] = value
     for name, value in email.custom_args.items():
         mime[f"X-Nurture-{name.replace('_', '-').title()}"] = value

@@ -16,7 +16,7 @@ from urllib.error import URLError
 
 from python_http_client.exceptions import HTTPError
 from sendgrid import SendGridAPIClient
-from sendgrid.helpers.mail import Category, CustomArg, Header, Mail
+from sendgrid.helpers.mail import Asm, Category, CustomArg, GroupId, Header, Mail
 
 from nurture.errors import AmbiguousDeliveryError, PermanentDeliveryError, TransientDeliveryError
 from nurture.transports.base import OutgoingEmail, list_unsubscribe_headers
@@ -31,11 +31,13 @@ def build_mail(email: OutgoingEmail) -> Mail:
         plain_text_content=email.text,
         html_content=email.html,
     )
-    for name, value in {**list_unsubscribe_headers(email.unsubscribe_url), **email.headers}.items():
+    for name, value in {**list_unsubscribe_headers(email), **email.headers}.items():
         mail.header = Header(name, value)
     for name, value in email.custom_args.items():
         mail.custom_arg = CustomArg(name, value)
     mail.category = Category(email.category[:255])
+    if email.asm_group_id is not None:
+        mail.asm = Asm(GroupId(email.asm_group_id))
     return mail
 
 

@@ -15,12 +15,16 @@ from db.dispatch import DispatchResult, Sender, dispatch_due
 from db.engine import session_scope
 from db.imports import add_events, upsert_leads
 from db.models import Enrollment, Lead, Message, ScoreChange, StageTransition
+from nurture.delivery import RetryPolicy
 from nurture.importing import EventRecord, LeadRecord
 from nurture.playbook import Playbook
 from nurture.rendering import EmailRenderer
 from nurture.transports import InMemoryTransport
 from nurture.transports.base import EmailTransport
 from tests.conftest import TEMPLATES_DIR
+
+# Backoff in milliseconds, so retry tests stay quick; the policy's shape is the production one.
+FAST_RETRIES = RetryPolicy(base_seconds=0.005, cap_seconds=0.05)
 
 SENDER = Sender(
     from_email="Acme <hello@acme.example>",
@@ -58,7 +62,9 @@ class World:
                 return total
             after = chunk.last_lead_id
 
-    def dispatch(self, now: datetime, *, batch_size: int = 500) -> DispatchResult:
+    def dispatch(
+        self, now: datetime, *, batch_size: int = 500, concurrency: int = 1, policy: RetryPolicy = FAST_RETRIES
+    ) -> DispatchResult:
         return dispatch_due(
             engine=self.engine,
             playbook=self.playbook,
@@ -67,6 +73,8 @@ class World:
             sender=SENDER,
             now=now,
             batch_size=batch_size,
+            concurrency=concurrency,
+            policy=policy,
         )
 
     def row(self, email: str) -> Lead:

@@ -8,6 +8,8 @@ request schema, records what it accepted, and injects faults on demand.
 from __future__ import annotations
 
 import json
+import random
+import socket
 import threading
 import time
 import uuid
@@ -21,6 +23,14 @@ import jsonschema
 
 SCHEMA = json.loads((Path(__file__).parent / "sendgrid-mail-send.schema.json").read_text())
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA, format_checker=jsonschema.FormatChecker())
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that timed out and hung up is a scenario under test, not a server bug.
+        return
 
 
 @dataclass(frozen=True)
@@ -37,11 +47,14 @@ class FakeSendGrid:
     def __init__(self, api_key: str = "SG.test-key") -> None:
         self.api_key = api_key
         self.accepted: list[dict[str, Any]] = []
+        self.accepted_at: list[float] = []  # time.monotonic() of each accepted request
         self.rejected: list[tuple[int, dict[str, Any] | None]] = []
         self.schema_errors: list[str] = []
         self._faults: deque[Fault] = deque()
+        self._failure_rate = 0.0
+        self._rng = random.Random(0)
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server = _QuietServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
@@ -49,8 +62,28 @@ class FakeSendGrid:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
+    def message_ids(self) -> list[str]:
+        """The nurture message id of every accepted request, in arrival order."""
+        return [body.get("custom_args", {}).get("nurture_message_id", "") for body in self.accepted]
+
     def fail_next(self, status: int, *, headers: dict[str, str] | None = None, message: str = "injected") -> None:
         self._faults.append(Fault(status, headers or {}, {"errors": [{"message": message, "field": None}]}))
+
+    def fail_randomly(self, rate: float, *, seed: int = 1) -> None:
+        """Answer ``rate`` of requests with a 500, 503 or a 429 that resets within a second."""
+        self._failure_rate = rate
+        self._rng = random.Random(seed)
+
+    def drop_next(self) -> None:
+        """Read the next request, then close the connection without answering."""
+        self._faults.append(Fault(0, {}, {}))
+
+    def _random_fault(self) -> Fault | None:
+        if self._failure_rate <= 0 or self._rng.random() >= self._failure_rate:
+            return None
+        status = self._rng.choice([500, 503, 429])
+        headers = {"X-RateLimit-Reset": str(int(time.time()) + 1)} if status == 429 else {}
+        return Fault(status, headers, {"errors": [{"message": "injected", "field": None}]})
 
     def accept_slowly_next(self, seconds: float) -> None:
         """Accept the next request, but answer only after ``seconds`` (past the client's timeout)."""
@@ -90,10 +123,18 @@ class FakeSendGrid:
                     self._answer(401, {"errors": [{"message": "The provided authorization grant is invalid"}]})
                     return
                 with fake._lock:
-                    fault = fake._faults.popleft() if fake._faults else None
+                    fault = fake._faults.popleft() if fake._faults else fake._random_fault()
+                if fault is not None and fault.status == 0:
+                    with fake._lock:
+                        fake.accepted.append(json.loads(raw))
+                        fake.accepted_at.append(time.monotonic())
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 if fault is not None and fault.delay_seconds:
                     with fake._lock:
                         fake.accepted.append(json.loads(raw))
+                        fake.accepted_at.append(time.monotonic())
                     time.sleep(fault.delay_seconds)
                     self._answer(202, None, {"X-Message-Id": uuid.uuid4().hex[:22]})
                     return
@@ -117,6 +158,7 @@ class FakeSendGrid:
                     return
                 with fake._lock:
                     fake.accepted.append(body)
+                    fake.accepted_at.append(time.monotonic())
                 self._answer(202, None, {"X-Message-Id": uuid.uuid4().hex[:22]})
 
         return Handler
