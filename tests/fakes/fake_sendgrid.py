@@ -27,6 +27,7 @@ VALIDATOR = jsonschema.Draft202012Validator(SCHEMA, format_checker=jsonschema.Fo
 
 class _QuietServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 256  # the default 5 drops connections under a few parallel clients
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that timed out and hung up is a scenario under test, not a server bug.
@@ -101,6 +102,10 @@ class FakeSendGrid:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
+            # Small answers written at once: without this, Nagle's algorithm holds them back.
+            disable_nagle_algorithm = True
+            protocol_version = "HTTP/1.1"
+
             def log_message(self, format: str, *args: Any) -> None:  # keep test output clean
                 return
 
@@ -113,6 +118,18 @@ class FakeSendGrid:
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                if self.path != "/_stats":
+                    self._answer(404, {"errors": [{"message": "not found"}]})
+                    return
+                with fake._lock:
+                    stats = {
+                        "accepted": len(fake.accepted),
+                        "schema_errors": fake.schema_errors[:5],
+                        "rejected": len(fake.rejected),
+                    }
+                self._answer(200, stats)
 
             def do_POST(self) -> None:
                 raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
@@ -162,3 +179,17 @@ class FakeSendGrid:
                 self._answer(202, None, {"X-Message-Id": uuid.uuid4().hex[:22]})
 
         return Handler
+
+
+def main() -> None:
+    """Serve a fake in its own process (benchmarks): prints its URL, serves until killed."""
+    import sys
+
+    fake = FakeSendGrid(api_key=sys.argv[1] if len(sys.argv) > 1 else "SG.test-key")
+    with fake:
+        print(fake.url, flush=True)
+        threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
