@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--failure-rate", type=float, default=0.3)
     args = parser.parse_args()
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     with tempfile.TemporaryDirectory() as workdir:
         report = run(leads=args.leads, failure_rate=args.failure_rate, workdir=Path(workdir))
