@@ -22,7 +22,9 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -41,14 +43,24 @@ ROOT = Path(__file__).resolve().parents[1]
 NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 
 
-def _database_url(workdir: Path) -> str:
+@contextmanager
+def _database_url(workdir: Path) -> Iterator[str]:
+    """A temporary SQLite file, or a fresh schema in NURTURE_BENCH_DATABASE_URL, dropped afterwards."""
     base = os.environ.get("NURTURE_BENCH_DATABASE_URL")
     if not base:
-        return f"sqlite:///{workdir / 'bench.db'}"
+        yield f"sqlite:///{workdir / 'bench.db'}"
+        return
     schema = f"nurture_bench_{uuid.uuid4().hex[:8]}"
-    with create_engine(base).begin() as conn:
+    admin = create_engine(base)
+    with admin.begin() as conn:
         conn.execute(text(f"CREATE SCHEMA {schema}"))
-    return f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
+    url = f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
+    try:
+        yield url
+    finally:
+        get_engine(url).dispose()
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
 
 
 def _queue(url: str, count: int) -> None:
@@ -208,8 +220,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--threads", type=int, default=4)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as workdir, FakeInAProcess() as fake:
-        url = _database_url(Path(workdir))
+    with tempfile.TemporaryDirectory() as workdir, FakeInAProcess() as fake, _database_url(Path(workdir)) as url:
         _queue(url, args.messages)
         _raw_client(fake, min(args.messages, 500), args.threads)  # warm up connections and code paths
         raw = _raw_client(fake, args.messages, args.threads)
