@@ -132,7 +132,8 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | RowProblem]]:
     if suffix not in {".csv", ".jsonl", ".ndjson"}:
         raise ImportDataError(f"{path}: unknown file type {suffix or '(none)'}; use .csv or .jsonl")
     try:
-        handle = path.open(encoding="utf-8-sig", newline="")
+        # Undecodable bytes survive as surrogates, so one bad row is reported, not the whole file.
+        handle = path.open(encoding="utf-8-sig", errors="surrogateescape", newline="")
     except OSError as exc:
         raise ImportDataError(f"{path}: cannot open: {exc.strerror}") from exc
     with handle:
@@ -142,15 +143,24 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | RowProblem]]:
             yield from _jsonl_rows(handle)
 
 
+_SURROGATES = re.compile("[\udc80-\udcff]")
+
+
+def _undecodable(text: str) -> bool:
+    return _SURROGATES.search(text) is not None
+
+
 def _csv_rows(path: Path, handle: io.TextIOBase) -> Iterator[tuple[int, dict[str, Any] | RowProblem]]:
     reader = csv.reader(handle)
     try:
         header = next(reader)
     except StopIteration:
         raise ImportDataError(f"{path}: the file is empty; expected a header row") from None
-    except (csv.Error, UnicodeDecodeError) as exc:
+    except csv.Error as exc:
         raise ImportDataError(f"{path}: line 1: cannot read the header: {exc}") from exc
     columns = [c.strip().lower() for c in header]
+    if any(_undecodable(c) for c in columns):
+        raise ImportDataError(f"{path}: line 1: the header is not UTF-8 text (save the file as UTF-8)")
     if "email" not in columns:
         raise ImportDataError(f"{path}: line 1: the header has no 'email' column (found: {', '.join(columns)})")
     while True:
@@ -158,11 +168,14 @@ def _csv_rows(path: Path, handle: io.TextIOBase) -> Iterator[tuple[int, dict[str
             values = next(reader)
         except StopIteration:
             return
-        except (csv.Error, UnicodeDecodeError) as exc:
+        except csv.Error as exc:
             yield reader.line_num, RowProblem(reader.line_num, f"cannot read the row: {exc}")
             continue
         line = reader.line_num
         if not any(v.strip() for v in values):
+            continue
+        if any(_undecodable(v) for v in values):
+            yield line, RowProblem(line, "not UTF-8 text (save the file as UTF-8)")
             continue
         if len(values) != len(columns):
             yield line, RowProblem(line, f"has {len(values)} fields, the header has {len(columns)}")
@@ -173,16 +186,14 @@ def _csv_rows(path: Path, handle: io.TextIOBase) -> Iterator[tuple[int, dict[str
 def _jsonl_rows(handle: io.TextIOBase) -> Iterator[tuple[int, dict[str, Any] | RowProblem]]:
     line = 0
     while True:
-        try:
-            text = handle.readline()
-        except UnicodeDecodeError as exc:
-            line += 1
-            yield line, RowProblem(line, f"not UTF-8 text: {exc.reason}")
-            continue
+        text = handle.readline()
         if not text:
             return
         line += 1
         if not text.strip():
+            continue
+        if _undecodable(text):
+            yield line, RowProblem(line, "not UTF-8 text (save the file as UTF-8)")
             continue
         try:
             value = json.loads(text)

@@ -74,5 +74,5 @@ def get_settings() -> Settings:
         for error in exc.errors():
             variable = ".".join(str(part) for part in error["loc"]).upper()
             where = f"{variable}: " if variable else ""
-            problems.append(f"{where}{error['msg']}")
+            problems.append(f"{where}{error['msg'].removeprefix('Value error, ')}")
         raise ConfigurationError("invalid settings: " + "; ".join(problems)) from exc

@@ -76,6 +76,21 @@ def test_csv_rows_carry_their_line_numbers(tmp_path: Path) -> None:
     assert rows[2] == (6, RowProblem(6, "has 3 fields, the header has 2"))
 
 
+def test_bytes_that_are_not_utf8_spoil_only_their_row(tmp_path: Path) -> None:
+    path = tmp_path / "leads.csv"
+    path.write_bytes(b"email,first_name\n\xff\xfe@x.example,A\nok@x.example,B\n")
+    assert list(read_rows(path)) == [
+        (2, RowProblem(2, "not UTF-8 text (save the file as UTF-8)")),
+        (3, {"email": "ok@x.example", "first_name": "B"}),
+    ]
+    jsonl = tmp_path / "events.jsonl"
+    jsonl.write_bytes(b'{"email": "\xff@x.example"}\n{"email": "ok@x.example"}\n')
+    assert [row for _, row in read_rows(jsonl)] == [
+        RowProblem(1, "not UTF-8 text (save the file as UTF-8)"),
+        {"email": "ok@x.example"},
+    ]
+
+
 def test_jsonl_rows(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     path.write_text('{"email": "a@b.example", "Kind": "page_view"}\nnot json\n[1, 2]\n')
