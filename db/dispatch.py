@@ -35,6 +35,7 @@ from nurture.errors import (
     TransientDeliveryError,
 )
 from nurture.playbook import Playbook
+from nurture.privacy import email_hash
 from nurture.rendering import EmailRenderer, email_context
 from nurture.transports.base import EmailTransport, OutgoingEmail
 from nurture.unsubscribe import unsubscribe_url
@@ -137,15 +138,26 @@ def _load_claimed(session: Session, ids: list[int]) -> list[Any]:
             col(Lead.stage),
             col(Lead.score),
             col(Lead.suppressed),
-            col(Suppression.reason).label("suppression_reason"),
             *profile,
         )
         .join(Lead, col(Lead.id) == col(Message.lead_id))
-        .outerjoin(Suppression, col(Suppression.email) == col(Lead.email))
         .where(col(Message.id).in_(ids))
         .order_by(col(Message.id))
     )
     return list(session.execute(query))
+
+
+def suppression_reasons(*, session: Session, emails: Sequence[str]) -> dict[str, str]:
+    """Why each of ``emails`` must not be mailed, for those on the suppression list (by hash)."""
+    by_hash = {email_hash(e): e for e in emails}
+    reasons: dict[str, str] = {}
+    for hashes in batched(sorted(by_hash)):
+        query = select(col(Suppression.email_hash), col(Suppression.reason)).where(
+            col(Suppression.email_hash).in_(hashes)
+        )
+        for hashed, reason in session.execute(query):
+            reasons[by_hash[hashed]] = reason
+    return reasons
 
 
 def _recent_sends(session: Session, lead_ids: Sequence[int], since: datetime) -> dict[int, list[datetime]]:
@@ -248,6 +260,7 @@ def _send_with_retries(
 def dispatch_batch(
     rows: list[Any],
     recent_sends: dict[int, list[datetime]],
+    suppressed: dict[str, str],
     *,
     playbook: Playbook,
     renderer: EmailRenderer,
@@ -267,13 +280,13 @@ def dispatch_batch(
     due = [
         DueEmail(row.id, row.lead_id, priorities.get(row.sequence, 100), row.due_at, row.timezone)
         for row in rows
-        if not (row.suppressed or row.suppression_reason)
+        if not (row.suppressed or row.email in suppressed)
     ]
     waits = decide(due, policy=playbook.contact_policy, recent_sends=recent_sends, now=now)
     attempts: list[_Attempt] = []
     for row in rows:
         base: dict[str, Any] = {"id": row.id, "lease_until": None, "updated_at": now}
-        reason = row.suppressed or row.suppression_reason
+        reason = row.suppressed or suppressed.get(row.email)
         wait = waits.get(row.id)
         if reason:
             updates.append(base | {"status": "suppressed", "last_error": f"address suppressed: {reason}"})
@@ -382,11 +395,13 @@ def dispatch_due(
             ids = claim_due_messages(session=session, now=now, limit=batch_size)
             rows = _load_claimed(session, ids) if ids else []
             recent = _recent_sends(session, [r.lead_id for r in rows], now - cap.per) if cap and rows else {}
+            suppressed = suppression_reasons(session=session, emails=[r.email for r in rows])
         if not ids:
             break
         updates, result = dispatch_batch(
             rows,
             recent,
+            suppressed,
             playbook=playbook,
             renderer=renderer,
             transport=transport,

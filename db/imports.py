@@ -47,7 +47,8 @@ def _new_lead_row(email: str, now: datetime) -> dict[str, Any]:
     }
 
 
-def _insert(session: Session, table: Any) -> Any:
+def dialect_insert(session: Session, table: Any) -> Any:
+    """INSERT with ON CONFLICT support, for the session's database."""
     dialect = session.get_bind().dialect.name
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
 
@@ -89,7 +90,7 @@ def upsert_leads(*, session: Session, records: Sequence[LeadRecord], now: dateti
             }
         )
     if rows:
-        statement = _insert(session, Lead)
+        statement = dialect_insert(session, Lead)
         excluded = statement.excluded
         keep = {f: _coalesce(excluded, f) for f in PROFILE_FIELDS}
         statement = statement.on_conflict_do_update(
@@ -116,7 +117,7 @@ def lead_ids_for(*, session: Session, emails: Sequence[str], now: datetime, crea
     }
     missing = [e for e in wanted if e not in found]
     if missing and create:
-        statement = _insert(session, Lead).on_conflict_do_nothing(index_elements=["email"])
+        statement = dialect_insert(session, Lead).on_conflict_do_nothing(index_elements=["email"])
         session.execute(
             statement,
             [_new_lead_row(e, now) for e in missing],
@@ -159,7 +160,7 @@ def add_events(
         }
         for r in records
     ]
-    statement = _insert(session, Event).on_conflict_do_nothing(index_elements=["source", "external_id"])
+    statement = dialect_insert(session, Event).on_conflict_do_nothing(index_elements=["source", "external_id"])
     stored = len(list(session.execute(statement.returning(col(Event.id)), rows)))
     return EventInsertResult(stored=stored, duplicates=len(rows) - stored, leads_created=created)
 

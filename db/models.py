@@ -192,12 +192,16 @@ class Message(SQLModel, table=True):
 
 
 class Suppression(SQLModel, table=True):
-    """Addresses nurture must never mail: unsubscribed, bounced, reported, manual."""
+    """Addresses nurture must never mail: unsubscribed, bounced, reported, manual, forgotten.
+
+    Looked up by ``email_hash``; ``email`` is empty once the person asked to be forgotten.
+    """
 
     __tablename__ = "suppression"
 
     id: int | None = _pk()
-    email: str = Field(sa_type=String(320), unique=True, index=True)
+    email: str | None = Field(default=None, sa_type=String(320), index=True)
+    email_hash: str = Field(sa_type=String(64), unique=True, index=True)
     reason: str = Field(sa_type=String(32))
     at: datetime = _utc()
     source: str = Field(default="manual", sa_type=String(32))

@@ -13,6 +13,7 @@ from db.cycle import PROFILE_COLUMNS
 from db.models import Enrollment, Event, Lead, Message, ScoreChange, StageTransition, Suppression
 from nurture.importing import normalise_email
 from nurture.playbook import Playbook, Stage
+from nurture.privacy import email_hash
 from nurture.scoring import ActivityEvent, engagement_at, event_points, fit_breakdown
 
 STAGE_ORDER = [s.value for s in Stage]
@@ -73,7 +74,9 @@ def explain_lead(*, session: Session, email: str, playbook: Playbook, now: datet
         "half_life_days": scoring.half_life.total_seconds() / 86400,
         "events_not_yet_scored": sum(1 for e in events if not e.applied),
     }
-    suppression = session.scalars(select(Suppression).where(col(Suppression.email) == lead.email)).first()
+    suppression = session.scalars(
+        select(Suppression).where(col(Suppression.email_hash) == email_hash(lead.email))
+    ).first()
     changes = session.scalars(
         select(ScoreChange)
         .where(col(ScoreChange.lead_id) == lead.id)

@@ -311,6 +311,49 @@ def _print_explanation(report: dict[str, Any]) -> None:
 
 
 @app.command()
+def api(
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on")] = 8000,
+) -> None:
+    """Serve the events API, SendGrid's Event Webhook and the unsubscribe pages."""
+    import uvicorn
+
+    from nurture.api import create_app
+
+    _engine()  # refuse an out-of-date schema before listening
+    uvicorn.run(create_app(_settings()), host=host, port=port, proxy_headers=True, log_level="info")
+
+
+@app.command()
+def forget(
+    email: Annotated[str, typer.Argument(help="The address to erase")],
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation")] = False,
+) -> None:
+    """Erase a person (right to erasure): their lead, events, messages and history go; a hashed
+    suppression stays so the address is never mailed again, even if it comes back in an import."""
+    from db.engine import session_scope
+    from db.inbound import forget_lead
+    from nurture.importing import normalise_email
+
+    try:
+        address = normalise_email(email)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    if not yes and not typer.confirm(f"Erase everything nurture holds about {address}?"):
+        raise typer.Exit(1)
+    with session_scope(_engine()) as session:
+        result = forget_lead(
+            session=session, email=address, now=datetime.now(UTC), outbox=_settings().nurture_outbox_dir
+        )
+    what = "the lead and its history were erased" if result.lead_found else "no lead had this address"
+    console.print(
+        f"{address}: {what}; {result.emails_removed_from_outbox} emails removed from the outbox; "
+        "a hashed suppression keeps it from being mailed again.",
+        highlight=False,
+    )
+
+
+@app.command()
 def demo(
     leads: Annotated[int, typer.Option(min=1, max=100_000, help="How many leads to generate")] = 500,
     weeks: Annotated[int, typer.Option(min=1, max=26, help="Simulated weeks of behaviour")] = 6,

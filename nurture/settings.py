@@ -45,6 +45,12 @@ class Settings(BaseSettings):
     nurture_send_rate: float = Field(
         default=0.0, ge=0, description="Messages per second across all dispatchers; 0 = no limit"
     )
+    sendgrid_webhook_public_key: str | None = Field(
+        default=None, description="The Event Webhook's verification key (base64), from SendGrid's mail settings"
+    )
+    nurture_api_token: SecretStr | None = Field(default=None, description="Bearer token for POST /v1/events")
+    nurture_webhook_tolerance_seconds: int = Field(default=600, ge=1, description="Oldest accepted signature")
+    nurture_max_body_bytes: int = Field(default=5_000_000, ge=1024, description="Largest accepted request body")
     nurture_send_concurrency: int = Field(default=4, ge=1, le=64, description="Parallel requests per dispatcher")
 
     @model_validator(mode="after")

@@ -14,6 +14,7 @@ from sqlalchemy import Engine, insert
 from db.engine import session_scope
 from db.models import Suppression
 from nurture.playbook import Playbook
+from nurture.privacy import email_hash
 from nurture.transports import FileOutboxTransport, InMemoryTransport
 from nurture.transports.sendgrid_v3 import SendGridTransport
 from nurture.unsubscribe import read_unsubscribe_token
@@ -70,7 +71,10 @@ def test_a_suppressed_address_is_never_mailed(engine: Engine, playbook: Playbook
     world = World(engine, playbook, transport=transport)
     _hot_lead(world)
     with session_scope(engine) as session:
-        session.execute(insert(Suppression), [{"email": ANN, "reason": "unsubscribe", "at": T0, "source": "test"}])
+        session.execute(
+            insert(Suppression),
+            [{"email": ANN, "email_hash": email_hash(ANN), "reason": "unsubscribe", "at": T0, "source": "test"}],
+        )
     result = world.dispatch(T0 + timedelta(minutes=10))
     assert result.by_status == {"suppressed": 1}
     assert transport.sent == []

@@ -1,0 +1,270 @@
+"""The HTTP edge through FastAPI's TestClient, on SQLite and PostgreSQL, with real ECDSA signatures."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, func, select
+from sqlmodel import col
+
+from db.engine import session_scope
+from db.inbound import forget_lead
+from db.models import Event, Lead, Message, Suppression
+from nurture.api import SIGNATURE, TIMESTAMP, create_app
+from nurture.playbook import Playbook
+from nurture.privacy import email_hash
+from nurture.settings import Settings
+from nurture.transports import InMemoryTransport
+from tests.conftest import T0
+from tests.db.world import SENDER, World
+
+KEY = ec.generate_private_key(ec.SECP256R1())
+PUBLIC_KEY = base64.b64encode(
+    KEY.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+).decode()
+TOKEN = "site-token"
+ANN = "ann@northwind.example"
+NOW = T0 + timedelta(minutes=10)
+
+
+def sign(body: bytes, timestamp: str | None = None) -> dict[str, str]:
+    stamp = timestamp or str(int(time.time()))
+    signature = KEY.sign(stamp.encode() + body, ec.ECDSA(hashes.SHA256()))
+    return {SIGNATURE: base64.b64encode(signature).decode(), TIMESTAMP: stamp, "Content-Type": "application/json"}
+
+
+@pytest.fixture
+def world(engine: Engine, playbook: Playbook) -> World:
+    return World(engine, playbook, transport=InMemoryTransport())
+
+
+@pytest.fixture
+def client(database_url: str, world: World) -> Iterator[TestClient]:
+    settings = Settings(
+        nurture_database_url=database_url,
+        sendgrid_webhook_public_key=PUBLIC_KEY,
+        nurture_api_token=TOKEN,  # type: ignore[arg-type]
+        nurture_secret_key=SENDER.secret_key,  # type: ignore[arg-type]
+        nurture_max_body_bytes=1_000_000,
+    )
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+def _hot(world: World, email: str = ANN) -> list[Message]:
+    world.lead(email, at=T0, first_name="Ann", job_title="CTO", company_size=500)
+    world.events(email, ("demo_request", T0), ("webinar_attended", T0), ("pricing_view", T0))
+    world.advance(NOW)
+    world.dispatch(NOW)
+    return world.messages(email)
+
+
+def _event(kind: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "email": ANN,
+        "timestamp": int(T0.timestamp()) + 3600,
+        "event": kind,
+        "sg_event_id": f"ev-{kind}",
+        "sg_message_id": "abc123.filter0001",
+        **extra,
+    }
+
+
+def _count(engine: Engine, model: Any) -> int:
+    with session_scope(engine) as session:
+        return int(session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def test_a_signed_batch_is_stored_once_however_often_it_is_posted(client: TestClient, world: World) -> None:
+    _hot(world)
+    body = json.dumps([_event("open"), _event("click", url="https://acme.example/pricing")]).encode()
+    answers = [client.post("/webhooks/sendgrid", content=body, headers=sign(body)) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert answers[0].json()["events_stored"] == 2
+    assert answers[1].json()["events_stored"] == 0
+    assert answers[2].json()["duplicates"] == 2
+    with session_scope(world.engine) as session:
+        kinds = sorted(session.scalars(select(col(Event.kind)).where(col(Event.source) == "sendgrid")))
+    assert kinds == ["email_click", "email_open"]
+
+
+@pytest.mark.parametrize("case", ["missing", "forged", "stale", "tampered", "garbage"])
+def test_bad_signatures_are_rejected_and_nothing_is_stored(client: TestClient, world: World, case: str) -> None:
+    _hot(world)
+    body = json.dumps([_event("unsubscribe")]).encode()
+    headers = sign(body)
+    if case == "missing":
+        headers.pop(SIGNATURE)
+    elif case == "forged":
+        other = ec.generate_private_key(ec.SECP256R1())
+        headers[SIGNATURE] = base64.b64encode(
+            other.sign(headers[TIMESTAMP].encode() + body, ec.ECDSA(hashes.SHA256()))
+        ).decode()
+    elif case == "stale":
+        headers = sign(body, timestamp=str(int(time.time()) - 3600))
+    elif case == "tampered":
+        body = body.replace(b"unsubscribe", b"open")
+    else:
+        headers[SIGNATURE] = "not base64 at all!"
+    answer = client.post("/webhooks/sendgrid", content=body, headers=headers)
+    assert answer.status_code == (401 if case == "missing" else 403)
+    assert _count(world.engine, Suppression) == 0
+    assert _count(world.engine, Event) == 3  # only the three the lead had before
+
+
+def test_every_event_type_has_its_effect(client: TestClient, world: World) -> None:
+    messages = _hot(world)
+    first, second = messages  # demo_offer sent; sales_handoff queued
+    _hot(world, "bob@northwind.example")
+    with session_scope(world.engine) as session:  # an unanswered send, waiting to be settled
+        session.execute(
+            Message.__table__.update()
+            .where(Message.__table__.c.id == first.id)  # type: ignore[attr-defined]
+            .values(status="sending")
+        )
+    events = [
+        _event("processed", nurture_message_id=str(first.id)),
+        _event("delivered", nurture_message_id=str(first.id)),
+        _event("deferred", response="try later"),
+        _event("open", category="demo_offer"),
+        _event("click", category=["demo_offer", "hot"], url="https://acme.example"),
+        _event("group_unsubscribe", asm_group_id=1),
+        {**_event("bounce", reason="550 no such user"), "email": "bob@northwind.example", "sg_event_id": "b1"},
+        {**_event("spamreport"), "email": "carol@elsewhere.example"},
+        {**_event("dropped", reason="Invalid"), "email": "dan@elsewhere.example"},
+        {**_event("dropped", reason="Spam Content"), "email": "erin@elsewhere.example"},
+        {**_event("group_resubscribe"), "email": "nobody@x.example"},
+        {**_event("machine_opened"), "sg_event_id": "x"},
+    ]
+    body = json.dumps(events).encode()
+    answer = client.post("/webhooks/sendgrid", content=body, headers=sign(body))
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["ignored"] == 1
+    with session_scope(world.engine) as session:
+        reasons = dict(session.execute(select(col(Suppression.email), col(Suppression.reason))).all())
+        settled = session.get(Message, first.id)
+        assert settled is not None
+        assert settled.status == "sent"
+        assert settled.provider_message_id == "abc123"
+        assert session.get(Message, second.id).status == "cancelled"  # type: ignore[union-attr]
+    assert reasons == {
+        ANN: "group_unsubscribe",
+        "bob@northwind.example": "bounce",
+        "carol@elsewhere.example": "spamreport",
+        "dan@elsewhere.example": "dropped",
+    }
+    assert [e.state for e in world.enrollments("bob@northwind.example")] == ["exited"]
+    # A later resubscribe lifts the group unsubscribe (and only that kind).
+    body = json.dumps([{**_event("group_resubscribe"), "sg_event_id": "r1"}]).encode()
+    client.post("/webhooks/sendgrid", content=body, headers=sign(body))
+    with session_scope(world.engine) as session:
+        assert session.scalar(select(col(Suppression.reason)).where(col(Suppression.email) == ANN)) is None
+
+
+def test_payload_quirks_do_not_fail_the_batch(client: TestClient, world: World) -> None:
+    _hot(world)
+    no_id = {"email": ANN, "timestamp": int(T0.timestamp()) + 60, "event": "open"}
+    events = [
+        no_id,
+        {"email": "not an address", "timestamp": 1, "event": "open", "sg_event_id": "bad-email"},
+        {"email": ANN, "event": "click", "sg_event_id": "no-time"},
+        "not an object",
+        {**_event("click"), "sg_message_id": None, "category": "x"},
+    ]
+    body = json.dumps(events).encode()
+    answer = client.post("/webhooks/sendgrid", content=body, headers=sign(body))
+    assert answer.status_code == 200
+    assert answer.json()["events_stored"] == 2
+    assert len(answer.json()["problems"]) == 2
+    again = client.post("/webhooks/sendgrid", content=body, headers=sign(body))
+    assert again.json()["events_stored"] == 0  # the event without sg_event_id is recognised by its hash
+
+
+def test_opens_and_clicks_move_the_score_on_the_next_cycle(client: TestClient, world: World) -> None:
+    _hot(world)
+    before = world.row(ANN).score
+    body = json.dumps([_event("open"), _event("click")]).encode()
+    client.post("/webhooks/sendgrid", content=body, headers=sign(body))
+    assert world.row(ANN).score == before  # the API only appends
+    world.advance(T0 + timedelta(hours=2))
+    assert world.ledger(ANN)[-1].contributions.keys() >= {"event: email_open", "event: email_click"}
+
+
+def test_oversized_and_malformed_bodies(client: TestClient) -> None:
+    big = b"[" + b" " * 2_000_000 + b"]"
+    assert client.post("/webhooks/sendgrid", content=big, headers=sign(big)).status_code == 413
+    bad = b"[{not json"
+    answer = client.post("/webhooks/sendgrid", content=bad, headers=sign(bad))
+    assert answer.status_code == 400
+    assert "not valid JSON" in answer.json()["detail"]
+
+
+def test_the_events_api(client: TestClient, world: World) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert client.post("/v1/events", json={"email": ANN, "kind": "page_view"}).status_code == 401
+    one = client.post("/v1/events", json={"email": ANN, "kind": "page_view", "id": "pv-1"}, headers=auth)
+    assert one.json() == {"accepted": 1, "duplicates": 0, "leads_created": 1, "errors": []}
+    batch = client.post(
+        "/v1/events",
+        headers=auth,
+        json={
+            "events": [
+                {"email": ANN, "kind": "page_view", "id": "pv-1"},
+                {"email": ANN, "kind": "demo_request", "occurred_at": "2026-03-02T10:00:00Z"},
+                {"email": "nope", "kind": "page_view"},
+                {"email": ANN, "kind": "Bad Kind"},
+                {"email": ANN, "kind": "pricing_view", "occurred_at": "soon"},
+            ]
+        },
+    )
+    assert batch.status_code == 200
+    assert batch.json()["accepted"] == 1
+    assert batch.json()["duplicates"] == 1
+    assert [e["index"] for e in batch.json()["errors"]] == [2, 3, 4]
+    assert "'nope' is not an email address" in batch.json()["errors"][0]["error"]
+    only_bad = client.post("/v1/events", headers=auth, json={"events": [{"email": "x"}]})
+    assert only_bad.status_code == 422
+    assert client.post("/v1/events", headers=auth, content=b"{oops").status_code == 400
+
+
+def test_an_unsubscribe_link_from_an_email_stops_the_next_step(client: TestClient, world: World) -> None:
+    _hot(world)
+    assert isinstance(world.transport, InMemoryTransport)
+    (sent,) = world.transport.sent
+    path = sent.unsubscribe_url.removeprefix(SENDER.public_url)
+    page = client.get(path)
+    assert page.status_code == 200
+    assert "<form method=post" in page.text
+    assert _count(world.engine, Suppression) == 0  # a GET (a mail scanner) changes nothing
+    assert client.post(path).status_code == 200  # RFC 8058 one-click POST
+    assert world.dispatch(NOW + timedelta(days=3)).claimed == 0
+    assert [m.status for m in world.messages(ANN)] == ["sent", "cancelled"]
+    assert client.get("/unsubscribe/forged.token").status_code == 404
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_forget_erases_the_person_and_keeps_them_unmailable(world: World) -> None:
+    _hot(world)
+    with session_scope(world.engine) as session:
+        result = forget_lead(session=session, email=ANN, now=NOW)
+    assert result.lead_found
+    for model in (Lead, Event, Message):
+        assert _count(world.engine, model) == 0
+    with session_scope(world.engine) as session:
+        (row,) = session.scalars(select(Suppression)).all()
+        assert (row.email, row.email_hash, row.reason) == (None, email_hash(ANN), "forgotten")
+    # The address comes back in an import and heats up again: it is still never mailed.
+    transport = InMemoryTransport()
+    world.transport = transport
+    _hot(world)
+    assert transport.sent == []
+    assert [m.status for m in world.messages(ANN)][0] == "suppressed"
