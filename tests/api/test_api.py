@@ -267,4 +267,4 @@ def test_forget_erases_the_person_and_keeps_them_unmailable(world: World) -> Non
     world.transport = transport
     _hot(world)
     assert transport.sent == []
-    assert [m.status for m in world.messages(ANN)][0] == "suppressed"
+    assert world.messages(ANN)[0].status == "suppressed"
