@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy import bindparam, delete, or_, select, update
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
@@ -166,7 +166,8 @@ def _settle_messages(session: Session, events: Sequence[ProviderEvent], now: dat
     if failed:
         statement = (
             table.update()
-            .where(table.c.id == bindparam("mid"), table.c.status.in_(("sending", "sent")))
+            # No IN (...) here: expanding parameters cannot be used with executemany.
+            .where(table.c.id == bindparam("mid"), or_(table.c.status == "sending", table.c.status == "sent"))
             .values(status="failed", last_error=bindparam("why"), lease_until=None, updated_at=now)
         )
         updated += _rowcount(session.execute(statement, failed))

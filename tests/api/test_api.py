@@ -124,7 +124,7 @@ def test_bad_signatures_are_rejected_and_nothing_is_stored(client: TestClient, w
 def test_every_event_type_has_its_effect(client: TestClient, world: World) -> None:
     messages = _hot(world)
     first, second = messages  # demo_offer sent; sales_handoff queued
-    _hot(world, "bob@northwind.example")
+    bob_sent = _hot(world, "bob@northwind.example")[0]
     with session_scope(world.engine) as session:  # an unanswered send, waiting to be settled
         session.execute(
             Message.__table__.update()
@@ -138,7 +138,12 @@ def test_every_event_type_has_its_effect(client: TestClient, world: World) -> No
         _event("open", category="demo_offer"),
         _event("click", category=["demo_offer", "hot"], url="https://acme.example"),
         _event("group_unsubscribe", asm_group_id=1),
-        {**_event("bounce", reason="550 no such user"), "email": "bob@northwind.example", "sg_event_id": "b1"},
+        {
+            **_event("bounce", reason="550 no such user"),
+            "email": "bob@northwind.example",
+            "sg_event_id": "b1",
+            "nurture_message_id": str(bob_sent.id),
+        },
         {**_event("spamreport"), "email": "carol@elsewhere.example"},
         {**_event("dropped", reason="Invalid"), "email": "dan@elsewhere.example"},
         {**_event("dropped", reason="Spam Content"), "email": "erin@elsewhere.example"},
@@ -156,6 +161,9 @@ def test_every_event_type_has_its_effect(client: TestClient, world: World) -> No
         assert settled.status == "sent"
         assert settled.provider_message_id == "abc123"
         assert session.get(Message, second.id).status == "cancelled"  # type: ignore[union-attr]
+        bounced = session.get(Message, bob_sent.id)
+        assert bounced is not None
+        assert (bounced.status, bounced.last_error) == ("failed", "bounce: 550 no such user")
     assert reasons == {
         ANN: "group_unsubscribe",
         "bob@northwind.example": "bounce",
@@ -268,3 +276,38 @@ def test_forget_erases_the_person_and_keeps_them_unmailable(world: World) -> Non
     _hot(world)
     assert transport.sent == []
     assert world.messages(ANN)[0].status == "suppressed"
+
+
+def test_the_demo_population_driven_over_http_moves_on_the_next_cycle(client: TestClient, world: World) -> None:
+    """Events-API calls and signed webhook batches instead of the generator: the lifecycle responds."""
+    from nurture.population import generate_population
+
+    end = T0 + timedelta(weeks=3)
+    population = generate_population(leads=40, start=T0, end=end, seed=9)
+    for lead in population.leads:
+        world.lead(lead.email, at=T0, **lead.profile)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    events = [
+        {
+            "email": e.email,
+            "kind": e.kind,
+            "occurred_at": e.occurred_at.isoformat(),
+            "id": e.external_id,
+            "properties": e.properties,
+        }
+        for e in population.events
+    ]
+    for start in range(0, len(events), 500):
+        answer = client.post("/v1/events", headers=auth, json={"events": events[start : start + 500]})
+        assert answer.json()["errors"] == []
+    opens = [
+        {"email": lead.email, "timestamp": int(end.timestamp()) - 60, "event": "open", "sg_event_id": f"open-{i}"}
+        for i, lead in enumerate(population.leads)
+    ]
+    body = json.dumps(opens).encode()
+    assert client.post("/webhooks/sendgrid", content=body, headers=sign(body)).json()["events_stored"] == 40
+    result = world.advance(end)
+    assert result.leads == 40
+    assert result.transitions["cold→warm"] > 0
+    assert result.transitions["cold→hot"] > 0
+    assert result.messages_queued > 0
