@@ -19,6 +19,7 @@ from sqlmodel import col
 from db.engine import session_scope
 from db.inbound import forget_lead
 from db.models import Event, Lead, Message, Suppression
+from db.reports import explain_lead
 from nurture.api import SIGNATURE, TIMESTAMP, create_app
 from nurture.playbook import Playbook
 from nurture.privacy import email_hash
@@ -256,6 +257,10 @@ def test_an_unsubscribe_link_from_an_email_stops_the_next_step(client: TestClien
     assert client.post(path).status_code == 200  # RFC 8058 one-click POST
     assert world.dispatch(NOW + timedelta(days=3)).claimed == 0
     assert [m.status for m in world.messages(ANN)] == ["sent", "cancelled"]
+    with session_scope(world.engine) as session:
+        report = explain_lead(session=session, email=ANN, playbook=world.playbook, now=NOW)
+    assert report is not None
+    assert report["suppression"]["reason"] == "unsubscribe"
     assert client.get("/unsubscribe/forged.token").status_code == 404
     assert client.get("/healthz").json() == {"status": "ok"}
 
@@ -311,3 +316,36 @@ def test_the_demo_population_driven_over_http_moves_on_the_next_cycle(client: Te
     assert result.transitions["cold→warm"] > 0
     assert result.transitions["cold→hot"] > 0
     assert result.messages_queued > 0
+
+
+def test_the_api_and_the_cycle_write_at_the_same_time(client: TestClient, world: World) -> None:
+    """SQLite in WAL mode with a busy timeout: neither side fails with "database is locked"."""
+    import threading
+
+    for i in range(50):
+        world.lead(f"lead{i}@busy.example", at=T0)
+    failures: list[BaseException] = []
+
+    def cycles() -> None:
+        try:
+            for hour in range(1, 16):
+                world.advance(T0 + timedelta(hours=hour))
+        except BaseException as exc:  # reported below, with the assertion
+            failures.append(exc)
+
+    worker = threading.Thread(target=cycles)
+    worker.start()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    for batch in range(15):
+        events = [
+            {
+                "email": f"lead{i}@busy.example",
+                "kind": "page_view",
+                "occurred_at": (T0 + timedelta(minutes=batch * 60 + i)).isoformat(),
+            }
+            for i in range(50)
+        ]
+        assert client.post("/v1/events", headers=auth, json={"events": events}).json()["accepted"] == 50
+    worker.join()
+    assert failures == []
+    assert _count(world.engine, Event) == 750
