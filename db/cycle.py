@@ -78,6 +78,8 @@ class ChunkResult:
     messages_queued: int = 0
     messages_cancelled: int = 0
     last_lead_id: int = 0
+    # (lead id, from, to, score) of each transition, for events and the run's artifact.
+    moved: list[tuple[int, str, str, float]] = field(default_factory=list)
 
     def add(self, other: ChunkResult) -> None:
         self.leads += other.leads
@@ -87,6 +89,7 @@ class ChunkResult:
         self.messages_queued += other.messages_queued
         self.messages_cancelled += other.messages_cancelled
         self.last_lead_id = max(self.last_lead_id, other.last_lead_id)
+        self.moved.extend(other.moved)
 
 
 def _load_leads(session: Session, lead_ids: Sequence[int]) -> list[Any]:
@@ -108,11 +111,20 @@ def _load_leads(session: Session, lead_ids: Sequence[int]) -> list[Any]:
     return list(session.execute(query))
 
 
-def _pending_events(session: Session, lead_ids: Sequence[int], now: datetime) -> list[Any]:
+def _pending_events(session: Session, lead_ids: Sequence[int], now: datetime, *, replay: bool) -> list[Any]:
+    """Events up to ``now`` not yet in the leads' scores (with ``replay``: all of them)."""
     query = select(col(Event.id), col(Event.lead_id), col(Event.kind), col(Event.occurred_at)).where(
-        col(Event.lead_id).in_(lead_ids), col(Event.applied).is_(False), col(Event.occurred_at) <= now
+        col(Event.lead_id).in_(lead_ids), col(Event.occurred_at) <= now
     )
+    if not replay:
+        query = query.where(col(Event.applied).is_(False))
     return list(session.execute(query))
+
+
+def all_lead_ids(*, session: Session, after_id: int, limit: int) -> list[int]:
+    """Every lead, a chunk at a time in id order (for a full replay)."""
+    query = select(col(Lead.id)).where(col(Lead.id) > after_id).order_by(col(Lead.id)).limit(limit)
+    return [int(i) for i in session.scalars(query) if i is not None]
 
 
 def _counted_per_day(
@@ -148,18 +160,21 @@ def advance_leads(
     playbook: Playbook,
     now: datetime,
     flow_run_id: str | None = None,
+    replay: bool = False,
 ) -> ChunkResult:
     """Rescore a chunk of leads, apply the transitions their scores call for, enroll them.
 
     Everything happens in the caller's transaction: a transition, its ledger
     rows, its enrollments and their queued messages commit together or not at all.
+    With ``replay`` the scores are recomputed from every event under the current
+    playbook (after its scoring rules changed) instead of brought forward.
     """
     result = ChunkResult(leads=len(lead_ids), last_lead_id=max(lead_ids, default=0))
     if not lead_ids:
         return result
     leads = _load_leads(session, lead_ids)
-    pending = _pending_events(session, lead_ids, now)
-    counted = _counted_per_day(session, pending, playbook)
+    pending = _pending_events(session, lead_ids, now, replay=replay)
+    counted = {} if replay else _counted_per_day(session, pending, playbook)
     events_by_lead: dict[int, list[ActivityEvent]] = defaultdict(list)
     for row in pending:
         events_by_lead[row.lead_id].append(ActivityEvent(kind=row.kind, occurred_at=row.occurred_at))
@@ -171,7 +186,10 @@ def advance_leads(
     moves: list[tuple[int, Stage, Stage, float, str]] = []
     for lead in leads:
         profile = {c: getattr(lead, c) for c in PROFILE_COLUMNS}
-        state = LeadScoreState(lead.fit_score, lead.engagement, lead.scored_at, lead.score)
+        if replay:
+            state = LeadScoreState(score=lead.score)
+        else:
+            state = LeadScoreState(lead.fit_score, lead.engagement, lead.scored_at, lead.score)
         update_ = rescore(
             state,
             profile=profile,
@@ -205,14 +223,18 @@ def advance_leads(
                 "updated_at": now,
             }
         )
-        if update_.changed or state.scored_at is None:
+        if replay and update_.changed:
+            contributions = {f"replay under playbook {playbook.version}": round(update_.score - update_.old_score, 4)}
+        else:
+            contributions = update_.contributions
+        if update_.changed or (state.scored_at is None and not replay):
             ledger.append(
                 {
                     "lead_id": lead.id,
                     "at": now,
                     "old_score": update_.old_score,
                     "new_score": update_.score,
-                    "contributions": update_.contributions,
+                    "contributions": contributions,
                     "playbook_version": playbook.version,
                     "flow_run_id": flow_run_id,
                 }
@@ -260,8 +282,9 @@ def _record_transitions(
         insert(StageTransition).returning(col(StageTransition.id), sort_by_parameter_order=True), rows
     )
     transition_ids = [int(r.id) for r in returned]
-    for row in rows:
-        result.transitions[f"{row['from_stage']}→{row['to_stage']}"] += 1
+    for lead_id, src, dst, score, _reason in moves:
+        result.transitions[f"{src.value}→{dst.value}"] += 1
+        result.moved.append((lead_id, src.value, dst.value, score))
 
     _exit_enrollments(session, moves, now, result)
     enrollments: list[dict[str, Any]] = []

@@ -1,49 +1,101 @@
 """The nurture cycle: score changed leads → transitions → enrollments → dispatch due messages.
 
 A handful of batch tasks per run, whatever the number of leads: one per chunk
-of leads to advance, one to dispatch, one to publish the report. The rules live
-in the core; this module only orders the steps.
+of leads to advance, one to dispatch. The rules live in the core; this module
+only orders the steps and reports them (artifacts, events, logs).
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
 from prefect.runtime import flow_run
 
-from db.cycle import ChunkResult, advance_leads, count_leads_to_advance, next_lead_ids
+from db.cycle import ChunkResult, advance_leads, all_lead_ids, count_leads_to_advance, next_lead_ids
 from db.dispatch import DispatchResult, dispatch_due
 from db.engine import session_scope
-from db.reports import funnel
+from db.reports import STAGE_ORDER, funnel
 from flows.pacing import send_pacer
 from flows.runtime import current_runtime
 
+# Rows shown in a run's per-lead tables; the counts above them are always complete.
+ARTIFACT_ROWS = 500
 
-def _cycle_run_name() -> str:
+
+def run_name(prefix: str) -> str:
+    """``cycle-2026-11-22T10:00Z``: the run's ``now`` parameter, or the wall clock."""
     now = flow_run.parameters.get("now")
     when = now if isinstance(now, datetime) else datetime.now(UTC)
-    return f"cycle-{when.astimezone(UTC):%Y-%m-%dT%H:%MZ}"
+    return f"{prefix}-{when.astimezone(UTC):%Y-%m-%dT%H:%MZ}"
 
 
-def _now(value: datetime | None) -> datetime:
+def as_utc(value: datetime | None) -> datetime:
     if value is None:
         return datetime.now(UTC)
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def emit_transition_events(result: ChunkResult, playbook_version: str) -> None:
+    """One Prefect event per transition, for Automations ("tell sales when a lead turns hot").
+
+    ``emit_event`` only queues the event for Prefect's background worker, so a
+    chunk with thousands of transitions is not slowed by round trips.
+    """
+    for lead_id, source, target, score in result.moved:
+        emit_event(
+            event="nurture.lead.transitioned",
+            resource={
+                "prefect.resource.id": f"nurture.lead.{lead_id}",
+                "nurture.stage": target,
+                "nurture.stage.from": source,
+            },
+            payload={"from": source, "to": target, "score": round(score, 2), "playbook_version": playbook_version},
+        )
+
+
 @task(name="advance-leads", task_run_name="advance-leads-{chunk}/{chunks}", cache_policy=NO_CACHE)
-def advance_leads_task(now: datetime, after_id: int, batch_size: int, chunk: int, chunks: int) -> ChunkResult:
+def advance_leads_task(
+    now: datetime, after_id: int, batch_size: int, chunk: int, chunks: int, replay: bool = False
+) -> ChunkResult:
     """Score one chunk of leads, apply their transitions and enrollments in one transaction."""
     runtime = current_runtime()
     run_id = str(flow_run.id) if flow_run.id else None
     with session_scope(runtime.engine) as session:
-        lead_ids = next_lead_ids(session=session, now=now, after_id=after_id, limit=batch_size)
-        return advance_leads(session=session, lead_ids=lead_ids, playbook=runtime.playbook, now=now, flow_run_id=run_id)
+        if replay:
+            lead_ids = all_lead_ids(session=session, after_id=after_id, limit=batch_size)
+        else:
+            lead_ids = next_lead_ids(session=session, now=now, after_id=after_id, limit=batch_size)
+        result = advance_leads(
+            session=session,
+            lead_ids=lead_ids,
+            playbook=runtime.playbook,
+            now=now,
+            flow_run_id=run_id,
+            replay=replay,
+        )
+    emit_transition_events(result, runtime.playbook.version)
+    return result
+
+
+def advance_all(at: datetime, batch_size: int, total: int, *, replay: bool = False) -> ChunkResult:
+    """Run advance-leads over every chunk, ``k/n`` in the task names."""
+    chunks = max(math.ceil(total / batch_size), 1)
+    advanced = ChunkResult()
+    chunk, after_id = 0, 0
+    while True:
+        chunk += 1
+        result = advance_leads_task(at, after_id, batch_size, chunk, max(chunks, chunk), replay)
+        advanced.add(result)
+        if result.leads < batch_size:
+            return advanced
+        after_id = result.last_lead_id
 
 
 @task(name="dispatch-due-messages", cache_policy=NO_CACHE)
@@ -71,49 +123,65 @@ def dispatch_task(now: datetime, batch_size: int) -> DispatchResult:
 
 
 def publish_report(advanced: ChunkResult, dispatched: DispatchResult) -> dict[str, Any]:
-    """Table artifacts with stable keys: transitions by path, messages by status, the funnel."""
+    """Table artifacts with stable keys: transitions, the funnel and its change, messages."""
     with session_scope(current_runtime().engine) as session:
         totals = funnel(session=session)
+    change: Counter[str] = Counter()
+    for _, source, target, _ in advanced.moved:
+        change[source] -= 1
+        change[target] += 1
     create_table_artifact(
         key="nurture-cycle-transitions",
-        table=[{"from → to": path, "leads": n} for path, n in sorted(advanced.transitions.items())]
-        or [{"from → to": "(none)", "leads": 0}],
-        description="Stage transitions applied by this cycle",
-    )
-    create_table_artifact(
-        key="nurture-cycle-messages",
-        table=[{"status": status, "messages": n} for status, n in sorted(dispatched.by_status.items())]
-        or [{"status": "(nothing due)", "messages": 0}],
-        description="Messages this cycle tried to send, by outcome",
+        table=[
+            {"lead": lead_id, "from": source, "to": target, "score": round(score, 1)}
+            for lead_id, source, target, score in advanced.moved[:ARTIFACT_ROWS]
+        ]
+        or [{"lead": "(none)", "from": "", "to": "", "score": ""}],
+        description="Stage transitions of this run: "
+        + (", ".join(f"{path} {n}" for path, n in sorted(advanced.transitions.items())) or "none"),
     )
     create_table_artifact(
         key="nurture-funnel",
-        table=[{"stage": stage, "leads": n} for stage, n in totals["leads_by_stage"].items()],
-        description="Leads per stage after this cycle",
+        table=[
+            {"stage": stage, "leads": totals["leads_by_stage"][stage], "change this run": change.get(stage, 0)}
+            for stage in STAGE_ORDER
+        ],
+        description="Leads per stage after this run, and how this run changed them",
     )
+    publish_messages(dispatched, key="nurture-cycle-messages")
     return totals
 
 
-@flow(name="nurture-cycle", flow_run_name=_cycle_run_name, log_prints=False)
+def publish_messages(dispatched: DispatchResult, *, key: str) -> None:
+    create_table_artifact(
+        key=key,
+        table=[
+            {"status": status, "messages": n, "message": "", "reason": ""}
+            for status, n in sorted(dispatched.by_status.items())
+        ]
+        + [
+            {"status": f["status"], "messages": 1, "message": f["message_id"], "reason": f["reason"]}
+            for f in dispatched.failures[:ARTIFACT_ROWS]
+        ]
+        or [{"status": "(nothing due)", "messages": 0, "message": "", "reason": ""}],
+        description="Messages this run tried to send: totals by outcome, then each failed or suppressed one",
+    )
+
+
+@flow(name="nurture-cycle", flow_run_name=lambda: run_name("cycle"), log_prints=False)
 def nurture_cycle(now: datetime | None = None, batch_size: int = 2000, dispatch: bool = True) -> dict[str, Any]:
     """Rescore leads that changed, move them between stages, enroll them, send what is due.
 
-    ``now`` defaults to the current time; pass a time to replay or simulate.
+    Args:
+        now: Run as of this time (default: now); pass a time to replay or simulate.
+        batch_size: Leads per advance-leads task and messages per dispatch claim.
+        dispatch: Send due messages at the end (off to only score and enroll).
     """
     logger = get_run_logger()
-    at = _now(now)
+    at = as_utc(now)
     with session_scope(current_runtime().engine) as session:
         to_advance = count_leads_to_advance(session=session, now=at)
-    chunks = max(math.ceil(to_advance / batch_size), 1)
-    advanced = ChunkResult()
-    chunk, after_id = 0, 0
-    while True:
-        chunk += 1
-        result = advance_leads_task(at, after_id, batch_size, chunk, max(chunks, chunk))
-        advanced.add(result)
-        if result.leads < batch_size:
-            break
-        after_id = result.last_lead_id
+    advanced = advance_all(at, batch_size, to_advance)
     dispatched = dispatch_task(at, batch_size) if dispatch else DispatchResult()
     totals = publish_report(advanced, dispatched)
     logger.info(
@@ -138,25 +206,18 @@ def nurture_cycle(now: datetime | None = None, batch_size: int = 2000, dispatch:
     }
 
 
-def _dispatch_run_name() -> str:
-    now = flow_run.parameters.get("now")
-    when = now if isinstance(now, datetime) else datetime.now(UTC)
-    return f"dispatch-{when.astimezone(UTC):%Y-%m-%dT%H:%MZ}"
-
-
-@flow(name="dispatch", flow_run_name=_dispatch_run_name)
+@flow(name="dispatch", flow_run_name=lambda: run_name("dispatch"))
 def dispatch_messages(now: datetime | None = None, batch_size: int = 500) -> dict[str, int]:
     """Send the messages that are due, between cycles; several may run at once.
 
     Claims are exclusive (``FOR UPDATE SKIP LOCKED`` on PostgreSQL) and the send
     rate is shared through the ``nurture-send`` limit, so extra dispatchers add
     throughput, never duplicates.
+
+    Args:
+        now: Send what is due by this time (default: now).
+        batch_size: Messages claimed at a time.
     """
-    result = dispatch_task(_now(now), batch_size)
-    create_table_artifact(
-        key="nurture-dispatch-messages",
-        table=[{"status": status, "messages": n} for status, n in sorted(result.by_status.items())]
-        or [{"status": "(nothing due)", "messages": 0}],
-        description="Messages this dispatch tried to send, by outcome",
-    )
+    result = dispatch_task(as_utc(now), batch_size)
+    publish_messages(result, key="nurture-dispatch-messages")
     return dict(result.by_status)

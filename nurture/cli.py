@@ -311,6 +311,21 @@ def _print_explanation(report: dict[str, Any]) -> None:
 
 
 @app.command()
+def serve(
+    timezone: Annotated[str, typer.Option(help="Time zone of the nightly rescore-all (03:00)")] = "UTC",
+) -> None:
+    """Run every flow on its schedule from this process: no work pool or worker to set up."""
+    _checked_playbook()
+    _engine()
+    _prefect_defaults()
+    from prefect import serve as serve_deployments
+
+    from flows.deployments import served_deployments
+
+    serve_deployments(*served_deployments(timezone=timezone))
+
+
+@app.command()
 def api(
     host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on")] = 8000,

@@ -1,0 +1,42 @@
+"""The deployments `nurture serve` runs from one process, mirroring prefect.yaml.
+
+`nurture serve` is the embedded way to run on a schedule (no work pool, no
+worker); prefect.yaml is the production way (`prefect deploy --all` + workers).
+Both declare the same five deployments with the same schedules.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from prefect.schedules import Cron, Interval
+
+from flows.cycle import dispatch_messages, nurture_cycle
+from flows.maintenance import import_events, import_leads, rescore_all
+
+RESCORE_CRON = "0 3 * * *"
+
+
+def served_deployments(*, timezone: str = "UTC") -> list[Any]:
+    """Every nurture deployment, with its schedule (rescore-all nightly at 03:00 in ``timezone``)."""
+    return [
+        nurture_cycle.to_deployment(
+            name="nurture-cycle",
+            schedules=[Interval(timedelta(minutes=10))],
+            concurrency_limit=1,
+            parameters={"batch_size": 2000, "dispatch": True},
+            tags=["nurture"],
+        ),
+        dispatch_messages.to_deployment(
+            name="dispatch",
+            schedules=[Interval(timedelta(minutes=1))],
+            parameters={"batch_size": 500},
+            tags=["nurture"],
+        ),
+        rescore_all.to_deployment(
+            name="rescore-all", schedules=[Cron(RESCORE_CRON, timezone=timezone)], concurrency_limit=1, tags=["nurture"]
+        ),
+        import_leads.to_deployment(name="import-leads", tags=["nurture"]),
+        import_events.to_deployment(name="import-events", tags=["nurture"]),
+    ]
