@@ -19,7 +19,15 @@ from sqlalchemy.orm import Session
 from sqlmodel import col
 
 from db.models import Enrollment, Event, Lead, Message, ScoreChange, StageTransition
-from nurture.lifecycle import StageHolder, move, review_thresholds, target_stage, transition_reason
+from nurture.errors import NurtureError
+from nurture.lifecycle import (
+    StageHolder,
+    TransitionNotAllowed,
+    move,
+    review_thresholds,
+    target_stage,
+    transition_reason,
+)
 from nurture.playbook import Playbook, Stage
 from nurture.scoring import ActivityEvent, LeadScoreState, next_review_at, rescore
 from nurture.sequences import enrollment_key, exits_on_transition, idempotency_key, plan_sequence
@@ -241,7 +249,10 @@ def advance_leads(
             )
         if target != current:
             holder = StageHolder(stage=current.value)
-            move(holder, target)  # raises on a move the lifecycle forbids
+            try:
+                move(holder, target)
+            except TransitionNotAllowed as exc:  # a bug, but one that must name its lead
+                raise NurtureError(f"lead {lead.id}: {current} → {target} is not a legal transition") from exc
             reason = transition_reason(update_.score, current, target, playbook.stages, purchased=purchased)
             moves.append((lead.id, current, target, update_.score, reason))
 

@@ -60,7 +60,14 @@ def emit_transition_events(result: ChunkResult, playbook_version: str) -> None:
         )
 
 
-@task(name="advance-leads", task_run_name="advance-leads-{chunk}/{chunks}", cache_policy=NO_CACHE)
+# Safe to retry: a failed chunk rolled back, and a committed one has no candidates left.
+@task(
+    name="advance-leads",
+    task_run_name="advance-leads-{chunk}/{chunks}",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=10,
+)
 def advance_leads_task(
     now: datetime, after_id: int, batch_size: int, chunk: int, chunks: int, replay: bool = False
 ) -> ChunkResult:
@@ -98,7 +105,8 @@ def advance_all(at: datetime, batch_size: int, total: int, *, replay: bool = Fal
         after_id = result.last_lead_id
 
 
-@task(name="dispatch-due-messages", cache_policy=NO_CACHE)
+# Safe to retry: only `queued` messages are claimed, so nothing sent or in doubt is sent again.
+@task(name="dispatch-due-messages", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=30)
 def dispatch_task(now: datetime, batch_size: int) -> DispatchResult:
     """Send every message due by ``now`` (suppressed addresses are skipped and recorded)."""
     runtime = current_runtime()

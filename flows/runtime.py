@@ -6,8 +6,10 @@ from here, so a task can run in any worker process.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import cast
 
 from sqlalchemy import Engine
 
@@ -51,8 +53,40 @@ def build_runtime(settings: Settings) -> Runtime:
     )
 
 
+# Secrets may live in Prefect Secret blocks instead of the workers' environment.
+SECRET_BLOCKS = {
+    "SENDGRID_API_KEY": "nurture-sendgrid-api-key",
+    "SENDGRID_WEBHOOK_PUBLIC_KEY": "nurture-sendgrid-webhook-public-key",
+    "NURTURE_SECRET_KEY": "nurture-secret-key",
+    "NURTURE_API_TOKEN": "nurture-api-token",
+}
+
+
+def load_secret_blocks() -> list[str]:
+    """Fill secrets missing from the environment from Prefect Secret blocks; returns the variables filled.
+
+    The environment wins. Values are never logged: only the variable names are returned.
+    """
+    from prefect.blocks.system import Secret
+
+    filled = []
+    for variable, block in SECRET_BLOCKS.items():
+        if os.environ.get(variable):
+            continue
+        try:
+            secret = cast("Secret[str]", Secret.load(block))  # called from sync code: a Secret, not a coroutine
+            value = secret.get()
+        except (ValueError, LookupError):  # no such block
+            continue
+        os.environ[variable] = str(value)
+        filled.append(variable)
+    return filled
+
+
 @lru_cache(maxsize=1)
 def current_runtime() -> Runtime:
+    load_secret_blocks()
+    get_settings.cache_clear()
     return build_runtime(get_settings())
 
 

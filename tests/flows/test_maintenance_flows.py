@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -85,3 +86,25 @@ def test_import_flows_then_cycle_then_rescore_all_after_a_playbook_change(
     assert len(replays) == 20
     assert all(list(c.contributions) == [f"replay under playbook {c.playbook_version}"] for c in replays)
     assert {c.playbook_version for c in replays} == {m.playbook_version for m in moves}
+
+
+def test_secrets_come_from_prefect_secret_blocks_when_the_environment_has_none(
+    prefect_api: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.blocks.system import Secret
+    from prefect.client.orchestration import get_client
+
+    from flows.runtime import load_secret_blocks
+
+    block_id = Secret(value="from-a-block").save("nurture-secret-key", overwrite=True)
+    monkeypatch.delenv("NURTURE_SECRET_KEY", raising=False)
+    monkeypatch.setenv("SENDGRID_API_KEY", "from-the-environment")
+    try:
+        filled = load_secret_blocks()
+        assert filled == ["NURTURE_SECRET_KEY"]
+        assert os.environ["NURTURE_SECRET_KEY"] == "from-a-block"
+        assert os.environ["SENDGRID_API_KEY"] == "from-the-environment"  # the environment wins
+    finally:
+        os.environ.pop("NURTURE_SECRET_KEY", None)
+        with get_client(sync_client=True) as client:  # later tests must not find it
+            client.delete_block_document(block_id)
