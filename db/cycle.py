@@ -8,6 +8,7 @@ modules make every decision.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from nurture.lifecycle import (
 from nurture.playbook import Playbook, Stage
 from nurture.scoring import ActivityEvent, LeadScoreState, next_review_at, rescore
 from nurture.sequences import enrollment_key, exits_on_transition, idempotency_key, plan_sequence
+
+logger = logging.getLogger(__name__)
 
 # Keeps IN (...) lists and executemany batches well under every driver's limits.
 _IN_BATCH = 5000
@@ -265,6 +268,14 @@ def advance_leads(
         session.execute(update(Event).where(col(Event.id).in_(ids)).values(applied=True))
     if moves:
         _record_transitions(session, moves, playbook, now, flow_run_id, result)
+    logger.info(
+        "advanced leads %d–%d: %d score changes, %d transitions, %d messages queued",
+        min(lead_ids),
+        max(lead_ids),
+        result.score_changes,
+        sum(result.transitions.values()),
+        result.messages_queued,
+    )
     return result
 
 

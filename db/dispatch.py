@@ -10,6 +10,7 @@ The guarantee and its one remaining window are in docs/delivery.md.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections import Counter, defaultdict
@@ -39,6 +40,8 @@ from nurture.privacy import email_hash
 from nurture.rendering import EmailRenderer, email_context
 from nurture.transports.base import EmailTransport, OutgoingEmail
 from nurture.unsubscribe import unsubscribe_url
+
+logger = logging.getLogger(__name__)
 
 LEASE = timedelta(minutes=10)
 # An ambiguous send that no `processed` event settled within this time is failed, never resent.
@@ -418,4 +421,11 @@ def dispatch_due(
             _complete_enrollments(session, ids, now)
         total.add(result)
         batches += 1
+        logger.info(
+            "dispatch batch %d: %d claimed, %s; %d waiting for the contact policy",
+            batches,
+            len(ids),
+            dict(result.by_status) or "nothing sent",
+            sum(result.deferred.values()),
+        )
     return total
