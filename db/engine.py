@@ -58,10 +58,22 @@ def get_engine(url: str) -> Engine:
 
 
 @contextmanager
-def session_scope(engine: Engine) -> Iterator[Session]:
-    """A session whose transaction commits on success and rolls back on error."""
-    with Session(engine, expire_on_commit=False) as session, session.begin():
-        yield session
+def session_scope(engine: Engine, *, commit: bool = True) -> Iterator[Session]:
+    """A session whose transaction commits on success and rolls back on error.
+
+    With ``commit=False`` it always rolls back: a dry run sees its own writes, then drops them.
+    """
+    with Session(engine, expire_on_commit=False) as session:
+        transaction = session.begin()
+        try:
+            yield session
+        except BaseException:
+            transaction.rollback()
+            raise
+        if commit:
+            transaction.commit()
+        else:
+            transaction.rollback()
 
 
 def head_revision() -> str:

@@ -69,12 +69,15 @@ def emit_transition_events(result: ChunkResult, playbook_version: str) -> None:
     retry_delay_seconds=10,
 )
 def advance_leads_task(
-    now: datetime, after_id: int, batch_size: int, chunk: int, chunks: int, replay: bool = False
+    now: datetime, after_id: int, batch_size: int, chunk: int, chunks: int, replay: bool = False, dry_run: bool = False
 ) -> ChunkResult:
-    """Score one chunk of leads, apply their transitions and enrollments in one transaction."""
+    """Score one chunk of leads, apply their transitions and enrollments in one transaction.
+
+    A dry run does the same work and rolls it back: the result says what would happen.
+    """
     runtime = current_runtime()
     run_id = str(flow_run.id) if flow_run.id else None
-    with session_scope(runtime.engine) as session:
+    with session_scope(runtime.engine, commit=not dry_run) as session:
         if replay:
             lead_ids = all_lead_ids(session=session, after_id=after_id, limit=batch_size)
         else:
@@ -87,18 +90,21 @@ def advance_leads_task(
             flow_run_id=run_id,
             replay=replay,
         )
-    emit_transition_events(result, runtime.playbook.version)
+    if not dry_run:
+        emit_transition_events(result, runtime.playbook.version)
     return result
 
 
-def advance_all(at: datetime, batch_size: int, total: int, *, replay: bool = False) -> ChunkResult:
+def advance_all(
+    at: datetime, batch_size: int, total: int, *, replay: bool = False, dry_run: bool = False
+) -> ChunkResult:
     """Run advance-leads over every chunk, ``k/n`` in the task names."""
     chunks = max(math.ceil(total / batch_size), 1)
     advanced = ChunkResult()
     chunk, after_id = 0, 0
     while True:
         chunk += 1
-        result = advance_leads_task(at, after_id, batch_size, chunk, max(chunks, chunk), replay)
+        result = advance_leads_task(at, after_id, batch_size, chunk, max(chunks, chunk), replay, dry_run)
         advanced.add(result)
         if result.leads < batch_size:
             return advanced
@@ -130,8 +136,9 @@ def dispatch_task(now: datetime, batch_size: int) -> DispatchResult:
     return result
 
 
-def publish_report(advanced: ChunkResult, dispatched: DispatchResult) -> dict[str, Any]:
+def publish_report(advanced: ChunkResult, dispatched: DispatchResult, *, dry_run: bool = False) -> dict[str, Any]:
     """Table artifacts with stable keys: transitions, the funnel and its change, messages."""
+    label = "DRY RUN, nothing was written: " if dry_run else ""
     with session_scope(current_runtime().engine) as session:
         totals = funnel(session=session)
     change: Counter[str] = Counter()
@@ -145,7 +152,7 @@ def publish_report(advanced: ChunkResult, dispatched: DispatchResult) -> dict[st
             for lead_id, source, target, score in advanced.moved[:ARTIFACT_ROWS]
         ]
         or [{"lead": "(none)", "from": "", "to": "", "score": ""}],
-        description="Stage transitions of this run: "
+        description=f"{label}Stage transitions of this run: "
         + (", ".join(f"{path} {n}" for path, n in sorted(advanced.transitions.items())) or "none"),
     )
     create_table_artifact(
@@ -177,21 +184,24 @@ def publish_messages(dispatched: DispatchResult, *, key: str) -> None:
 
 
 @flow(name="nurture-cycle", flow_run_name=lambda: run_name("cycle"), log_prints=False)
-def nurture_cycle(now: datetime | None = None, batch_size: int = 2000, dispatch: bool = True) -> dict[str, Any]:
+def nurture_cycle(
+    now: datetime | None = None, batch_size: int = 2000, dispatch: bool = True, dry_run: bool = False
+) -> dict[str, Any]:
     """Rescore leads that changed, move them between stages, enroll them, send what is due.
 
     Args:
         now: Run as of this time (default: now); pass a time to replay or simulate.
         batch_size: Leads per advance-leads task and messages per dispatch claim.
         dispatch: Send due messages at the end (off to only score and enroll).
+        dry_run: Compute everything and report what would happen, then roll it back; send nothing.
     """
     logger = get_run_logger()
     at = as_utc(now)
     with session_scope(current_runtime().engine) as session:
         to_advance = count_leads_to_advance(session=session, now=at)
-    advanced = advance_all(at, batch_size, to_advance)
-    dispatched = dispatch_task(at, batch_size) if dispatch else DispatchResult()
-    totals = publish_report(advanced, dispatched)
+    advanced = advance_all(at, batch_size, to_advance, dry_run=dry_run)
+    dispatched = dispatch_task(at, batch_size) if dispatch and not dry_run else DispatchResult()
+    totals = publish_report(advanced, dispatched, dry_run=dry_run)
     logger.info(
         "cycle at %s: %d leads rescored, %d transitions, %d messages queued, %d sent, %d failed",
         at.isoformat(),
@@ -203,6 +213,7 @@ def nurture_cycle(now: datetime | None = None, batch_size: int = 2000, dispatch:
     )
     return {
         "now": at.isoformat(),
+        "dry_run": dry_run,
         "leads_advanced": advanced.leads,
         "score_changes": advanced.score_changes,
         "transitions": dict(advanced.transitions),

@@ -31,7 +31,12 @@ def test_the_cycle_flow_advances_leads_sends_and_publishes_artifacts(
         add_events(session=session, records=population.events, now=T0)
 
     now = T0 + timedelta(days=10)
+    rehearsal = nurture_cycle(now=now, batch_size=25, dry_run=True)
+    assert rehearsal["dry_run"]
+    assert sum(rehearsal["transitions"].values()) > 0
+    assert rehearsal["messages"] == {}
     summary = nurture_cycle(now=now, batch_size=25)
+    assert summary["transitions"] == rehearsal["transitions"]  # the dry run wrote nothing
     assert summary["leads_advanced"] == 60
     assert sum(summary["transitions"].values()) > 0
     assert summary["messages_queued"] > 0
@@ -47,7 +52,7 @@ def test_the_cycle_flow_advances_leads_sends_and_publishes_artifacts(
         runs = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"cycle-{now:%Y-%m-%dT%H:%MZ}"]))
         )
-        assert len(runs) == 2
+        assert len(runs) == 3
         assert all(run.state is not None and run.state.is_completed() for run in runs)
         ids = FlowRunFilter(id=FlowRunFilterId(any_=[run.id for run in runs]))
         task_names = {t.name for t in client.read_task_runs(flow_run_filter=ids)}
