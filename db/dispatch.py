@@ -14,7 +14,7 @@ import logging
 import random
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -224,7 +224,6 @@ def _send_with_retries(
     transport: EmailTransport,
     policy: RetryPolicy,
     now: datetime,
-    sleep: Callable[[float], None],
     rng: random.Random,
 ) -> dict[str, Any]:
     """Try one email until it is accepted, rejected, ambiguous, or out of tries for this dispatch."""
@@ -240,7 +239,7 @@ def _send_with_retries(
                 wait = backoff_seconds(policy, tries - 1, rng)
             if wait > policy.max_rate_limit_wait_seconds or tries == policy.attempts_per_dispatch:
                 break
-            sleep(wait)
+            time.sleep(wait)
             continue
         except PermanentDeliveryError as exc:
             return {"status": "failed", "last_error": str(exc), "tries": tries}
@@ -273,8 +272,6 @@ def dispatch_batch(
     policy: RetryPolicy,
     concurrency: int = 1,
     pace: Pacer | None = None,
-    sleep: Callable[[float], None] = time.sleep,
-    rng: random.Random | None = None,
 ) -> tuple[list[dict[str, Any]], DispatchResult]:
     """Decide, render and send a claimed batch; returns the row updates to write and the tally."""
     result = DispatchResult()
@@ -316,14 +313,14 @@ def dispatch_batch(
             }
         )
 
-    random_source = rng or random.Random()  # noqa: S311  (jitter, not a secret)
+    random_source = random.Random()  # noqa: S311  (jitter, not a secret)
     # Groups small enough that a paced group goes out as it is admitted, not in a burst later.
     step = max(concurrency * 8, 1) if pace is None else max(min(concurrency * 8, pace.max_batch), 1)
     with ThreadPoolExecutor(max_workers=max(concurrency, 1), thread_name_prefix="nurture-send") as pool:
         for chunk in batched(attempts, step):
             if pace is not None:
                 pace(len(chunk))
-            outcomes = pool.map(lambda a: _send_with_retries(a, transport, policy, now, sleep, random_source), chunk)
+            outcomes = pool.map(lambda a: _send_with_retries(a, transport, policy, now, random_source), chunk)
             for attempt, outcome in zip(chunk, outcomes, strict=True):
                 tries = outcome.pop("tries")
                 update_ = {
@@ -383,8 +380,6 @@ def dispatch_due(
     policy: RetryPolicy | None = None,
     concurrency: int = 1,
     pace: Pacer | None = None,
-    sleep: Callable[[float], None] = time.sleep,
-    rng: random.Random | None = None,
 ) -> DispatchResult:
     """Send every message due by ``now``, a claimed batch at a time."""
     policy = policy or RetryPolicy()
@@ -413,8 +408,6 @@ def dispatch_due(
             policy=policy,
             concurrency=concurrency,
             pace=pace,
-            sleep=sleep,
-            rng=rng,
         )
         with session_scope(engine) as session:
             _record(session, updates)
