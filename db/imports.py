@@ -104,27 +104,40 @@ def _coalesce(excluded: Any, field: str) -> Any:
     return func.coalesce(getattr(excluded, field), column)
 
 
-def lead_ids_for(*, session: Session, emails: Sequence[str], now: datetime, create: bool) -> dict[str, int]:
-    """Lead ids by email; with ``create``, unknown addresses become new cold leads."""
+@dataclass(frozen=True)
+class LeadIds:
+    """Lead ids by email, and how many of the leads this transaction created."""
+
+    by_email: dict[str, int]
+    created: int = 0
+
+
+def lead_ids_for(*, session: Session, emails: Sequence[str], now: datetime, create: bool) -> LeadIds:
+    """Lead ids by email; with ``create``, unknown addresses become new cold leads.
+
+    ``created`` counts only the rows this insert returned: a lead another transaction
+    created at the same moment (our insert waited for it, then skipped) is not ours.
+    """
     wanted = sorted(set(emails))
     found = {
         row.email: int(row.id)
         for row in session.execute(select(col(Lead.email), col(Lead.id)).where(col(Lead.email).in_(wanted)))
     }
     missing = [e for e in wanted if e not in found]
-    if missing and create:
-        statement = dialect_insert(session, Lead).on_conflict_do_nothing(index_elements=["email"])
-        session.execute(
-            statement,
-            [_new_lead_row(e, now) for e in missing],
-        )
-        found.update(
-            {
-                row.email: int(row.id)
-                for row in session.execute(select(col(Lead.email), col(Lead.id)).where(col(Lead.email).in_(missing)))
-            }
-        )
-    return found
+    if not (missing and create):
+        return LeadIds(found)
+    statement = dialect_insert(session, Lead).on_conflict_do_nothing(index_elements=["email"])
+    inserted = dict(
+        session.execute(statement.returning(col(Lead.email), col(Lead.id)), [_new_lead_row(e, now) for e in missing])
+        .tuples()
+        .all()
+    )
+    found.update(inserted)
+    taken = [e for e in missing if e not in inserted]
+    if taken:
+        query = select(col(Lead.email), col(Lead.id)).where(col(Lead.email).in_(taken))
+        found.update({row.email: int(row.id) for row in session.execute(query)})
+    return LeadIds(found, created=len(inserted))
 
 
 @dataclass
@@ -145,9 +158,8 @@ def add_events(
     """
     if not records:
         return EventInsertResult()
-    before = session.scalar(select(col(Lead.id)).order_by(col(Lead.id).desc()).limit(1)) or 0
-    ids = lead_ids_for(session=session, emails=[r.email for r in records], now=now, create=True)
-    created = sum(1 for i in ids.values() if i > before)
+    leads = lead_ids_for(session=session, emails=[r.email for r in records], now=now, create=True)
+    ids = leads.by_email
     rows = [
         {
             "lead_id": ids[r.email],
@@ -169,7 +181,7 @@ def add_events(
     suppressions = plan_suppressions((r.email, r.kind) for r in records)
     added = apply_suppressions(session=session, suppressions=suppressions, lead_ids=ids, now=now, source=source)
     return EventInsertResult(
-        stored=stored, duplicates=len(rows) - stored, leads_created=created, suppressions_added=added
+        stored=stored, duplicates=len(rows) - stored, leads_created=leads.created, suppressions_added=added
     )
 
 

@@ -14,8 +14,10 @@ from sqlalchemy import Engine, select, text
 from sqlmodel import col
 
 from db.engine import session_scope
+from db.imports import add_events
 from db.models import Event, Lead
 from nurture.api import REQUEST_ID, create_app
+from nurture.importing import EventRecord
 from nurture.settings import Settings
 from tests.api.conftest import TOKEN
 from tests.conftest import T0
@@ -96,3 +98,28 @@ def test_locks_held_longer_than_the_api_waits_get_503_and_nothing_is_stored(sett
         again = client.post("/v1/events", content=body, headers=AUTH)
         assert again.status_code == 200, again.text
         assert (again.json()["accepted"], again.json()["suppressions_added"]) == (1, 1)
+
+
+def test_a_lead_created_meanwhile_by_another_request_is_not_counted_as_created_by_this_one(
+    client: TestClient, world: World
+) -> None:
+    """Two requests name the same new address at once: both store their event, only one answer says
+    it created the lead (the other's insert waited, then found it)."""
+    _postgres_only(world.engine)
+    answers: list[Any] = []
+    body = {"email": "new@x.example", "kind": "page_view", "id": "pv-new"}
+    post = threading.Thread(target=lambda: answers.append(client.post("/v1/events", json=body, headers=AUTH)))
+    with session_scope(world.engine) as other:
+        created = add_events(
+            session=other,
+            records=[EventRecord(1, "new@x.example", "form_submit", T0, {}, "fs-new")],
+            now=T0,
+            source="api",
+        )
+        post.start()
+        _wait_for_lock_wait(world.engine, not_pid=int(other.execute(text("SELECT pg_backend_pid()")).scalar_one()))
+    post.join()
+    (answer,) = answers
+    assert answer.status_code == 200, answer.text
+    assert (created.leads_created, answer.json()["leads_created"]) == (1, 0)
+    assert answer.json()["accepted"] == 1
