@@ -7,6 +7,7 @@ what it accepted), never against what nurture says about itself.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -68,8 +69,12 @@ def check(
     accepted: list[str],
     now: datetime,
     in_doubt_bound: int,
+    bounced: Collection[str] = (),
 ) -> Verdict:
-    """Every promise, after the trial finished (and after SendGrid's events were delivered)."""
+    """Every promise, after the trial finished (and after SendGrid's events were delivered).
+
+    ``bounced`` names messages SendGrid reported bounced (or dropped): ``failed`` is their right end.
+    """
     verdict = Verdict(accepted=len(accepted))
     times_accepted = Counter(accepted)
     twice = sorted(i for i, n in times_accepted.items() if n > 1)
@@ -81,7 +86,10 @@ def check(
         ).all()
         status_of = {str(m.id): m.status for m in messages}
         verdict.messages = Counter(m.status for m in messages)
-        not_sent = sorted(i for i in times_accepted if status_of.get(i) != MessageStatus.sent)
+        bounced_failed = {i for i in bounced if status_of.get(i) == MessageStatus.failed}
+        not_sent = sorted(
+            i for i in times_accepted if status_of.get(i) != MessageStatus.sent and i not in bounced_failed
+        )
         if not_sent:
             verdict.violations.append(
                 f"accepted by SendGrid but not recorded sent: {[(i, status_of.get(i)) for i in not_sent[:10]]}"
@@ -92,7 +100,7 @@ def check(
         overdue = [m.id for m in messages if m.status == MessageStatus.queued and m.due_at <= now]
         if overdue:
             verdict.violations.append(f"due, queued, never sent (lost): {overdue[:10]}")
-        failed = [m.id for m in messages if m.status == MessageStatus.failed]
+        failed = [m.id for m in messages if m.status == MessageStatus.failed and str(m.id) not in bounced_failed]
         if failed:
             verdict.violations.append(f"failed although SendGrid only had transient faults: {failed[:10]}")
         doubtful = [str(m.id) for m in messages if m.status == MessageStatus.in_doubt]

@@ -1,0 +1,525 @@
+"""The API under load: concurrent clients and running cycles; no 500, no connection error, nothing lost.
+
+For each engine: a fresh database with the demo's population, a real ``nurture api``
+(uvicorn) on a free loopback port, and ``nurture run cycle`` run again and again
+(a real Prefect server, the loopback fake SendGrid) while N async clients post for
+S seconds: website event batches with unique ids (some suppress their address, some
+name new addresses, a few carry one bad item), signed SendGrid webhook batches
+(opens, clicks, bounces, unsubscribes, spam reports, processed and delivered, about
+real messages once there are some), one-click unsubscribes, and bad input that must
+get its 4xx (benchmarks/api_traffic.py). A 503 with Retry-After is waited out and
+sent again, and counted apart; any other 5xx, a wrong status or a connection error
+is an error. Then one last cycle, and the checks against the database:
+
+- every acknowledged event is stored exactly once (by its id) and scored by the cycle;
+- every address a suppressing event named is suppressed, and no email to it started
+  after the suppression was acknowledged;
+- tests/suites/invariants.py: nothing sent twice, nothing stuck or lost in the
+  outbox, stage = last transition, the ledger's last row = the score.
+
+    uv run python -m benchmarks.api_load --engine both --clients 20 --seconds 60
+
+PostgreSQL needs NURTURE_TEST_DATABASE_URL. A fixed seed makes the traffic repeatable;
+the interleaving with the cycles is not. Exits 1 on any error, loss or violation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import sqlite3
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import Engine, create_engine, func, select, text
+from sqlalchemy.engine import make_url
+from sqlmodel import col
+
+from benchmarks.api_traffic import Audience, Call, Traffic, Webhook
+from db.engine import get_engine, session_scope
+from db.models import Event, Lead, Message, Suppression
+from nurture.delivery import MessageStatus
+from nurture.playbook import load_playbook
+from nurture.privacy import email_hash
+from tests.suites import harness
+from tests.suites.invariants import check
+
+TOKEN = "load-site-token"
+MAX_BODY_BYTES = 100_000
+# Simulated time each cycle moves on: events arrive "now" in the cycles' timeline.
+CYCLE_STEP = timedelta(minutes=20)
+# Batches delivered twice at once, as SendGrid does when it retries a batch still being processed.
+REPLAYS = 0.05
+# A 503 is sent again after its Retry-After this many times before it counts as an error.
+MAX_RETRIES = 10
+
+
+@dataclass
+class SimulatedClock:
+    """The cycles' ``now``: what the clients stamp their events with."""
+
+    now: datetime = harness.NOW
+
+
+@dataclass
+class LoadReport:
+    """One engine's run: what the clients saw and what the database holds."""
+
+    engine: str
+    clients: int
+    seconds: float = 0.0
+    requests: int = 0
+    acknowledged: int = 0
+    refused: int = 0  # 4xx, as each bad request must get
+    retried: int = 0  # 503 with Retry-After, then sent again
+    errors: list[str] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    events_acknowledged: dict[tuple[str, str], str] = field(default_factory=dict)
+    suppressed_at: dict[str, datetime] = field(default_factory=dict)
+    bounced_messages: set[str] = field(default_factory=set)
+    # What the answers said they created, summed: the database must hold exactly that.
+    leads_created: int = 0
+    suppressions_added: int = 0
+    cycles: int = 0
+    scored_during_load: int = 0  # acknowledged events the cycles scored while the clients were posting
+    lost: int = 0
+    duplicates: int = 0
+    stored_unacknowledged: int = 0
+    emails_sent: int = 0
+    deadlocks: int | None = None  # PostgreSQL's count for the whole database while the run lasted
+    violations: list[str] = field(default_factory=list)
+
+    def percentile(self, share: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(share * len(ordered)))] * 1000 if ordered else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.errors or self.lost or self.duplicates or self.violations)
+
+
+def _acknowledge(call: Call, answer: httpx.Response, report: LoadReport) -> None:
+    """Record what an acknowledgement promised; an answer that contradicts the call is an error."""
+    report.acknowledged += 1
+    at = datetime.now(UTC)
+    for key in call.events:
+        report.events_acknowledged[key] = call.what
+    for email in call.suppresses:
+        report.suppressed_at.setdefault(email, at)
+    report.bounced_messages.update(call.bounced_messages)
+    if call.path == "/v1/events":
+        body = answer.json()
+        stored, duplicates = body["accepted"], body["duplicates"]
+        report.leads_created += body["leads_created"]
+        report.suppressions_added += body["suppressions_added"]
+        if call.bad_index is not None and [e["index"] for e in body["errors"]] != [call.bad_index]:
+            report.errors.append(f"{call.what}: item {call.bad_index} was bad, answer named {body['errors']}")
+    elif call.path == "/webhooks/sendgrid":
+        body = answer.json()
+        stored, duplicates = body["events_stored"], body["duplicates"]
+        report.suppressions_added += body["suppressions_added"]
+    else:
+        return
+    # Fresh ids are all new, unless the call is a replay: then each is new or a duplicate.
+    if stored + duplicates != len(call.events) or (duplicates and not call.replay):
+        report.errors.append(f"{call.what}: {len(call.events)} events with fresh ids, answer {body}")
+
+
+async def _send(http: httpx.AsyncClient, call: Call, report: LoadReport) -> None:
+    """Send ``call``; wait out a 503's Retry-After and send it again, a bounded number of times."""
+    for _ in range(MAX_RETRIES + 1):
+        started = time.perf_counter()
+        try:
+            answer = await http.post(call.path, content=call.body, headers=call.headers())
+        except httpx.TransportError as exc:
+            report.errors.append(f"{call.what}: connection error {type(exc).__name__}: {exc}")
+            return
+        finally:
+            report.latencies.append(time.perf_counter() - started)
+            report.requests += 1
+        retry_after = answer.headers.get("retry-after", "")
+        if answer.status_code == 503 and retry_after.isdigit():
+            report.retried += 1
+            await asyncio.sleep(int(retry_after))
+            continue
+        if answer.status_code != call.expect:
+            report.errors.append(f"{call.what}: expected {call.expect}, got {answer.status_code}: {answer.text[:300]}")
+        elif call.expect >= 400:
+            report.refused += 1
+        else:
+            _acknowledge(call, answer, report)
+        return
+    report.errors.append(f"{call.what}: still 503 after {MAX_RETRIES} tries")
+
+
+async def _client(traffic: Traffic, api_url: str, clock: SimulatedClock, deadline: float, report: LoadReport) -> None:
+    async with httpx.AsyncClient(base_url=api_url, timeout=60) as http:
+        while time.monotonic() < deadline:
+            call = traffic.next_call(clock.now)
+            if call.events and traffic.rng.random() < REPLAYS:
+                twin = replace(call, replay=True)
+                await asyncio.gather(_send(http, twin, report), _send(http, twin, report))
+            else:
+                await _send(http, call, report)
+
+
+async def _cycles(
+    env: dict[str, str], logs: Path, clock: SimulatedClock, stop: asyncio.Event, report: LoadReport
+) -> None:
+    """``nurture run cycle`` again and again until ``stop``, each CYCLE_STEP later in simulated time."""
+    while not stop.is_set():
+        clock.now += CYCLE_STEP
+        log_path = logs / f"cycle-{report.cycles + 1}.log"
+        with log_path.open("wb") as log:
+            process = await asyncio.create_subprocess_exec(
+                harness.NURTURE,
+                *["run", "cycle", "--now", clock.now.isoformat(), "--batch-size", "100"],
+                env=env,
+                cwd=harness.ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            code = await process.wait()
+        report.cycles += 1
+        if code not in (0, 2):
+            report.errors.append(f"cycle {report.cycles} exited {code}: see {log_path}")
+
+
+async def _recent_messages(reader: Engine, audience: Audience, stop: asyncio.Event) -> None:
+    """Keep the webhook's messages current: SendGrid reports on messages that were sent."""
+
+    def load() -> list[tuple[int, str]]:
+        with reader.connect() as conn:
+            query = (
+                select(col(Message.id), col(Lead.email))
+                .join(Lead, col(Lead.id) == col(Message.lead_id))
+                .order_by(col(Message.id).desc())
+                .limit(500)
+            )
+            return [(int(m), str(e)) for m, e in conn.execute(query)]
+
+    while not stop.is_set():
+        audience.messages = await asyncio.to_thread(load)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=2)
+
+
+async def _migrations(database_url: str, hold: float, stop: asyncio.Event) -> None:
+    """From the first second on, block writes to the event table for ``hold`` seconds out of every 2.5 × ``hold``,
+    as a migration building an index does (PostgreSQL: CREATE INDEX takes SHARE; SQLite: any write takes the
+    database's one write lock)."""
+    url = make_url(database_url)
+
+    def block() -> None:
+        if url.get_backend_name() == "sqlite":
+            conn = sqlite3.connect(str(url.database), isolation_level=None, timeout=60)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                time.sleep(hold)
+                conn.execute("COMMIT")
+            finally:
+                conn.close()
+            return
+        holder = create_engine(url)
+        try:
+            with holder.begin() as conn:
+                conn.execute(text("LOCK TABLE event IN SHARE MODE"))
+                time.sleep(hold)
+        finally:
+            holder.dispose()
+
+    pause = 1.0
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=pause)
+        if not stop.is_set():
+            await asyncio.to_thread(block)
+        pause = 1.5 * hold
+
+
+async def _load(
+    *,
+    api_url: str,
+    env: dict[str, str],
+    logs: Path,
+    audience: Audience,
+    webhook: Webhook,
+    seed: int,
+    seconds: float,
+    report: LoadReport,
+    reader: Engine,
+    migration_seconds: float | None,
+) -> None:
+    clock, stop = SimulatedClock(), asyncio.Event()
+    background = [
+        asyncio.create_task(_cycles(env, logs, clock, stop, report)),
+        asyncio.create_task(_recent_messages(reader, audience, stop)),
+    ]
+    if migration_seconds:
+        background.append(asyncio.create_task(_migrations(env["NURTURE_DATABASE_URL"], migration_seconds, stop)))
+    deadline = time.monotonic() + seconds
+    started = time.monotonic()
+    clients = [
+        Traffic(
+            audience, webhook, TOKEN, env["NURTURE_SECRET_KEY"], MAX_BODY_BYTES, f"c{i}", random.Random(seed * 1000 + i)
+        )
+        for i in range(report.clients)
+    ]
+    await asyncio.gather(*(_client(t, api_url, clock, deadline, report) for t in clients))
+    report.seconds = time.monotonic() - started
+    stop.set()
+    await asyncio.gather(*background)  # the cycle running now ends on its own
+
+
+def _start_api(env: dict[str, str], log: Any) -> tuple[subprocess.Popen[bytes], str]:
+    port = harness.free_port()
+    process = harness.start(["api", "--port", str(port)], env, log)
+    url = f"http://127.0.0.1:{port}"
+    harness.wait_for(f"{url}/healthz", process, 120, "nurture api")
+    return process, url
+
+
+def _scored(engine: Engine) -> int:
+    """Events from the API the cycles have scored: proof that they ran while the clients posted."""
+    with session_scope(engine) as session:
+        query = select(func.count()).where(col(Event.source).in_(["api", "sendgrid"]), col(Event.applied).is_(True))
+        return int(session.scalar(query) or 0)
+
+
+def _check_events(engine: Engine, report: LoadReport) -> None:
+    """Every acknowledged event stored exactly once, and scored by the last cycle."""
+    with session_scope(engine) as session:
+        rows = session.execute(
+            select(col(Event.source), col(Event.external_id), col(Event.applied)).where(
+                col(Event.source).in_(["api", "sendgrid"])
+            )
+        ).all()
+    copies = Counter((source, external_id) for source, external_id, _ in rows)
+    stored = {(source, external_id): (copies[(source, external_id)], applied) for source, external_id, applied in rows}
+    lost = [key for key in report.events_acknowledged if key not in stored]
+    report.lost = len(lost)
+    report.duplicates = sum(1 for count, _ in stored.values() if count > 1)
+    report.stored_unacknowledged = sum(1 for key in stored if key not in report.events_acknowledged)
+    if lost:
+        report.violations.append(f"acknowledged but not stored: {lost[:10]}")
+    unscored = [key for key in report.events_acknowledged if key in stored and not stored[key][1]]
+    if unscored:
+        report.violations.append(f"{len(unscored)} acknowledged events not scored by the last cycle: {unscored[:5]}")
+
+
+def _check_answered_counts(engine: Engine, report: LoadReport, leads: int) -> None:
+    """The leads and suppressions the answers said they added are the ones the database holds."""
+    with session_scope(engine) as session:
+        created = session.scalar(select(func.count()).select_from(Lead)) or 0
+        suppressions = session.scalar(select(func.count()).where(col(Suppression.source).in_(["api", "sendgrid"]))) or 0
+    if created - leads != report.leads_created:
+        report.violations.append(
+            f"answers said {report.leads_created} leads created, the database has {created - leads}"
+        )
+    if suppressions != report.suppressions_added:
+        report.violations.append(
+            f"answers said {report.suppressions_added} suppressions added, the database has {suppressions}"
+        )
+
+
+def _check_suppressions(engine: Engine, report: LoadReport) -> None:
+    """Every address a suppressing event named is suppressed; no email to it started after the acknowledgement."""
+    with session_scope(engine) as session:
+        hashes = set(session.scalars(select(col(Suppression.email_hash))))
+        started = session.execute(
+            select(col(Lead.email), col(Message.id), col(Message.send_started_at))
+            .join(Lead, col(Lead.id) == col(Message.lead_id))
+            .where(col(Message.send_started_at).is_not(None))
+        ).all()
+    missing = [email for email in report.suppressed_at if email_hash(email) not in hashes]
+    if missing:
+        report.violations.append(f"{len(missing)} addresses not suppressed: {missing[:5]}")
+    late = [
+        (email, message_id)
+        for email, message_id, at in started
+        if email in report.suppressed_at and at > report.suppressed_at[email]
+    ]
+    if late:
+        report.violations.append(f"emails started after their address's suppression was acknowledged: {late[:5]}")
+
+
+def _deadlocks(admin_url: str | None) -> int | None:
+    """Deadlocks PostgreSQL has broken in this database so far (every session's: the database may be shared)."""
+    if admin_url is None:
+        return None
+    admin = create_engine(admin_url)
+    try:
+        with admin.connect() as conn:
+            query = text("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+            return int(conn.execute(query).scalar_one())
+    finally:
+        admin.dispose()
+
+
+def run_engine(
+    *,
+    kind: str,
+    clients: int,
+    seconds: float,
+    seed: int,
+    leads: int,
+    prefect_api: str,
+    workdir: Path,
+    postgres_url: str | None,
+    lock_timeout: float | None = None,
+    migration_seconds: float | None = None,
+) -> LoadReport:
+    """One engine's run, from a fresh database to the verdict.
+
+    ``migration_seconds`` blocks writes to the event table that long, again and again
+    (see ``_migrations``); with a short ``lock_timeout`` (how long the API waits for a
+    lock on PostgreSQL before it tries again) the API runs out of attempts and answers
+    503 with Retry-After: the retry paths, end to end, under load.
+    """
+    report = LoadReport(engine=kind, clients=clients)
+    logs = workdir / f"api-load-{kind}"
+    logs.mkdir(parents=True, exist_ok=True)
+    database = harness.fresh_database(kind, workdir, postgres_url)
+    # Plain transactions: reading the messages must not take SQLite's write lock.
+    reader = create_engine(database.url, connect_args={"check_same_thread": False} if kind == "sqlite" else {})
+    webhook = Webhook()
+    try:
+        harness.populate(database.url, leads=leads, seed=seed)
+        with session_scope(get_engine(database.url)) as session:
+            audience = Audience(
+                leads=[(int(i), str(e)) for i, e in session.execute(select(col(Lead.id), col(Lead.email)))]
+            )
+        with harness.fake_sendgrid(logs / "fake.log", latency=0.01, failure_rate=0.0, seed=seed) as sendgrid_url:
+            env = harness.nurture_env(
+                database_url=database.url, prefect_api=prefect_api, sendgrid_url=sendgrid_url, lease_seconds=60
+            )
+            env |= {
+                "SENDGRID_WEBHOOK_PUBLIC_KEY": webhook.public_key,
+                "NURTURE_API_TOKEN": TOKEN,
+                "NURTURE_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
+            }
+            if lock_timeout is not None:
+                env["NURTURE_API_LOCK_TIMEOUT_SECONDS"] = str(lock_timeout)
+            with (logs / "api.log").open("wb") as api_log:
+                api, api_url = _start_api(env, api_log)
+                deadlocks_before = _deadlocks(database.admin_url)
+                try:
+                    asyncio.run(
+                        _load(
+                            api_url=api_url,
+                            env=env,
+                            logs=logs,
+                            audience=audience,
+                            webhook=webhook,
+                            seed=seed,
+                            seconds=seconds,
+                            report=report,
+                            reader=reader,
+                            migration_seconds=migration_seconds,
+                        )
+                    )
+                finally:
+                    api.terminate()
+                    api.wait(timeout=30)
+                time.sleep(1)  # PostgreSQL publishes its statistics within a second
+                deadlocks_after = _deadlocks(database.admin_url)
+                if deadlocks_before is not None and deadlocks_after is not None:
+                    report.deadlocks = deadlocks_after - deadlocks_before
+            report.scored_during_load = _scored(get_engine(database.url))
+            finish = SimulatedClock().now + CYCLE_STEP * (report.cycles + 1)
+            harness.run_to_end(["run", "cycle", "--now", finish.isoformat()], env, logs / "finish-cycle.log")
+            log = harness.fake_log(sendgrid_url)
+        engine = get_engine(database.url)
+        _check_events(engine, report)
+        _check_suppressions(engine, report)
+        _check_answered_counts(engine, report, leads=len(audience.leads))
+        verdict = check(
+            engine=engine,
+            playbook=load_playbook(harness.ROOT / "nurture.yaml"),
+            requested=log["requested"],
+            accepted=log["accepted"],
+            now=finish,
+            in_doubt_bound=0,
+            bounced=report.bounced_messages,
+        )
+        report.emails_sent = verdict.messages.get(MessageStatus.sent, 0)
+        report.violations.extend(verdict.violations)
+        return report
+    finally:
+        reader.dispose()
+        database.drop()
+
+
+def table(reports: list[LoadReport]) -> str:
+    """The per-engine figures, one row each."""
+    head = (
+        f"{'engine':<11}{'clients':>8}{'seconds':>8}{'requests':>10}{'acknowl.':>10}{'events':>9}{'4xx ok':>8}"
+        f"{'503 retried':>12}{'errors':>8}{'lost':>6}{'dupl.':>6}{'p50 ms':>8}{'p95 ms':>8}{'req/s':>7}"
+        f"{'cycles':>7}{'scored':>7}{'emails':>7}{'violations':>11}{'deadlocks':>10}"
+    )
+    rows = [head]
+    for r in reports:
+        rows.append(
+            f"{r.engine:<11}{r.clients:>8}{r.seconds:>8.0f}{r.requests:>10}{r.acknowledged:>10}"
+            f"{len(r.events_acknowledged):>9}{r.refused:>8}{r.retried:>12}{len(r.errors):>8}{r.lost:>6}"
+            f"{r.duplicates:>6}{r.percentile(0.5):>8.0f}{r.percentile(0.95):>8.0f}"
+            f"{r.requests / max(r.seconds, 1e-9):>7.0f}{r.cycles:>7}{r.scored_during_load:>7}{r.emails_sent:>7}"
+            f"{len(r.violations):>11}"
+            f"{'-' if r.deadlocks is None else r.deadlocks:>10}"
+        )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", choices=["sqlite", "postgresql", "both"], default="both")
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--leads", type=int, default=300)
+    parser.add_argument(
+        "--lock-timeout", type=float, help="NURTURE_API_LOCK_TIMEOUT_SECONDS for the API (default: its own, 5)"
+    )
+    parser.add_argument(
+        "--migration", type=float, help="block writes to the event table this many seconds, again and again"
+    )
+    parser.add_argument("--logs", type=Path, help="keep every process's log here (default: a temporary folder)")
+    args = parser.parse_args()
+    engines = ["sqlite", "postgresql"] if args.engine == "both" else [args.engine]
+    reports = []
+    if args.logs:
+        args.logs.mkdir(parents=True, exist_ok=True)
+    folder = contextlib.nullcontext(str(args.logs)) if args.logs else tempfile.TemporaryDirectory(prefix="nurture-api-")
+    with folder as tmp, harness.prefect_server(Path(tmp)) as api:
+        for kind in engines:
+            report = run_engine(
+                kind=kind,
+                clients=args.clients,
+                seconds=args.seconds,
+                seed=args.seed,
+                leads=args.leads,
+                prefect_api=api,
+                workdir=Path(tmp),
+                postgres_url=os.environ.get("NURTURE_TEST_DATABASE_URL"),
+                lock_timeout=args.lock_timeout,
+                migration_seconds=args.migration,
+            )
+            reports.append(report)
+            for line in [*report.errors[:20], *report.violations[:20]]:
+                print(f"  {kind}: {line}", flush=True)
+    print(table(reports))
+    raise SystemExit(0 if all(r.ok for r in reports) else 1)
+
+
+if __name__ == "__main__":
+    main()
