@@ -478,18 +478,57 @@ def serve(
     dispatch_every: Annotated[
         str, typer.Option(metavar="DURATION", help="How often dispatch sends what became due (e.g. 1m, 30s)")
     ] = "1m",
+    prefect_port: Annotated[
+        int,
+        typer.Option(min=0, max=65535, help="Port of the Prefect server started when PREFECT_API_URL is not set"),
+    ] = 4200,
+    schedule_grace: Annotated[
+        str,
+        typer.Option(metavar="DURATION", help="Stop with an error if Prefect has scheduled no run by then"),
+    ] = "3m",
 ) -> None:
-    """Run every flow on its schedule from this process: no work pool or worker to set up."""
+    """Run every flow on its schedule from this process: no work pool or worker to set up.
+
+    Without PREFECT_API_URL it starts a Prefect server of its own on loopback (its UI
+    shows the runs). It stops with an error if Prefect does not schedule the runs.
+    """
     cycle = _serve_duration(cycle_every, "--cycle-every")
     dispatch = _serve_duration(dispatch_every, "--dispatch-every")
+    grace = _serve_duration(schedule_grace, "--schedule-grace")
     _checked_playbook()
     _engine()
     _prefect_defaults()
-    from prefect import serve as serve_deployments
+    from flows.serving import check_stack
+
+    check_stack()
+    import asyncio
+    from contextlib import ExitStack
+
+    from prefect.exceptions import TerminationSignal
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
     from flows.deployments import served_deployments
+    from flows.serving import own_prefect_server, serve_watched
 
-    serve_deployments(*served_deployments(timezone=timezone, cycle_every=cycle, dispatch_every=dispatch))
+    with ExitStack() as stack:
+        api_url = get_current_settings().api.url
+        if not api_url:
+            log_path = Path(get_current_settings().home) / "nurture-serve-server.log"
+            console.print(f"Starting a Prefect server on 127.0.0.1 (log {log_path}) …", highlight=False)
+            api_url = stack.enter_context(own_prefect_server(port=prefect_port, log_path=log_path))
+            stack.enter_context(temporary_settings(updates={PREFECT_API_URL: api_url}))
+        deployments = served_deployments(timezone=timezone, cycle_every=cycle, dispatch_every=dispatch)
+        ui = api_url.removesuffix("/api")
+        console.print(
+            f"Serving {', '.join(d.name for d in deployments)}: nurture-cycle every {cycle_every}, "
+            f"dispatch every {dispatch_every}, rescore-all at 03:00 {timezone}.\n"
+            f"Runs: {ui}/runs   Stop with Ctrl+C.",
+            highlight=False,
+        )
+        try:
+            asyncio.run(serve_watched(deployments, grace=grace))
+        except (KeyboardInterrupt, TerminationSignal):
+            console.print("Stopped: the deployments are paused until the next `nurture serve`.")
 
 
 @app.command()
