@@ -6,7 +6,8 @@ process that serves the flows. Two ways that has failed silently:
 - Prefect's temporary server (the one a process starts when `PREFECT_API_URL` is
   not set) runs without the scheduler: the deployments register, and no
   scheduled run is ever created. So without `PREFECT_API_URL`, `nurture serve`
-  starts a real `prefect server start` of its own, on loopback, and uses it.
+  starts a real `prefect server start` of its own, on loopback, and uses it
+  (flows/prefect_server.py).
 - A broken stack (SQLAlchemy 2.1 with Prefect 3.8) makes the scheduler fail on
   every loop, in the server's log only. So `nurture serve` refuses that stack,
   and a watch polls the API: a scheduled deployment with no upcoming scheduled
@@ -17,18 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -198,77 +191,3 @@ async def serve_watched(deployments: list[Any], *, grace: timedelta, poll_second
         watcher.cancel()
     if failure is not None:
         raise failure
-
-
-# --- A Prefect server of its own ----------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _port_taken(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-@contextmanager
-def own_prefect_server(*, port: int, log_path: Path, timeout: float = 120.0) -> Iterator[str]:
-    """`prefect server start` on loopback, with its scheduler, for as long as `nurture serve` runs; yields its API URL.
-
-    Port 0 picks a free one. The server keeps its runs in Prefect's home database
-    (PREFECT_HOME), so the UI shows the history across restarts.
-    """
-    port = port or _free_port()
-    if _port_taken(port):
-        raise ConfigurationError(
-            f"Port {port} is already in use. If a Prefect server runs there, point nurture at it with "
-            f"PREFECT_API_URL=http://127.0.0.1:{port}/api; otherwise choose another port with --prefect-port."
-        )
-    api = f"http://127.0.0.1:{port}/api"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    prefect = str(Path(sys.executable).parent / "prefect")
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    with log_path.open("ab") as server_log:
-        process = subprocess.Popen(  # noqa: S603 - our own Prefect executable, fixed arguments
-            [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=server_log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
-        try:
-            _wait_until_healthy(api, process, timeout=timeout, log_path=log_path)
-            yield api
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-
-
-def _die_with_parent() -> None:
-    """In the server's process: ask Linux to stop it if `nurture serve` is killed, so the port is freed."""
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
-def _wait_until_healthy(api: str, process: subprocess.Popen[bytes], *, timeout: float, log_path: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-1500:]
-            raise ConfigurationError(f"The Prefect server exited with {process.returncode} (log {log_path}):\n{tail}")
-        try:
-            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise ConfigurationError(f"The Prefect server did not answer within {timeout:.0f} s (log {log_path})")

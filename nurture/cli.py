@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from nurture.errors import NurtureError
+from nurture.errors import ConfigurationError, NurtureError
 
 if TYPE_CHECKING:
     from nurture.playbook import Playbook
@@ -70,15 +70,27 @@ def _quiet_prefect_console() -> None:
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
 
 
-def _parse_now(value: str | None) -> datetime:
+def _parse_now(value: str | None, *, allow_future: bool = True) -> datetime:
+    """``--now``; a run that writes refuses a future one unless told, as it would send early what is due by then."""
     if value is None:
         return datetime.now(UTC)
     from nurture.importing import parse_timestamp
 
     try:
-        return parse_timestamp(value)
-    except ValueError as exc:
+        at = parse_timestamp(value)
+    except (ValueError, OverflowError) as exc:
         raise typer.BadParameter(str(exc).replace("occurred_at", "--now")) from exc
+    if not allow_future and at > datetime.now(UTC) + FUTURE_SLACK:
+        raise typer.BadParameter(
+            f"{value} is in the future: the run would send today every email due by then. "
+            "Add --allow-future to do that on purpose (a test database, a simulation).",
+            param_hint="--now",
+        )
+    return at
+
+
+FUTURE_SLACK = timedelta(minutes=5)  # clocks of machines that share a database differ a little
+ALLOW_FUTURE_HELP = "Accept a --now in the future (sends early what is due by then)"
 
 
 def _engine(*, check_schema: bool = True) -> Any:
@@ -190,15 +202,18 @@ def import_events(file: Annotated[Path, typer.Argument(help="CSV or .jsonl file:
 def run_cycle(
     now: Annotated[str | None, typer.Option(help="Run as if it were this ISO 8601 time (default: now)")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Leads per chunk and messages per dispatch batch")] = 2000,
+    allow_future: Annotated[bool, typer.Option("--allow-future", help=ALLOW_FUTURE_HELP)] = False,
 ) -> None:
     """Score changed leads, apply transitions, enroll, and send due messages: once."""
-    at = _parse_now(now)
+    at = _parse_now(now, allow_future=allow_future)
     _checked_playbook()
     _engine()
     _quiet_prefect_console()
     from flows.cycle import nurture_cycle, run_and_report
+    from flows.prefect_server import temporary_prefect_api
 
-    summary, ok = run_and_report(nurture_cycle, now=at, batch_size=batch_size)
+    with temporary_prefect_api():
+        summary, ok = run_and_report(nurture_cycle, now=at, batch_size=batch_size)
     console.print_json(json.dumps(summary, default=str))
     _exit_on_delivery_problems(ok)
 
@@ -207,15 +222,18 @@ def run_cycle(
 def run_dispatch(
     now: Annotated[str | None, typer.Option(help="Send what is due by this ISO 8601 time (default: now)")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Messages claimed at a time")] = 500,
+    allow_future: Annotated[bool, typer.Option("--allow-future", help=ALLOW_FUTURE_HELP)] = False,
 ) -> None:
     """Send the messages that are due: once."""
-    at = _parse_now(now)
+    at = _parse_now(now, allow_future=allow_future)
     _checked_playbook()
     _engine()
     _quiet_prefect_console()
     from flows.cycle import dispatch_messages, run_and_report
+    from flows.prefect_server import temporary_prefect_api
 
-    summary, ok = run_and_report(dispatch_messages, now=at, batch_size=batch_size)
+    with temporary_prefect_api():
+        summary, ok = run_and_report(dispatch_messages, now=at, batch_size=batch_size)
     console.print_json(json.dumps(summary, default=str))
     _exit_on_delivery_problems(ok)
 
@@ -508,7 +526,8 @@ def serve(
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
     from flows.deployments import served_deployments
-    from flows.serving import own_prefect_server, serve_watched
+    from flows.prefect_server import own_prefect_server
+    from flows.serving import serve_watched
 
     with ExitStack() as stack:
         api_url = get_current_settings().api.url
@@ -531,6 +550,24 @@ def serve(
             console.print("Stopped: the deployments are paused until the next `nurture serve`.")
 
 
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def _check_secret_key(settings: Settings, host: str) -> None:
+    """The public development key signs forgeable unsubscribe links: never on a reachable address."""
+    from nurture.settings import DEFAULT_SECRET_KEY
+
+    if settings.nurture_secret_key.get_secret_value() != DEFAULT_SECRET_KEY:
+        return
+    advice = (
+        "NURTURE_SECRET_KEY is the public development key, so anyone can forge the unsubscribe links it signs. "
+        "Set it to a long random value, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+    )
+    if host not in LOOPBACK:
+        raise ConfigurationError(f"{advice}, before serving on {host}.")
+    errors.print(f"[yellow]warning:[/] {advice}. Fine for trying nurture on this machine only.", highlight=False)
+
+
 @app.command()
 def api(
     host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
@@ -542,6 +579,7 @@ def api(
     from nurture.api import create_app
 
     _engine()  # refuse an out-of-date schema before listening
+    _check_secret_key(_settings(), host)
     uvicorn.run(create_app(_settings()), host=host, port=port, proxy_headers=True, log_level="info")
 
 
@@ -586,17 +624,19 @@ def demo(
     _checked_playbook()
     _quiet_prefect_console()
     from flows.demo import run_demo
+    from flows.prefect_server import temporary_prefect_api
 
     settings = _settings()
-    result = run_demo(
-        settings=settings,
-        leads=leads,
-        weeks=weeks,
-        tick=timedelta(hours=tick_hours),
-        seed=seed,
-        reset=reset,
-        console=console,
-    )
+    with temporary_prefect_api():
+        result = run_demo(
+            settings=settings,
+            leads=leads,
+            weeks=weeks,
+            tick=timedelta(hours=tick_hours),
+            seed=seed,
+            reset=reset,
+            console=console,
+        )
     _print_funnel(result.totals)
     console.print(
         f"\nDone in {result.seconds:.0f} s. Where to look next:\n"
