@@ -590,7 +590,7 @@ def forget(
 ) -> None:
     """Erase a person (right to erasure): their lead, events, messages and history go; a hashed
     suppression stays so the address is never mailed again, even if it comes back in an import."""
-    from db.engine import session_scope
+    from db.engine import flush_erased_pages, session_scope
     from db.inbound import forget_lead
     from nurture.importing import normalise_email
 
@@ -600,16 +600,23 @@ def forget(
         raise typer.BadParameter(str(exc)) from exc
     if not yes and not typer.confirm(f"Erase everything nurture holds about {address}?"):
         raise typer.Exit(1)
-    with session_scope(_engine()) as session:
+    engine = _engine()
+    with session_scope(engine) as session:
         result = forget_lead(
             session=session, email=address, now=datetime.now(UTC), outbox=_settings().nurture_outbox_dir
         )
+    flushed = flush_erased_pages(engine)
     what = "the lead and its history were erased" if result.lead_found else "no lead had this address"
     console.print(
         f"{address}: {what}; {result.emails_removed_from_outbox} emails removed from the outbox; "
         "a hashed suppression keeps it from being mailed again.",
         highlight=False,
     )
+    if not flushed:
+        errors.print(
+            "[yellow]warning:[/] another process was reading the database, so SQLite's write-ahead log still "
+            "holds erased pages; they go at its next checkpoint (run `nurture forget` again to force one)."
+        )
 
 
 @app.command()

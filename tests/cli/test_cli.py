@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from email import policy
 from email.parser import BytesParser
 from pathlib import Path
@@ -274,3 +276,28 @@ def test_a_killed_run_takes_its_temporary_prefect_server_with_it(tmp_path: Path)
     while _alive(server) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _alive(server), "the temporary Prefect server outlived the killed run"
+
+
+def test_forget_leaves_no_trace_of_the_person_in_the_database_files(tmp_path: Path) -> None:
+    nurture("db", "upgrade")
+    leads = tmp_path / "leads.csv"
+    leads.write_text(
+        "email,first_name,company\nzebulon.quux@erase.example,Zebulon,Quuxworth Ltd\nkeep@other.example,Kim,Other\n"
+    )
+    events = tmp_path / "events.csv"
+    events.write_text(
+        "email,kind,occurred_at,properties\n"
+        'zebulon.quux@erase.example,page_view,2026-01-05T10:00:00Z,"{""ip"": ""203.0.113.77""}"\n'
+    )
+    database = Path(os.environ["NURTURE_DATABASE_URL"].removeprefix("sqlite:///"))
+    # Another process has the database open, as `nurture api` or `serve` would: the log is not removed at exit.
+    with closing(sqlite3.connect(database)) as other:
+        other.execute("PRAGMA journal_mode").fetchone()
+        nurture("import", "leads", str(leads))
+        nurture("import", "events", str(events))
+        nurture("forget", "Zebulon.Quux@erase.example", "--yes")
+        files = [f for f in database.parent.glob(f"{database.name}*") if f.is_file()]
+        assert {f.name for f in files} >= {database.name, f"{database.name}-wal"}
+        for trace in (b"zebulon.quux@erase.example", b"Zebulon", b"Quuxworth", b"203.0.113.77"):
+            assert [f.name for f in files if trace in f.read_bytes()] == [], trace
+        assert any(b"keep@other.example" in f.read_bytes() for f in files)  # the search would have found it
