@@ -30,6 +30,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
+    # Deleted rows are overwritten with zeros: an erased person leaves no trace in free pages.
+    cursor.execute("PRAGMA secure_delete=ON")
     cursor.close()
 
 
@@ -118,6 +120,18 @@ def ensure_current_schema(engine: Engine) -> None:
     )
 
 
+def flush_erased_pages(engine: Engine) -> bool:
+    """After an erasure, move SQLite's write-ahead log (which still holds the old pages) into the zeroed
+    database file and empty it. False if another connection's reads kept part of it for now."""
+    if engine.dialect.name != "sqlite":
+        return True
+    with engine.connect() as connection:
+        busy, _, _ = connection.connection.dbapi_connection.execute(  # type: ignore[union-attr]
+            "PRAGMA wal_checkpoint(TRUNCATE)"
+        ).fetchone()
+    return not busy
+
+
 def upgrade_schema(engine: Engine) -> tuple[str | None, str]:
     """Apply every pending migration; returns (before, after) revisions."""
     from alembic import command
@@ -126,7 +140,19 @@ def upgrade_schema(engine: Engine) -> tuple[str | None, str]:
     before = current_revision(engine)
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+    with engine.connect() as connection:
+        sqlite = engine.dialect.name == "sqlite"
+        if sqlite:
+            # A rebuilt SQLite table must not cascade into its children (foreign keys can
+            # only be switched outside a transaction; this connection is in autocommit).
+            connection.connection.dbapi_connection.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]
+        try:
+            with connection.begin():
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
+                if sqlite and connection.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
+                    raise SchemaOutOfDateError("the upgrade would break foreign keys; nothing was changed")
+        finally:
+            if sqlite:
+                connection.connection.dbapi_connection.execute("PRAGMA foreign_keys=ON")  # type: ignore[union-attr]
     return before, head_revision()

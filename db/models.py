@@ -62,6 +62,8 @@ class Lead(SQLModel, table=True):
             postgresql_where=text("needs_rescore"),
             sqlite_where=text("needs_rescore"),
         ),
+        # Ids are never reused (unsubscribe links and SendGrid events carry them): migration 0004.
+        {"sqlite_autoincrement": True},
     )
 
     id: int | None = _pk()
@@ -171,6 +173,7 @@ class Message(SQLModel, table=True):
         # Dispatch start: claims and sends whose lease ran out.
         Index("ix_message_status_lease", "status", "lease_until"),
         Index("ix_message_lead", "lead_id"),
+        {"sqlite_autoincrement": True},  # ids are never reused: migration 0004
     )
 
     id: int | None = _pk()

@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from nurture.errors import NurtureError
+from nurture.errors import ConfigurationError, NurtureError
 
 if TYPE_CHECKING:
     from nurture.playbook import Playbook
@@ -70,15 +70,27 @@ def _quiet_prefect_console() -> None:
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
 
 
-def _parse_now(value: str | None) -> datetime:
+def _parse_now(value: str | None, *, allow_future: bool = True) -> datetime:
+    """``--now``; a run that writes refuses a future one unless told, as it would send early what is due by then."""
     if value is None:
         return datetime.now(UTC)
     from nurture.importing import parse_timestamp
 
     try:
-        return parse_timestamp(value)
-    except ValueError as exc:
+        at = parse_timestamp(value)
+    except (ValueError, OverflowError) as exc:
         raise typer.BadParameter(str(exc).replace("occurred_at", "--now")) from exc
+    if not allow_future and at > datetime.now(UTC) + FUTURE_SLACK:
+        raise typer.BadParameter(
+            f"{value} is in the future: the run would send today every email due by then. "
+            "Add --allow-future to do that on purpose (a test database, a simulation).",
+            param_hint="--now",
+        )
+    return at
+
+
+FUTURE_SLACK = timedelta(minutes=5)  # clocks of machines that share a database differ a little
+ALLOW_FUTURE_HELP = "Accept a --now in the future (sends early what is due by then)"
 
 
 def _engine(*, check_schema: bool = True) -> Any:
@@ -190,15 +202,18 @@ def import_events(file: Annotated[Path, typer.Argument(help="CSV or .jsonl file:
 def run_cycle(
     now: Annotated[str | None, typer.Option(help="Run as if it were this ISO 8601 time (default: now)")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Leads per chunk and messages per dispatch batch")] = 2000,
+    allow_future: Annotated[bool, typer.Option("--allow-future", help=ALLOW_FUTURE_HELP)] = False,
 ) -> None:
     """Score changed leads, apply transitions, enroll, and send due messages: once."""
-    at = _parse_now(now)
+    at = _parse_now(now, allow_future=allow_future)
     _checked_playbook()
     _engine()
     _quiet_prefect_console()
     from flows.cycle import nurture_cycle, run_and_report
+    from flows.prefect_server import temporary_prefect_api
 
-    summary, ok = run_and_report(nurture_cycle, now=at, batch_size=batch_size)
+    with temporary_prefect_api():
+        summary, ok = run_and_report(nurture_cycle, now=at, batch_size=batch_size)
     console.print_json(json.dumps(summary, default=str))
     _exit_on_delivery_problems(ok)
 
@@ -207,15 +222,18 @@ def run_cycle(
 def run_dispatch(
     now: Annotated[str | None, typer.Option(help="Send what is due by this ISO 8601 time (default: now)")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Messages claimed at a time")] = 500,
+    allow_future: Annotated[bool, typer.Option("--allow-future", help=ALLOW_FUTURE_HELP)] = False,
 ) -> None:
     """Send the messages that are due: once."""
-    at = _parse_now(now)
+    at = _parse_now(now, allow_future=allow_future)
     _checked_playbook()
     _engine()
     _quiet_prefect_console()
     from flows.cycle import dispatch_messages, run_and_report
+    from flows.prefect_server import temporary_prefect_api
 
-    summary, ok = run_and_report(dispatch_messages, now=at, batch_size=batch_size)
+    with temporary_prefect_api():
+        summary, ok = run_and_report(dispatch_messages, now=at, batch_size=batch_size)
     console.print_json(json.dumps(summary, default=str))
     _exit_on_delivery_problems(ok)
 
@@ -478,18 +496,76 @@ def serve(
     dispatch_every: Annotated[
         str, typer.Option(metavar="DURATION", help="How often dispatch sends what became due (e.g. 1m, 30s)")
     ] = "1m",
+    prefect_port: Annotated[
+        int,
+        typer.Option(min=0, max=65535, help="Port of the Prefect server started when PREFECT_API_URL is not set"),
+    ] = 4200,
+    schedule_grace: Annotated[
+        str,
+        typer.Option(metavar="DURATION", help="Stop with an error if Prefect has scheduled no run by then"),
+    ] = "3m",
 ) -> None:
-    """Run every flow on its schedule from this process: no work pool or worker to set up."""
+    """Run every flow on its schedule from this process: no work pool or worker to set up.
+
+    Without PREFECT_API_URL it starts a Prefect server of its own on loopback (its UI
+    shows the runs). It stops with an error if Prefect does not schedule the runs.
+    """
     cycle = _serve_duration(cycle_every, "--cycle-every")
     dispatch = _serve_duration(dispatch_every, "--dispatch-every")
+    grace = _serve_duration(schedule_grace, "--schedule-grace")
     _checked_playbook()
     _engine()
     _prefect_defaults()
-    from prefect import serve as serve_deployments
+    from flows.serving import check_stack
+
+    check_stack()
+    import asyncio
+    from contextlib import ExitStack
+
+    from prefect.exceptions import TerminationSignal
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
     from flows.deployments import served_deployments
+    from flows.prefect_server import own_prefect_server
+    from flows.serving import serve_watched
 
-    serve_deployments(*served_deployments(timezone=timezone, cycle_every=cycle, dispatch_every=dispatch))
+    with ExitStack() as stack:
+        api_url = get_current_settings().api.url
+        if not api_url:
+            log_path = Path(get_current_settings().home) / "nurture-serve-server.log"
+            console.print(f"Starting a Prefect server on 127.0.0.1 (log {log_path}) …", highlight=False)
+            api_url = stack.enter_context(own_prefect_server(port=prefect_port, log_path=log_path))
+            stack.enter_context(temporary_settings(updates={PREFECT_API_URL: api_url}))
+        deployments = served_deployments(timezone=timezone, cycle_every=cycle, dispatch_every=dispatch)
+        ui = api_url.removesuffix("/api")
+        console.print(
+            f"Serving {', '.join(d.name for d in deployments)}: nurture-cycle every {cycle_every}, "
+            f"dispatch every {dispatch_every}, rescore-all at 03:00 {timezone}.\n"
+            f"Runs: {ui}/runs   Stop with Ctrl+C.",
+            highlight=False,
+        )
+        try:
+            asyncio.run(serve_watched(deployments, grace=grace))
+        except (KeyboardInterrupt, TerminationSignal):
+            console.print("Stopped: the deployments are paused until the next `nurture serve`.")
+
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def _check_secret_key(settings: Settings, host: str) -> None:
+    """The public development key signs forgeable unsubscribe links: never on a reachable address."""
+    from nurture.settings import DEFAULT_SECRET_KEY
+
+    if settings.nurture_secret_key.get_secret_value() != DEFAULT_SECRET_KEY:
+        return
+    advice = (
+        "NURTURE_SECRET_KEY is the public development key, so anyone can forge the unsubscribe links it signs. "
+        "Set it to a long random value, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+    )
+    if host not in LOOPBACK:
+        raise ConfigurationError(f"{advice}, before serving on {host}.")
+    errors.print(f"[yellow]warning:[/] {advice}. Fine for trying nurture on this machine only.", highlight=False)
 
 
 @app.command()
@@ -503,6 +579,7 @@ def api(
     from nurture.api import create_app
 
     _engine()  # refuse an out-of-date schema before listening
+    _check_secret_key(_settings(), host)
     uvicorn.run(create_app(_settings()), host=host, port=port, proxy_headers=True, log_level="info")
 
 
@@ -513,7 +590,7 @@ def forget(
 ) -> None:
     """Erase a person (right to erasure): their lead, events, messages and history go; a hashed
     suppression stays so the address is never mailed again, even if it comes back in an import."""
-    from db.engine import session_scope
+    from db.engine import flush_erased_pages, session_scope
     from db.inbound import forget_lead
     from nurture.importing import normalise_email
 
@@ -523,16 +600,23 @@ def forget(
         raise typer.BadParameter(str(exc)) from exc
     if not yes and not typer.confirm(f"Erase everything nurture holds about {address}?"):
         raise typer.Exit(1)
-    with session_scope(_engine()) as session:
+    engine = _engine()
+    with session_scope(engine) as session:
         result = forget_lead(
             session=session, email=address, now=datetime.now(UTC), outbox=_settings().nurture_outbox_dir
         )
+    flushed = flush_erased_pages(engine)
     what = "the lead and its history were erased" if result.lead_found else "no lead had this address"
     console.print(
         f"{address}: {what}; {result.emails_removed_from_outbox} emails removed from the outbox; "
         "a hashed suppression keeps it from being mailed again.",
         highlight=False,
     )
+    if not flushed:
+        errors.print(
+            "[yellow]warning:[/] another process was reading the database, so SQLite's write-ahead log still "
+            "holds erased pages; they go at its next checkpoint (run `nurture forget` again to force one)."
+        )
 
 
 @app.command()
@@ -547,17 +631,19 @@ def demo(
     _checked_playbook()
     _quiet_prefect_console()
     from flows.demo import run_demo
+    from flows.prefect_server import temporary_prefect_api
 
     settings = _settings()
-    result = run_demo(
-        settings=settings,
-        leads=leads,
-        weeks=weeks,
-        tick=timedelta(hours=tick_hours),
-        seed=seed,
-        reset=reset,
-        console=console,
-    )
+    with temporary_prefect_api():
+        result = run_demo(
+            settings=settings,
+            leads=leads,
+            weeks=weeks,
+            tick=timedelta(hours=tick_hours),
+            seed=seed,
+            reset=reset,
+            console=console,
+        )
     _print_funnel(result.totals)
     console.print(
         f"\nDone in {result.seconds:.0f} s. Where to look next:\n"

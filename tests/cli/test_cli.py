@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
+import time
+from contextlib import closing
 from email import policy
 from email.parser import BytesParser
 from pathlib import Path
@@ -208,3 +211,93 @@ def test_failed_messages_are_listed_and_sent_again_after_the_template_is_fixed(
     assert status["messages_by_status"]["sent"] == 1
     assert status["messages_by_status"]["failed"] == 0
     assert json.loads(nurture("messages", "list", "--json", env=env).stdout) == []
+
+
+def test_a_run_as_of_a_future_time_is_refused_unless_asked_for() -> None:
+    nurture("db", "upgrade")
+    for command in ("cycle", "dispatch"):
+        refused = nurture("run", command, "--now", "2099-01-01T00:00:00Z", expect=2)
+        assert "is in the future: the run would send today every email due by then" in refused.stderr
+        assert "--allow-future" in refused.stderr
+    far = nurture("run", "cycle", "--now", "9999-12-31T23:00:00-05:00", expect=2)
+    assert "out of range" in far.stderr
+
+
+def test_the_api_refuses_the_development_secret_key_on_a_reachable_address() -> None:
+    nurture("db", "upgrade")
+    result = nurture("api", "--host", "0.0.0.0", "--port", "8999", expect=1)
+    assert "NURTURE_SECRET_KEY is the public development key" in result.stderr
+    assert "before serving on 0.0.0.0" in result.stderr
+
+
+def _child_with(parent: int, marker: str) -> int | None:
+    """The pid of a child process of ``parent`` whose command line contains ``marker``."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and marker in cmdline:
+            return int(stat.parent.name)
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
+def test_a_killed_run_takes_its_temporary_prefect_server_with_it(tmp_path: Path) -> None:
+    nurture("db", "upgrade")
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "nurture.cli", "run", "cycle"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        server = None
+        deadline = time.monotonic() + 180
+        while server is None and run.poll() is None and time.monotonic() < deadline:
+            server = _child_with(run.pid, "prefect.server.api.server:create_app")
+            time.sleep(0.1)
+        assert server is not None, "the run started no temporary Prefect server"
+    finally:
+        run.kill()
+        run.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while _alive(server) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(server), "the temporary Prefect server outlived the killed run"
+
+
+def test_forget_leaves_no_trace_of_the_person_in_the_database_files(tmp_path: Path) -> None:
+    nurture("db", "upgrade")
+    leads = tmp_path / "leads.csv"
+    leads.write_text(
+        "email,first_name,company\nzebulon.quux@erase.example,Zebulon,Quuxworth Ltd\nkeep@other.example,Kim,Other\n"
+    )
+    events = tmp_path / "events.csv"
+    events.write_text(
+        "email,kind,occurred_at,properties\n"
+        'zebulon.quux@erase.example,page_view,2026-01-05T10:00:00Z,"{""ip"": ""203.0.113.77""}"\n'
+    )
+    database = Path(os.environ["NURTURE_DATABASE_URL"].removeprefix("sqlite:///"))
+    # Another process has the database open, as `nurture api` or `serve` would: the log is not removed at exit.
+    with closing(sqlite3.connect(database)) as other:
+        other.execute("PRAGMA journal_mode").fetchone()
+        nurture("import", "leads", str(leads))
+        nurture("import", "events", str(events))
+        nurture("forget", "Zebulon.Quux@erase.example", "--yes")
+        files = [f for f in database.parent.glob(f"{database.name}*") if f.is_file()]
+        assert {f.name for f in files} >= {database.name, f"{database.name}-wal"}
+        for trace in (b"zebulon.quux@erase.example", b"Zebulon", b"Quuxworth", b"203.0.113.77"):
+            assert [f.name for f in files if trace in f.read_bytes()] == [], trace
+        assert any(b"keep@other.example" in f.read_bytes() for f in files)  # the search would have found it

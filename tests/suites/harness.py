@@ -57,11 +57,17 @@ def wait_for(url: str, process: subprocess.Popen[bytes], seconds: float, what: s
 
 
 @contextmanager
-def prefect_server(workdir: Path) -> Iterator[str]:
-    """A real `prefect server start` on a free loopback port; yields its API URL."""
+def prefect_server(workdir: Path, settings: dict[str, str] | None = None) -> Iterator[str]:
+    """A real `prefect server start` on a free loopback port (with extra Prefect `settings`); yields its API URL."""
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(workdir / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(workdir / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        **(settings or {}),
+    }
+    env.pop("PREFECT_API_URL", None)
     with (workdir / "prefect-server.log").open("wb") as log:
         process = subprocess.Popen(
             [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
@@ -74,7 +80,11 @@ def prefect_server(workdir: Path) -> Iterator[str]:
             yield api
         finally:
             process.terminate()
-            process.wait(timeout=30)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=30)
 
 
 @contextmanager

@@ -1,0 +1,87 @@
+"""Erasure that really erases, and ids that are never handed to someone else afterwards.
+
+An unsubscribe link carries a lead id and SendGrid's events carry a message id, so
+an id that comes back after `nurture forget` would let the forgotten person's old
+link unsubscribe a stranger, and a late event settle another person's message.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, func, select, text
+from sqlmodel import col
+
+from db.engine import MIGRATIONS_DIR, get_engine, session_scope, upgrade_schema
+from db.inbound import forget_lead
+from db.models import Event, Lead, Message
+from nurture.playbook import Playbook
+from nurture.unsubscribe import make_unsubscribe_token, read_unsubscribe_token
+from tests.conftest import T0
+from tests.db.world import World
+
+NOW = T0 + timedelta(minutes=10)
+SECRET = "test-secret"
+
+
+def _ids(world: World, email: str) -> tuple[int, list[int]]:
+    lead = world.row(email)
+    assert lead.id is not None
+    return lead.id, [m.id for m in world.messages(email) if m.id is not None]
+
+
+def test_the_ids_of_a_forgotten_lead_and_its_messages_are_never_given_again(engine: Engine, playbook: Playbook) -> None:
+    world = World(engine, playbook)
+    (first,) = world.hot_leads(1, at=T0, advance_to=NOW)
+    old_lead, old_messages = _ids(world, first)
+    assert old_messages, "the hot lead has no message: nothing to prove"
+    token = make_unsubscribe_token(old_lead, secret=SECRET)
+    with session_scope(engine) as session:
+        forget_lead(session=session, email=first, now=NOW)  # the newest lead and newest messages go
+
+    world.lead("stranger@elsewhere.example", at=NOW, job_title="CTO", company_size=500)
+    world.events("stranger@elsewhere.example", ("demo_request", NOW), ("webinar_attended", NOW), ("pricing_view", NOW))
+    world.advance(NOW + timedelta(minutes=1))
+    new_lead, new_messages = _ids(world, "stranger@elsewhere.example")
+
+    assert new_lead > old_lead
+    assert new_messages
+    assert min(new_messages) > max(old_messages)
+    # The forgotten person's link now names no one.
+    assert read_unsubscribe_token(token, secret=SECRET) == old_lead
+    with session_scope(engine) as session:
+        assert session.get(Lead, old_lead) is None
+
+
+def test_upgrading_an_existing_sqlite_database_keeps_every_row_and_child(tmp_path: Path, playbook: Playbook) -> None:
+    """The AUTOINCREMENT rebuild (migration 0004) must not cascade-delete events, transitions or messages."""
+    engine = get_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0003")
+    world = World(engine, playbook)
+    world.hot_leads(3, at=T0, advance_to=NOW)
+
+    def counts() -> dict[str, int]:
+        with session_scope(engine) as session:
+            return {
+                model.__name__: int(session.scalar(select(func.count()).select_from(model)) or 0)
+                for model in (Lead, Event, Message)
+            }
+
+    before = counts()
+    assert before["Message"] > 0
+    assert upgrade_schema(engine) == ("0003", "0004")
+    assert counts() == before
+    with engine.connect() as connection:
+        tables = dict(connection.execute(text("SELECT name, sql FROM sqlite_master WHERE type = 'table'")).all())
+        assert "AUTOINCREMENT" in tables["lead"]
+        assert "AUTOINCREMENT" in tables["message"]
+        assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1  # switched back on
+    with session_scope(engine) as session:
+        assert session.scalar(select(func.count()).where(col(Event.lead_id).is_(None))) == 0
