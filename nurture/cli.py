@@ -576,11 +576,18 @@ def api(
     """Serve the events API, SendGrid's Event Webhook and the unsubscribe pages."""
     import uvicorn
 
-    from nurture.api import create_app
+    from nurture.api import KEEP_ALIVE_SECONDS, create_app
 
     _engine()  # refuse an out-of-date schema before listening
     _check_secret_key(_settings(), host)
-    uvicorn.run(create_app(_settings()), host=host, port=port, proxy_headers=True, log_level="info")
+    uvicorn.run(
+        create_app(_settings()),
+        host=host,
+        port=port,
+        proxy_headers=True,
+        log_level="info",
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+    )
 
 
 @app.command()
