@@ -312,6 +312,10 @@ def _check_events(engine: Engine, report: LoadReport) -> None:
     report.stored_unacknowledged = sum(1 for key in stored if key not in report.events_acknowledged)
     if lost:
         report.violations.append(f"acknowledged but not stored: {lost[:10]}")
+    if report.stored_unacknowledged and not report.errors:
+        # Without a lost answer (a connection error), only a refusal or a 503 could have stored these.
+        unacknowledged = [key for key in stored if key not in report.events_acknowledged]
+        report.violations.append(f"stored, never acknowledged: {unacknowledged[:10]}")
     unscored = [key for key in report.events_acknowledged if key in stored and not stored[key][1]]
     if unscored:
         report.violations.append(f"{len(unscored)} acknowledged events not scored by the last cycle: {unscored[:5]}")
