@@ -7,17 +7,22 @@ S seconds: website event batches with unique ids (some suppress their address, s
 name new addresses, a few carry one bad item), signed SendGrid webhook batches
 (opens, clicks, bounces, unsubscribes, spam reports, processed and delivered, about
 real messages once there are some), one-click unsubscribes, and bad input that must
-get its 4xx (benchmarks/api_traffic.py). A 503 with Retry-After is waited out and
-sent again, and counted apart; any other 5xx, a wrong status or a connection error
-is an error. Then one last cycle, and the checks against the database:
+get its 4xx (benchmarks/api_traffic.py); 5% of batches are delivered twice at once,
+as SendGrid's retries are. A 503 with Retry-After is waited out and sent again, and
+counted apart; any other 5xx, a wrong status or a connection error is an error. Then
+one last cycle, and the checks against the database:
 
-- every acknowledged event is stored exactly once (by its id) and scored by the cycle;
+- every acknowledged event is stored exactly once (by its id) and scored by the cycle,
+  and nothing is stored that was not acknowledged;
+- the leads and suppressions the answers said they created are the ones stored;
 - every address a suppressing event named is suppressed, and no email to it started
   after the suppression was acknowledged;
 - tests/suites/invariants.py: nothing sent twice, nothing stuck or lost in the
   outbox, stage = last transition, the ledger's last row = the score.
 
     uv run python -m benchmarks.api_load --engine both --clients 20 --seconds 60
+    # and with a migration blocking the event table, so the API answers 503 and clients retry:
+    uv run python -m benchmarks.api_load --engine both --clients 20 --seconds 60 --migration 3 --lock-timeout 0.1
 
 PostgreSQL needs NURTURE_TEST_DATABASE_URL. A fixed seed makes the traffic repeatable;
 the interleaving with the cycles is not. Exits 1 on any error, loss or violation.
