@@ -39,34 +39,27 @@ import sqlite3
 import subprocess
 import tempfile
 import time
-from collections import Counter
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.engine import make_url
 from sqlmodel import col
 
-from benchmarks.api_traffic import Audience, Call, Traffic, Webhook
+from benchmarks.api_traffic import Audience, Tally, Traffic, Webhook, run_client
 from db.engine import get_engine, session_scope
-from db.models import Event, Lead, Message, Suppression
+from db.models import Event, Lead, Message
 from nurture.delivery import MessageStatus
 from nurture.playbook import load_playbook
-from nurture.privacy import email_hash
 from tests.suites import harness
-from tests.suites.invariants import check
+from tests.suites.invariants import Acknowledged, check, check_inbound
 
 TOKEN = "load-site-token"
 MAX_BODY_BYTES = 100_000
 # Simulated time each cycle moves on: events arrive "now" in the cycles' timeline.
 CYCLE_STEP = timedelta(minutes=20)
-# Batches delivered twice at once, as SendGrid does when it retries a batch still being processed.
-REPLAYS = 0.05
-# A 503 is sent again after its Retry-After this many times before it counts as an error.
-MAX_RETRIES = 10
 
 
 @dataclass
@@ -77,24 +70,12 @@ class SimulatedClock:
 
 
 @dataclass
-class LoadReport:
-    """One engine's run: what the clients saw and what the database holds."""
+class LoadReport(Tally):
+    """One engine's run: what the clients saw (``Tally``) and what the database holds."""
 
-    engine: str
-    clients: int
+    engine: str = ""
+    clients: int = 0
     seconds: float = 0.0
-    requests: int = 0
-    acknowledged: int = 0
-    refused: int = 0  # 4xx, as each bad request must get
-    retried: int = 0  # 503 with Retry-After, then sent again
-    errors: list[str] = field(default_factory=list)
-    latencies: list[float] = field(default_factory=list)
-    events_acknowledged: dict[tuple[str, str], str] = field(default_factory=dict)
-    suppressed_at: dict[str, datetime] = field(default_factory=dict)
-    bounced_messages: set[str] = field(default_factory=set)
-    # What the answers said they created, summed: the database must hold exactly that.
-    leads_created: int = 0
-    suppressions_added: int = 0
     cycles: int = 0
     scored_during_load: int = 0  # acknowledged events the cycles scored while the clients were posting
     lost: int = 0
@@ -104,78 +85,9 @@ class LoadReport:
     deadlocks: int | None = None  # PostgreSQL's count for the whole database while the run lasted
     violations: list[str] = field(default_factory=list)
 
-    def percentile(self, share: float) -> float:
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(share * len(ordered)))] * 1000 if ordered else 0.0
-
     @property
     def ok(self) -> bool:
         return not (self.errors or self.lost or self.duplicates or self.violations)
-
-
-def _acknowledge(call: Call, answer: httpx.Response, report: LoadReport) -> None:
-    """Record what an acknowledgement promised; an answer that contradicts the call is an error."""
-    report.acknowledged += 1
-    at = datetime.now(UTC)
-    for key in call.events:
-        report.events_acknowledged[key] = call.what
-    for email in call.suppresses:
-        report.suppressed_at.setdefault(email, at)
-    report.bounced_messages.update(call.bounced_messages)
-    if call.path == "/v1/events":
-        body = answer.json()
-        stored, duplicates = body["accepted"], body["duplicates"]
-        report.leads_created += body["leads_created"]
-        report.suppressions_added += body["suppressions_added"]
-        if call.bad_index is not None and [e["index"] for e in body["errors"]] != [call.bad_index]:
-            report.errors.append(f"{call.what}: item {call.bad_index} was bad, answer named {body['errors']}")
-    elif call.path == "/webhooks/sendgrid":
-        body = answer.json()
-        stored, duplicates = body["events_stored"], body["duplicates"]
-        report.suppressions_added += body["suppressions_added"]
-    else:
-        return
-    # Fresh ids are all new, unless the call is a replay: then each is new or a duplicate.
-    if stored + duplicates != len(call.events) or (duplicates and not call.replay):
-        report.errors.append(f"{call.what}: {len(call.events)} events with fresh ids, answer {body}")
-
-
-async def _send(http: httpx.AsyncClient, call: Call, report: LoadReport) -> None:
-    """Send ``call``; wait out a 503's Retry-After and send it again, a bounded number of times."""
-    for _ in range(MAX_RETRIES + 1):
-        started = time.perf_counter()
-        try:
-            answer = await http.post(call.path, content=call.body, headers=call.headers())
-        except httpx.TransportError as exc:
-            report.errors.append(f"{call.what}: connection error {type(exc).__name__}: {exc}")
-            return
-        finally:
-            report.latencies.append(time.perf_counter() - started)
-            report.requests += 1
-        retry_after = answer.headers.get("retry-after", "")
-        if answer.status_code == 503 and retry_after.isdigit():
-            report.retried += 1
-            await asyncio.sleep(int(retry_after))
-            continue
-        if answer.status_code != call.expect:
-            report.errors.append(f"{call.what}: expected {call.expect}, got {answer.status_code}: {answer.text[:300]}")
-        elif call.expect >= 400:
-            report.refused += 1
-        else:
-            _acknowledge(call, answer, report)
-        return
-    report.errors.append(f"{call.what}: still 503 after {MAX_RETRIES} tries")
-
-
-async def _client(traffic: Traffic, api_url: str, clock: SimulatedClock, deadline: float, report: LoadReport) -> None:
-    async with httpx.AsyncClient(base_url=api_url, timeout=60) as http:
-        while time.monotonic() < deadline:
-            call = traffic.next_call(clock.now)
-            if call.events and traffic.rng.random() < REPLAYS:
-                twin = replace(call, replay=True)
-                await asyncio.gather(_send(http, twin, report), _send(http, twin, report))
-            else:
-                await _send(http, call, report)
 
 
 async def _cycles(
@@ -280,7 +192,7 @@ async def _load(
         )
         for i in range(report.clients)
     ]
-    await asyncio.gather(*(_client(t, api_url, clock, deadline, report) for t in clients))
+    await asyncio.gather(*(run_client(t, api_url, lambda: clock.now, deadline, report) for t in clients))
     report.seconds = time.monotonic() - started
     stop.set()
     await asyncio.gather(*background)  # the cycle running now ends on its own
@@ -299,67 +211,6 @@ def _scored(engine: Engine) -> int:
     with session_scope(engine) as session:
         query = select(func.count()).where(col(Event.source).in_(["api", "sendgrid"]), col(Event.applied).is_(True))
         return int(session.scalar(query) or 0)
-
-
-def _check_events(engine: Engine, report: LoadReport) -> None:
-    """Every acknowledged event stored exactly once, and scored by the last cycle."""
-    with session_scope(engine) as session:
-        rows = session.execute(
-            select(col(Event.source), col(Event.external_id), col(Event.applied)).where(
-                col(Event.source).in_(["api", "sendgrid"])
-            )
-        ).all()
-    copies = Counter((source, external_id) for source, external_id, _ in rows)
-    stored = {(source, external_id): (copies[(source, external_id)], applied) for source, external_id, applied in rows}
-    lost = [key for key in report.events_acknowledged if key not in stored]
-    report.lost = len(lost)
-    report.duplicates = sum(1 for count, _ in stored.values() if count > 1)
-    report.stored_unacknowledged = sum(1 for key in stored if key not in report.events_acknowledged)
-    if lost:
-        report.violations.append(f"acknowledged but not stored: {lost[:10]}")
-    if report.stored_unacknowledged and not report.errors:
-        # Without a lost answer (a connection error), only a refusal or a 503 could have stored these.
-        unacknowledged = [key for key in stored if key not in report.events_acknowledged]
-        report.violations.append(f"stored, never acknowledged: {unacknowledged[:10]}")
-    unscored = [key for key in report.events_acknowledged if key in stored and not stored[key][1]]
-    if unscored:
-        report.violations.append(f"{len(unscored)} acknowledged events not scored by the last cycle: {unscored[:5]}")
-
-
-def _check_answered_counts(engine: Engine, report: LoadReport, leads: int) -> None:
-    """The leads and suppressions the answers said they added are the ones the database holds."""
-    with session_scope(engine) as session:
-        created = session.scalar(select(func.count()).select_from(Lead)) or 0
-        suppressions = session.scalar(select(func.count()).where(col(Suppression.source).in_(["api", "sendgrid"]))) or 0
-    if created - leads != report.leads_created:
-        report.violations.append(
-            f"answers said {report.leads_created} leads created, the database has {created - leads}"
-        )
-    if suppressions != report.suppressions_added:
-        report.violations.append(
-            f"answers said {report.suppressions_added} suppressions added, the database has {suppressions}"
-        )
-
-
-def _check_suppressions(engine: Engine, report: LoadReport) -> None:
-    """Every address a suppressing event named is suppressed; no email to it started after the acknowledgement."""
-    with session_scope(engine) as session:
-        hashes = set(session.scalars(select(col(Suppression.email_hash))))
-        started = session.execute(
-            select(col(Lead.email), col(Message.id), col(Message.send_started_at))
-            .join(Lead, col(Lead.id) == col(Message.lead_id))
-            .where(col(Message.send_started_at).is_not(None))
-        ).all()
-    missing = [email for email in report.suppressed_at if email_hash(email) not in hashes]
-    if missing:
-        report.violations.append(f"{len(missing)} addresses not suppressed: {missing[:5]}")
-    late = [
-        (email, message_id)
-        for email, message_id, at in started
-        if email in report.suppressed_at and at > report.suppressed_at[email]
-    ]
-    if late:
-        report.violations.append(f"emails started after their address's suppression was acknowledged: {late[:5]}")
 
 
 def _deadlocks(admin_url: str | None) -> int | None:
@@ -449,9 +300,17 @@ def run_engine(
             harness.run_to_end(["run", "cycle", "--now", finish.isoformat()], env, logs / "finish-cycle.log")
             log = harness.fake_log(sendgrid_url)
         engine = get_engine(database.url)
-        _check_events(engine, report)
-        _check_suppressions(engine, report)
-        _check_answered_counts(engine, report, leads=len(audience.leads))
+        promised = Acknowledged(
+            events=set(report.events_acknowledged),
+            suppressed_at=report.suppressed_at,
+            leads_created=report.leads_created,
+            suppressions_added=report.suppressions_added,
+            answers_lost=bool(report.errors),
+        )
+        inbound = check_inbound(engine=engine, acknowledged=promised, leads_before=len(audience.leads))
+        report.lost, report.duplicates = inbound.lost, inbound.duplicates
+        report.stored_unacknowledged = inbound.stored_unacknowledged
+        report.violations.extend(inbound.violations)
         verdict = check(
             engine=engine,
             playbook=load_playbook(harness.ROOT / "nurture.yaml"),

@@ -1,21 +1,24 @@
-"""The requests of the API load test: what the website and SendGrid send, and what they must not.
+"""The clients of the API load test: what the website and SendGrid send, and what they must not.
 
 Each request is a :class:`Call` that knows the status it must get and what an
-acknowledgement promises (events stored under their ids, addresses suppressed),
-so the load test can hold the database to every promise the API made. Ids are
-unique per call, so each acknowledged event can be counted exactly once.
+acknowledgement promises (events stored under their ids, addresses suppressed);
+a client sends its calls and keeps a :class:`Tally` of the answers, so the load
+test can hold the database to every promise the API made. Ids are unique per call,
+so each acknowledged event can be counted exactly once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 
+import httpx
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -51,6 +54,10 @@ SENDGRID_KINDS = {
     "unsubscribe": 0.3,
     "spamreport": 0.15,
 }
+# Batches delivered twice at once, as SendGrid does when it retries a batch still being processed.
+REPLAYS = 0.05
+# A 503 is sent again after its Retry-After this many times before it counts as an error.
+MAX_RETRIES = 10
 # Addresses the site sends that nurture does not know yet: shared by all clients, so two
 # clients create the same lead at the same moment.
 WALK_INS = 40
@@ -100,6 +107,29 @@ class Webhook:
         timestamp = str(stamp if stamp is not None else int(time.time()))
         signature = (key or self._key).sign(timestamp.encode() + body, ec.ECDSA(hashes.SHA256()))
         return {SIGNATURE: base64.b64encode(signature).decode(), TIMESTAMP: timestamp, "Content-Type": JSON}
+
+
+@dataclass
+class Tally:
+    """What the clients sent and what the answers promised."""
+
+    requests: int = 0
+    acknowledged: int = 0
+    refused: int = 0  # 4xx, as each bad request must get
+    retried: int = 0  # 503 with Retry-After, then sent again
+    errors: list[str] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    events_acknowledged: dict[tuple[str, str], str] = field(default_factory=dict)
+    suppressed_at: dict[str, datetime] = field(default_factory=dict)
+    bounced_messages: set[str] = field(default_factory=set)
+    # What the answers said they created, summed: the database must hold exactly that.
+    leads_created: int = 0
+    suppressions_added: int = 0
+
+    def percentile(self, share: float) -> float:
+        """The latency at ``share`` (0.95: p95), in milliseconds."""
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(share * len(ordered)))] * 1000 if ordered else 0.0
 
 
 def _pick(rng: random.Random, weights: dict[str, float]) -> str:
@@ -269,3 +299,71 @@ class Traffic:
         ]
         what, path, body, headers, status = self.rng.choice(cases)
         return Call(what=what, path=path, body=body, headers=headers, expect=status)
+
+
+def _acknowledge(call: Call, answer: httpx.Response, tally: Tally) -> None:
+    """Record what an acknowledgement promised; an answer that contradicts the call is an error."""
+    tally.acknowledged += 1
+    at = datetime.now(UTC)
+    for key in call.events:
+        tally.events_acknowledged[key] = call.what
+    for email in call.suppresses:
+        tally.suppressed_at.setdefault(email, at)
+    tally.bounced_messages.update(call.bounced_messages)
+    if call.path == "/v1/events":
+        body = answer.json()
+        stored, duplicates = body["accepted"], body["duplicates"]
+        tally.leads_created += body["leads_created"]
+        tally.suppressions_added += body["suppressions_added"]
+        if call.bad_index is not None and [e["index"] for e in body["errors"]] != [call.bad_index]:
+            tally.errors.append(f"{call.what}: item {call.bad_index} was bad, answer named {body['errors']}")
+    elif call.path == "/webhooks/sendgrid":
+        body = answer.json()
+        stored, duplicates = body["events_stored"], body["duplicates"]
+        tally.suppressions_added += body["suppressions_added"]
+    else:
+        return
+    # Fresh ids are all new, unless the call is a replay: then each is new or a duplicate.
+    if stored + duplicates != len(call.events) or (duplicates and not call.replay):
+        tally.errors.append(f"{call.what}: {len(call.events)} events with fresh ids, answer {body}")
+
+
+async def _send(http: httpx.AsyncClient, call: Call, tally: Tally) -> None:
+    """Send ``call``; wait out a 503's Retry-After and send it again, a bounded number of times."""
+    for _ in range(MAX_RETRIES + 1):
+        started = time.perf_counter()
+        try:
+            answer = await http.post(call.path, content=call.body, headers=call.headers())
+        except httpx.TransportError as exc:
+            tally.errors.append(f"{call.what}: connection error {type(exc).__name__}: {exc}")
+            return
+        finally:
+            tally.latencies.append(time.perf_counter() - started)
+            tally.requests += 1
+        retry_after = answer.headers.get("retry-after", "")
+        if answer.status_code == 503 and retry_after.isdigit():
+            tally.retried += 1
+            await asyncio.sleep(int(retry_after))
+            continue
+        if answer.status_code != call.expect:
+            tally.errors.append(f"{call.what}: expected {call.expect}, got {answer.status_code}: {answer.text[:300]}")
+        elif call.expect >= 400:
+            tally.refused += 1
+        else:
+            _acknowledge(call, answer, tally)
+        return
+    tally.errors.append(f"{call.what}: still 503 after {MAX_RETRIES} tries")
+
+
+async def run_client(
+    traffic: Traffic, api_url: str, now: Callable[[], datetime], deadline: float, tally: Tally
+) -> None:
+    """One client: its calls one after the other until ``deadline`` (time.monotonic()), some twice at once."""
+    async with httpx.AsyncClient(base_url=api_url, timeout=60) as http:
+        while time.monotonic() < deadline:
+            call = traffic.next_call(now())
+            if call.events and traffic.rng.random() < REPLAYS:
+                twin = replace(call, replay=True)
+                await asyncio.gather(_send(http, twin, tally), _send(http, twin, tally))
+            else:
+                await _send(http, call, tally)

@@ -1,13 +1,14 @@
 """What must hold after any trial of the suites, however the processes were killed or overlapped.
 
 Checked against the database and the fake SendGrid's own log (what it was asked and
-what it accepted), never against what nurture says about itself.
+what it accepted), or the API's answers as its clients recorded them — never against
+what nurture says about itself afterwards.
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -17,10 +18,11 @@ from sqlmodel import col
 
 from db.engine import session_scope
 from db.inbound import ingest_provider_events
-from db.models import Enrollment, Lead, Message, ScoreChange, StageTransition
+from db.models import Enrollment, Event, Lead, Message, ScoreChange, StageTransition, Suppression
 from nurture.delivery import MessageStatus
 from nurture.inbound import ProviderEvent
 from nurture.playbook import Playbook, Stage
+from nurture.privacy import email_hash
 
 
 @dataclass
@@ -160,3 +162,76 @@ def _check_history(session: Session, playbook: Playbook, verdict: Verdict) -> No
             verdict.violations.append(
                 f"lead {lead.id}: score {lead.score} but the ledger's last row says {last_score.get(int(lead.id))}"
             )
+
+
+@dataclass(frozen=True)
+class Acknowledged:
+    """What the API's answers promised, as its clients recorded them."""
+
+    events: Collection[tuple[str, str]]  # (source, external id) of every acknowledged event
+    suppressed_at: Mapping[str, datetime]  # address → when a suppression of it was first acknowledged
+    leads_created: int  # summed over the answers
+    suppressions_added: int  # summed over the JSON answers (the unsubscribe page gives no count)
+    answers_lost: bool  # a connection broke: something may be stored that was never acknowledged
+
+
+@dataclass
+class InboundVerdict:
+    lost: int = 0
+    duplicates: int = 0
+    stored_unacknowledged: int = 0
+    violations: list[str] = field(default_factory=list)
+
+
+def check_inbound(*, engine: Engine, acknowledged: Acknowledged, leads_before: int) -> InboundVerdict:
+    """Every acknowledged event stored once and scored, nothing else stored; the answers' counts are
+    the rows stored; every suppressed address suppressed, and mailed by nothing that started after."""
+    verdict = InboundVerdict()
+    with session_scope(engine) as session:
+        events = session.execute(
+            select(col(Event.source), col(Event.external_id), col(Event.applied)).where(
+                col(Event.source).in_(["api", "sendgrid"])
+            )
+        ).all()
+        leads = int(session.scalar(select(func.count()).select_from(Lead)) or 0)
+        sources = col(Suppression.source).in_(["api", "sendgrid"])
+        suppressions = int(session.scalar(select(func.count()).where(sources)) or 0)
+        hashes = set(session.scalars(select(col(Suppression.email_hash))))
+        started = session.execute(
+            select(col(Lead.email), col(Message.id), col(Message.send_started_at))
+            .join(Lead, col(Lead.id) == col(Message.lead_id))
+            .where(col(Message.send_started_at).is_not(None))
+        ).all()
+    copies = Counter((source, external_id) for source, external_id, _ in events)
+    scored = {(source, external_id): applied for source, external_id, applied in events}
+    lost = [key for key in acknowledged.events if key not in scored]
+    unacknowledged = [key for key in scored if key not in acknowledged.events]
+    verdict.lost, verdict.stored_unacknowledged = len(lost), len(unacknowledged)
+    verdict.duplicates = sum(1 for n in copies.values() if n > 1)
+    if lost:
+        verdict.violations.append(f"acknowledged but not stored: {lost[:10]}")
+    if unacknowledged and not acknowledged.answers_lost:
+        # Without a lost answer, only a refusal or a 503 could have stored these.
+        verdict.violations.append(f"stored, never acknowledged: {unacknowledged[:10]}")
+    unscored = [key for key in acknowledged.events if key in scored and not scored[key]]
+    if unscored:
+        verdict.violations.append(f"{len(unscored)} acknowledged events not scored by the last cycle: {unscored[:5]}")
+    if leads - leads_before != acknowledged.leads_created:
+        verdict.violations.append(
+            f"answers said {acknowledged.leads_created} leads created, the database has {leads - leads_before}"
+        )
+    if suppressions != acknowledged.suppressions_added:
+        verdict.violations.append(
+            f"answers said {acknowledged.suppressions_added} suppressions added, the database has {suppressions}"
+        )
+    missing = [email for email in acknowledged.suppressed_at if email_hash(email) not in hashes]
+    if missing:
+        verdict.violations.append(f"{len(missing)} addresses not suppressed: {missing[:5]}")
+    late = [
+        (email, message_id)
+        for email, message_id, at in started
+        if email in acknowledged.suppressed_at and at > acknowledged.suppressed_at[email]
+    ]
+    if late:
+        verdict.violations.append(f"emails started after their address's suppression was acknowledged: {late[:5]}")
+    return verdict
