@@ -64,9 +64,10 @@ def run_round(
             now=later,
             in_doubt_bound=0,
         )
-        bad = [c for c in codes if c not in (0, 2)]
-        if bad:
-            verdict.violations.append(f"processes exited with {codes}: see {logs}")
+        for command, code, index in zip(commands, codes, range(len(codes)), strict=True):
+            if code not in (0, 2):  # 2: delivery problems reported, a clean exit
+                tail = (logs / f"p{index}.log").read_text(errors="replace")[-1500:]
+                verdict.violations.append(f"`nurture {' '.join(command[:2])}` exited {code}:\n{tail}")
         return verdict
     finally:
         database.drop()
