@@ -41,6 +41,16 @@ class EmailTransport(Protocol):
     def send(self, email: OutgoingEmail) -> str: ...
 
 
+def one_line(value: str) -> str:
+    """A header value on one line: every run of whitespace, line breaks included, becomes one space.
+
+    CR and LF are what start a new header; ``str.split`` also breaks on the separators
+    some mail software treats as line ends (U+0085, U+2028, U+2029, U+001C–U+001F), so
+    no value nurture writes into a header can add one.
+    """
+    return " ".join(value.split())
+
+
 def list_unsubscribe_headers(email: OutgoingEmail) -> dict[str, str]:
     """RFC 8058 one-click unsubscribe headers, on every email (the mailto only if configured)."""
     targets = [f"<{email.unsubscribe_url}>"]
