@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Annotated
 
 import yaml
+from jinja2 import TemplateSyntaxError
+from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nurture.errors import PlaybookError
@@ -213,12 +215,26 @@ class Step(_Frozen):
     template: str
     subject: str
 
+    @field_validator("subject")
+    @classmethod
+    def _a_template(cls, subject: str) -> str:
+        # Checked here, not only when templates are checked, so the error has the playbook's line.
+        try:
+            _SUBJECTS.parse(subject)
+        except TemplateSyntaxError as exc:
+            raise ValueError(f"not a valid template: {exc.message}") from exc
+        return subject
+
     @field_validator("template")
     @classmethod
     def _a_file_name(cls, template: str) -> str:
         if not TEMPLATE_NAME.match(template):
             raise ValueError(f"{_shown(template)} is not a template name: letters, digits, _ . - and / between folders")
         return template
+
+
+# Parses subjects only (never renders them): the renderer's sandboxed environment renders.
+_SUBJECTS = SandboxedEnvironment()
 
 
 class Sequence(_Frozen):

@@ -167,6 +167,12 @@ BROKEN = [
     ("a template name with braces", _mutated("template: welcome", 'template: "{x}"'), 76, "is not a template name"),
     ("an absolute template path", _mutated("template: welcome", "template: /etc/passwd"), 76, "is not a template name"),
     ("a template outside templates/", _mutated("template: welcome", "template: ../welcome"), 76, "not a template name"),
+    (
+        "a subject that does not parse",  # was reported by the template check, without file or line
+        _mutated('subject: "See {{ brand.name }} on your own data"', 'subject: "See {{ brand.name }"'),
+        102,
+        "sequences.demo_offer.steps.0.subject: not a valid template: unexpected '}'",
+    ),
 ]
 
 
