@@ -468,9 +468,14 @@ def parse_playbook(text: str, *, source: str = "nurture.yaml") -> Playbook:
 def load_playbook(path: Path, *, templates_dir: Path | None = None) -> Playbook:
     """Read, validate and (given the templates folder) check every template exists."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise PlaybookError([f"{path}: cannot read the playbook: {exc.strerror}"]) from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise PlaybookError([f"{path}:{line}: not UTF-8 text (byte {exc.start}); save the file as UTF-8"]) from exc
     playbook = parse_playbook(text, source=str(path))
     if templates_dir is not None:
         missing = []

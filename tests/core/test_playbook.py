@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from pathlib import Path
 
@@ -190,3 +191,11 @@ def test_an_alias_bomb_or_an_alias_to_itself_is_read_once(tmp_path: Path) -> Non
     )
     assert "nurture.yaml:132: l0: unknown key" in _problems(SHIPPED + "\n" + bomb)
     assert "zz: unknown key" in _problems(SHIPPED + "\nzz: &a [*a]\n")
+
+
+def test_a_playbook_that_is_not_utf8_is_named_with_its_line(tmp_path: Path) -> None:
+    """It raised UnicodeDecodeError, a traceback from `nurture validate`."""
+    path = tmp_path / "nurture.yaml"
+    path.write_bytes(SHIPPED.replace("Acme Analytics", "Acmé Analytics").encode("latin-1", errors="replace"))
+    with pytest.raises(PlaybookError, match=rf"{re.escape(str(path))}:6: not UTF-8 text \(byte \d+\)"):
+        load_playbook(path)
