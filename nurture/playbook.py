@@ -448,7 +448,8 @@ def parse_playbook(text: str, *, source: str = "nurture.yaml") -> Playbook:
     except yaml.YAMLError as exc:
         raise PlaybookError([_yaml_problem(exc, text, source)]) from exc
     if not isinstance(document, dict):
-        raise PlaybookError([f"{source}: the playbook must be a mapping of keys (brand, scoring, ...)"])
+        line = root.start_mark.line + 1 if root is not None else 1
+        raise PlaybookError([f"{source}:{line}: the playbook must be a mapping of keys (brand, scoring, ...)"])
     document["version"] = hashlib.sha256(text.encode()).hexdigest()[:12]
     try:
         return Playbook.model_validate(document)

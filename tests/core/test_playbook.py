@@ -199,3 +199,8 @@ def test_a_playbook_that_is_not_utf8_is_named_with_its_line(tmp_path: Path) -> N
     path.write_bytes(SHIPPED.replace("Acme Analytics", "Acmé Analytics").encode("latin-1", errors="replace"))
     with pytest.raises(PlaybookError, match=rf"{re.escape(str(path))}:6: not UTF-8 text \(byte \d+\)"):
         load_playbook(path)
+
+
+@pytest.mark.parametrize(("text", "line"), [("", 1), ("# only a comment\n", 1), ("\n\n- brand\n", 3)])
+def test_a_playbook_that_is_not_a_mapping_is_named_with_its_line(text: str, line: int) -> None:
+    assert f"nurture.yaml:{line}: the playbook must be a mapping of keys" in _problems(text)

@@ -918,10 +918,15 @@ def _usable(playbook: Playbook) -> None:
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(text=st.one_of(structural_edit(), textual_edit()))
-def test_a_playbook_loads_or_says_where_it_is_wrong(renderer: EmailRenderer, tmp_path: Path, text: str) -> None:
+@given(
+    text=st.one_of(structural_edit(), textual_edit()),
+    encoding=st.sampled_from(["utf-8", "utf-8", "utf-8", "utf-8-sig", "latin-1", "utf-16"]),
+)
+def test_a_playbook_loads_or_says_where_it_is_wrong(
+    renderer: EmailRenderer, tmp_path: Path, text: str, encoding: str
+) -> None:
     path = tmp_path / "nurture.yaml"
-    path.write_text(text, encoding="utf-8", errors="surrogatepass")
+    path.write_bytes(text.encode(encoding, errors="replace"))
     try:
         playbook = load_playbook(path, templates_dir=TEMPLATES_DIR)
     except PlaybookError as exc:
