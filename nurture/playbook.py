@@ -362,6 +362,8 @@ def _read_nodes(root: yaml.Node, source: str) -> tuple[dict[tuple[str, ...], int
                 name = str(key.value)
                 child = (*path, name)
                 line = key.start_mark.line + 1
+                if isinstance(key, yaml.ScalarNode) and key.tag.endswith(_TYPED) and (problem := _unreadable(key)):
+                    problems.append(f"{source}:{line}: {'.'.join(child)}: the key {problem}")
                 if name in first and isinstance(key, yaml.ScalarNode):
                     problems.append(
                         f"{source}:{line}: {'.'.join(child)}: given twice (first on line {first[name]}); keep one"

@@ -164,6 +164,7 @@ BROKEN = [
     ("a 5,000-digit priority", _mutated("priority: 10", "priority: " + "9" * 5000), 96, "a whole number of 5000"),
     ("!!int abc", _mutated("priority: 10", "priority: !!int abc"), 96, "'abc' is not a valid whole number"),
     ("month 13", _mutated("half_life: 14d", "half_life: 2026-13-01"), 20, "not a valid date: month must be in 1..12"),
+    ("a key typed !!int", _mutated("brand:", "!!int brand:"), 5, "brand: the key 'brand' is not a valid whole number"),
     ("a NUL", _mutated("Acme Analytics", "Acme\x00"), 6, "not valid YAML: special characters are not allowed"),
     ("a template name with braces", _mutated("template: welcome", 'template: "{x}"'), 76, "is not a template name"),
     ("an absolute template path", _mutated("template: welcome", "template: /etc/passwd"), 76, "is not a template name"),
