@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 import yaml
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, func, select
 from sqlmodel import col
@@ -451,6 +451,18 @@ def _properties(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
 
+def _count(plan: ImportPlan) -> None:
+    """What the examples covered, shown by ``--hypothesis-show-statistics``."""
+    event(f"{plan.fmt} in {plan.encoding}")
+    bad = sum(1 for row in plan.rows if row.bad)
+    if not plan.rows:
+        event("no rows")
+    elif bad == len(plan.rows):
+        event("only bad rows")
+    else:
+        event("all rows good" if not bad else f"good rows and {'1 bad' if bad == 1 else 'several bad'}")
+
+
 def check_problems(result: Any, by_line: dict[int, Row]) -> None:
     """Every bad row is reported once, on its own line, with what was wrong; no good row is."""
     reported = {p.line: p.reason for p in result.problems}
@@ -468,6 +480,7 @@ def test_a_lead_import_keeps_every_good_row_and_names_every_bad_one(
 ) -> None:
     tag = _tag()
     path, by_line = write_import_file(plan, tmp_path, tag)
+    _count(plan)
     result = import_file(engine=engine, path=path, kind="leads", now=NOW, batch_size=plan.batch_size)
     check_problems(result, by_line)
     expected = expected_leads(plan.rows, tag)
@@ -484,6 +497,7 @@ def test_an_event_import_keeps_every_good_row_and_names_every_bad_one(
 ) -> None:
     tag = _tag()
     path, by_line = write_import_file(plan, tmp_path, tag)
+    _count(plan)
     result = import_file(engine=engine, path=path, kind="events", now=NOW, batch_size=plan.batch_size)
     check_problems(result, by_line)
     good = [row for row in plan.rows if not row.bad]
@@ -672,6 +686,7 @@ def test_the_events_api_answers_every_body_with_what_it_kept_and_what_was_wrong(
     value, items = body
     tag, base = _tag(), int.from_bytes(os.urandom(6), "big") + 1
     answer = client.post("/v1/events", content=_body_text(value, tag, base).encode(), headers=AUTH)
+    event(f"answered {answer.status_code}")
     assert answer.status_code < 500, answer.text
     result = answer.json()
     if not items and not (isinstance(value, dict) and isinstance(value.get("events"), list)):
@@ -754,6 +769,7 @@ def test_the_webhook_keeps_what_it_can_use_and_names_what_it_cannot(
         upsert_leads(session=session, records=[LeadRecord(1, a, {}, {}) for a in addresses], now=NOW)
     raw = _body_text([item.value for item in items], tag, 0).encode()
     answer = client.post("/webhooks/sendgrid", content=raw, headers=sign(raw))
+    event(f"answered {answer.status_code}")
     assert answer.status_code < 500, answer.text
     problems = [item.bad for item in items if item.bad and item.bad.startswith("event ")]
     usable = [item for item in items if item.bad in (None, "no address")]
@@ -931,7 +947,9 @@ def test_a_playbook_loads_or_says_where_it_is_wrong(
         playbook = load_playbook(path, templates_dir=TEMPLATES_DIR)
     except PlaybookError as exc:
         problems = exc.problems
+        event("refused")
     else:
+        event("loaded")
         problems = []
         for problem in renderer.check(playbook):  # what `nurture validate` adds: the templates, rendered
             assert problem.startswith((str(TEMPLATES_DIR), "sequence")), problem  # a file, or a sequence
