@@ -41,6 +41,8 @@ MAX_COMPANY_SIZE = 2**31 - 1
 _WHOLE = re.compile(r"^[+-]?[0-9]+$")
 _ZONE = re.compile(r"^[A-Za-z0-9_+-]+(?:/[A-Za-z0-9_+-]+)*$")
 PROFILE_WIDTHS = {"first_name": 200, "last_name": 200, "company": 300, "job_title": 300, "country": 100}
+# The longest CSV field read (16 MiB); a longer one ends the reading of its file.
+MAX_CSV_FIELD = 16 * 1024 * 1024
 # Events outside these years are refused: they are mistakes, and the far ends of the calendar
 # overflow as soon as a time zone offset or a duration is applied to them.
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
@@ -54,7 +56,9 @@ def normalise_email(value: object) -> str:
         raise ValueError("email is empty")
     if len(email) > MAX_EMAIL:
         raise ValueError(f"email {shown(email)} is {len(email)} characters long; at most {MAX_EMAIL}")
-    if not _EMAIL.match(email) or not _well_formed(email):
+    # "=?" starts an RFC 2047 encoded word, which mail software decodes even in an address:
+    # "=?utf-8?q?bob?=@x.example" is delivered to bob@x.example.
+    if not _EMAIL.match(email) or not _well_formed(email) or "=?" in email:
         raise ValueError(f"{shown(email)} is not an email address")
     return email
 
@@ -268,6 +272,9 @@ def _undecodable(text: str) -> bool:
 
 
 def _csv_rows(path: Path, handle: io.TextIOBase) -> Iterator[tuple[int, dict[str, Any] | RowProblem]]:
+    # The csv module's limit is per process; raised so that an over-long value is read whole and
+    # refused with its column and length instead of breaking the record apart.
+    csv.field_size_limit(MAX_CSV_FIELD)
     reader = csv.reader(handle)
     try:
         header = next(reader)
@@ -291,8 +298,11 @@ def _csv_rows(path: Path, handle: io.TextIOBase) -> Iterator[tuple[int, dict[str
         except StopIteration:
             return
         except csv.Error as exc:
-            yield reader.line_num, RowProblem(reader.line_num, f"cannot read the row: {exc}")
-            continue
+            # The reader gave up inside a record and cannot tell where the next one starts:
+            # reading on could turn the rest of a quoted value into rows.
+            why = f"cannot read the row: {exc}; the rows after it were not read"
+            yield reader.line_num, RowProblem(reader.line_num, why)
+            return
         line = reader.line_num
         if not any(v.strip() for v in values):
             continue

@@ -190,6 +190,7 @@ def test_company_size_must_fit_its_column() -> None:
         "a\x8cb@x.example",  # a C1 control character
         "a\u00adb@x.example",  # a soft hyphen: invisible
         "a\U000c9546@x.example",  # unassigned
+        "=?utf-8?q?bob?=@x.example",  # an RFC 2047 encoded word: delivered to bob@x.example
     ],
 )
 def test_addresses_mail_software_reads_as_another_mailbox_are_refused(address: str) -> None:
@@ -215,3 +216,26 @@ def test_a_utf16_file_without_its_byte_order_mark_is_named_as_such(tmp_path: Pat
     path.write_bytes("email,first_name\nl@x.example,L\n".encode("utf-16-le"))
     with pytest.raises(ImportDataError, match="line 1: the header contains NUL characters: is the file UTF-16"):
         list(read_rows(path))
+
+
+def test_an_over_long_csv_value_is_refused_whole_with_its_column(tmp_path: Path) -> None:
+    """Past the csv module's default limit (131,072) the reader gave up mid-record, and the rest
+    of the quoted value was read as rows of its own: here, a lead bob@x.example."""
+    path = tmp_path / "leads.csv"
+    path.write_text('email,first_name\nann@x.example,"' + "y" * 140_000 + '\nbob@x.example,Bob"\ncara@x.example,C\n')
+    rows = list(read_rows(path))
+    assert [line for line, _ in rows] == [3, 4]
+    with pytest.raises(ValueError, match="first_name is 140018 characters long; at most 200"):
+        lead_record(3, rows[0][1])  # type: ignore[arg-type]
+    assert rows[1] == (4, {"email": "cara@x.example", "first_name": "C"})
+
+
+def test_past_the_field_limit_the_rest_of_the_file_is_not_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("nurture.importing.MAX_CSV_FIELD", 1000)
+    path = tmp_path / "leads.csv"
+    path.write_text('email,first_name\nann@x.example,Ann\ndan@x.example,"' + "y" * 2000 + '\nbob@x.example,Bob"\n')
+    rows = list(read_rows(path))
+    assert rows[0] == (2, {"email": "ann@x.example", "first_name": "Ann"})
+    assert rows[1:] == [
+        (3, RowProblem(3, "cannot read the row: field larger than field limit (1000); the rows after it were not read"))
+    ]
