@@ -16,7 +16,7 @@ from email.utils import format_datetime, make_msgid
 from pathlib import Path
 
 from nurture.errors import PermanentDeliveryError, TransientDeliveryError
-from nurture.transports.base import OutgoingEmail, list_unsubscribe_headers, one_line
+from nurture.transports.base import OutgoingEmail, header_text, list_unsubscribe_headers, one_line
 
 # An address with non-ASCII letters is written as UTF-8 (RFC 6532): the default policy would
 # encode it as an RFC 2047 word, which names no mailbox at all.
@@ -39,7 +39,7 @@ def build_mime(email: OutgoingEmail) -> EmailMessage:
     try:
         mime["From"] = one_line(email.from_email)
         mime["To"] = one_line(email.to_email)
-        mime["Subject"] = one_line(email.subject)
+        mime["Subject"] = header_text(email.subject)
         if email.date is not None:
             mime["Date"] = format_datetime(email.date)
         mime["Message-ID"] = make_msgid(idstring=f"nurture-{email.message_id}", domain="nurture.local")
@@ -47,7 +47,7 @@ def build_mime(email: OutgoingEmail) -> EmailMessage:
             mime[name] = one_line(value)
         for name, value in email.custom_args.items():
             mime[f"X-Nurture-{name.replace('_', '-').title()}"] = one_line(value)
-        mime["X-Nurture-Category"] = one_line(email.category)
+        mime["X-Nurture-Category"] = header_text(email.category)
         mime.set_content(email.text)
         mime.add_alternative(email.html, subtype="html")
     except (ValueError, IndexError, TypeError) as exc:  # the email package's errors for what it cannot write

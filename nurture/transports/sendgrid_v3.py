@@ -19,7 +19,7 @@ from sendgrid import SendGridAPIClient
 from sendgrid.helpers.mail import Asm, Category, CustomArg, GroupId, Header, Mail
 
 from nurture.errors import AmbiguousDeliveryError, PermanentDeliveryError, TransientDeliveryError
-from nurture.transports.base import OutgoingEmail, list_unsubscribe_headers, one_line
+from nurture.transports.base import OutgoingEmail, header_text, list_unsubscribe_headers, one_line
 
 
 def build_mail(email: OutgoingEmail) -> Mail:
@@ -31,7 +31,7 @@ def build_mail(email: OutgoingEmail) -> Mail:
     mail = Mail(
         from_email=email.from_email,
         to_emails=email.to_email,
-        subject=one_line(email.subject),
+        subject=header_text(email.subject),
         plain_text_content=email.text,
         html_content=email.html,
     )
