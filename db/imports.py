@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
@@ -185,6 +186,17 @@ def add_events(
     )
 
 
+# What a database answers when a value does not fit its column: PostgreSQL's DataError (a
+# number out of range, over-long text, a NUL), SQLite's driver refusing an integer beyond 64 bits.
+REFUSED = (DataError, OverflowError)
+
+
+def _refusal(exc: BaseException) -> str:
+    """The database's reason, without the statement and the values it quotes."""
+    reason = str(exc.orig) if isinstance(exc, DataError) else str(exc)
+    return reason.strip().splitlines()[0][:200] if reason.strip() else type(exc).__name__
+
+
 @dataclass
 class FileImportResult:
     """The summary a user sees after an import."""
@@ -213,20 +225,34 @@ def import_file(
     batch: list[Any] = []
     parse = lead_record if kind == "leads" else event_record
 
-    def flush() -> None:
-        if not batch:
-            return
+    def store(records: Sequence[Any]) -> None:
         with session_scope(engine) as session:
             if kind == "leads":
-                upserted = upsert_leads(session=session, records=batch, now=now)
+                upserted = upsert_leads(session=session, records=records, now=now)
                 result.created += upserted.created
                 result.updated += upserted.updated
             else:
-                added = add_events(session=session, records=batch, now=now)
+                added = add_events(session=session, records=records, now=now)
                 result.rows_kept -= added.duplicates
                 result.duplicates += added.duplicates
                 result.leads_created += added.leads_created
                 result.suppressions_added += added.suppressions_added
+
+    def flush() -> None:
+        if not batch:
+            return
+        try:
+            store(batch)
+        except REFUSED:
+            # The parser checks what the columns hold; should the database still refuse a
+            # value, find its row (one transaction each, in file order) and keep the others.
+            for record in batch:
+                try:
+                    store([record])
+                except REFUSED as exc:
+                    result.rows_kept -= 1
+                    result.problems.append(RowProblem(record.line, f"the database refused it: {_refusal(exc)}"))
+            result.problems.sort(key=lambda problem: problem.line)
         batch.clear()
 
     for line, row in read_rows(path):

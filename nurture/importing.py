@@ -6,9 +6,11 @@ rows are kept. Parsing is pure: the database side upserts what comes out.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import re
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,8 +24,10 @@ from nurture.payloads import Unrepresentable, parse_json, shown, storage_problem
 LEAD_COLUMNS = ("email", "first_name", "last_name", "company", "job_title", "company_size", "country", "timezone")
 EVENT_COLUMNS = ("email", "kind", "occurred_at", "properties", "external_id")
 
-# No spaces, controls (NUL...), unpaired surrogates or quoting characters; non-ASCII letters are fine.
-_ADDRESS_CHAR = "[^@\\s\\x00-\\x1f\\x7f\\ud800-\\udfff<>\"',;]"
+# No spaces, controls (NUL...), unpaired surrogates, or characters that mean something else in a
+# mail header outside quotes (a comment, a group, a literal): ``a:b@x.example`` is addressed to
+# ``b@x.example`` by every mail library. Non-ASCII letters are fine.
+_ADDRESS_CHAR = "[^@\\s\\x00-\\x1f\\x7f\\ud800-\\udfff<>\"',;:()\\[\\]\\\\]"
 _EMAIL = re.compile(f"^{_ADDRESS_CHAR}+@{_ADDRESS_CHAR}+\\.{_ADDRESS_CHAR}+$")
 _KIND = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
@@ -31,7 +35,14 @@ _KIND = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 MAX_EMAIL = 320
 MAX_KIND = 64
 MAX_EXTERNAL_ID = 200
+MAX_TIMEZONE = 64
+# company_size is an INTEGER column: 32 bits on PostgreSQL.
+MAX_COMPANY_SIZE = 2**31 - 1
+_WHOLE = re.compile(r"^[+-]?[0-9]+$")
+_ZONE = re.compile(r"^[A-Za-z0-9_+-]+(?:/[A-Za-z0-9_+-]+)*$")
 PROFILE_WIDTHS = {"first_name": 200, "last_name": 200, "company": 300, "job_title": 300, "country": 100}
+# The longest CSV field read (16 MiB); a longer one ends the reading of its file.
+MAX_CSV_FIELD = 16 * 1024 * 1024
 # Events outside these years are refused: they are mistakes, and the far ends of the calendar
 # overflow as soon as a time zone offset or a duration is applied to them.
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
@@ -45,9 +56,23 @@ def normalise_email(value: object) -> str:
         raise ValueError("email is empty")
     if len(email) > MAX_EMAIL:
         raise ValueError(f"email {shown(email)} is {len(email)} characters long; at most {MAX_EMAIL}")
-    if not _EMAIL.match(email):
+    # "=?" starts an RFC 2047 encoded word, which mail software decodes even in an address:
+    # "=?utf-8?q?bob?=@x.example" is delivered to bob@x.example.
+    if not _EMAIL.match(email) or not _well_formed(email) or "=?" in email:
         raise ValueError(f"{shown(email)} is not an email address")
     return email
+
+
+def _well_formed(email: str) -> bool:
+    """Dot-separated parts that are not empty, and no invisible, unassigned or private-use characters.
+
+    Mail libraries read ``a..b@x.example`` or ``a.@x.example`` as no address at all, and
+    choke on control and unassigned characters when they write the header.
+    """
+    local, _, domain = email.rpartition("@")
+    if "" in local.split(".") or "" in domain.split("."):
+        return False
+    return all(ch.isascii() or unicodedata.category(ch)[0] not in "CZ" for ch in email)
 
 
 def parse_timestamp(value: object) -> datetime:
@@ -110,19 +135,9 @@ def lead_record(line: int, row: dict[str, Any]) -> LeadRecord:
         if _blank(value):
             continue
         if column == "company_size":
-            try:
-                size = int(str(value).strip().replace(",", ""))
-            except ValueError as exc:
-                raise ValueError(f"company_size {value!r} is not a whole number") from exc
-            if size < 0:
-                raise ValueError(f"company_size {value!r} is negative")
-            profile[column] = size
+            profile[column] = company_size(value)
         elif column == "timezone":
-            try:
-                ZoneInfo(str(value).strip())
-            except (ZoneInfoNotFoundError, ValueError) as exc:
-                raise ValueError(f"timezone {value!r} is not an IANA time zone (e.g. Europe/Berlin)") from exc
-            profile[column] = str(value).strip()
+            profile[column] = time_zone(value)
         else:
             profile[column] = _text(column, value, PROFILE_WIDTHS[column])
     attributes = {k: v for k, v in row.items() if k not in LEAD_COLUMNS and k and not _blank(v)}
@@ -130,6 +145,35 @@ def lead_record(line: int, row: dict[str, Any]) -> LeadRecord:
     if problem:
         raise ValueError(problem)
     return LeadRecord(line=line, email=email, profile=profile, attributes=attributes)
+
+
+def company_size(value: Any) -> int:
+    """A head count: a whole number from 0 to ``MAX_COMPANY_SIZE`` (``1,200`` is read as 1200)."""
+    text = str(value).strip().replace(",", "")
+    if not _WHOLE.match(text):
+        raise ValueError(f"company_size {shown(value)} is not a whole number")
+    digits = text.lstrip("+-").lstrip("0")
+    if text.startswith("-") and digits:
+        raise ValueError(f"company_size {shown(value)} is negative")
+    # Measured before converting: Python refuses to convert numbers of more than 4,300 digits.
+    if len(digits) > len(str(MAX_COMPANY_SIZE)) or int(digits or "0") > MAX_COMPANY_SIZE:
+        raise ValueError(f"company_size {shown(value)} is larger than {MAX_COMPANY_SIZE:,}")
+    return int(digits or "0")
+
+
+def time_zone(value: Any) -> str:
+    """An IANA time zone name, e.g. ``Europe/Berlin``; ValueError naming it otherwise."""
+    name = str(value).strip()
+    problem = ValueError(f"timezone {shown(value)} is not an IANA time zone (e.g. Europe/Berlin)")
+    # Checked before ZoneInfo sees it: ZoneInfo looks names up as files, and answers a
+    # folder (``Europe``) or an over-long name with OSError instead of "not found".
+    if len(name) > MAX_TIMEZONE or not _ZONE.match(name):
+        raise problem
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
+        raise problem from exc
+    return name
 
 
 def _text(name: str, value: Any, width: int) -> str:
@@ -183,8 +227,10 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | RowProblem]]:
     if suffix not in {".csv", ".jsonl", ".ndjson"}:
         raise ImportDataError(f"{path}: unknown file type {suffix or '(none)'}; use .csv or .jsonl")
     try:
+        with path.open("rb") as raw:
+            encoding = _encoding(raw.read(4))
         # Undecodable bytes survive as surrogates, so one bad row is reported, not the whole file.
-        handle = path.open(encoding="utf-8-sig", errors="surrogateescape", newline="")
+        handle = path.open(encoding=encoding, errors=_UNDECODABLE, newline="")
     except OSError as exc:
         raise ImportDataError(f"{path}: cannot open: {exc.strerror}") from exc
     with handle:
@@ -195,6 +241,30 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | RowProblem]]:
 
 
 _SURROGATES = re.compile("[\udc80-\udcff]")
+_UNDECODABLE = "nurture-undecodable"
+
+
+def _mark_undecodable(error: UnicodeError) -> tuple[str, int]:
+    """Replace what cannot be decoded by a lone surrogate (as ``surrogateescape`` does for UTF-8)."""
+    if not isinstance(error, UnicodeDecodeError):
+        raise error
+    return "\udcff", error.end
+
+
+codecs.register_error(_UNDECODABLE, _mark_undecodable)
+
+
+def _encoding(start: bytes) -> str:
+    """UTF-8 (with or without a byte order mark), or UTF-16/32 when the file starts with theirs.
+
+    Spreadsheets save "Unicode text" as UTF-16 with a byte order mark; without one, a
+    UTF-16 file shows as text full of NULs, and its header is refused as such.
+    """
+    if start.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        return "utf-32"
+    if start.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    return "utf-8-sig"
 
 
 def _undecodable(text: str) -> bool:
@@ -202,6 +272,9 @@ def _undecodable(text: str) -> bool:
 
 
 def _csv_rows(path: Path, handle: io.TextIOBase) -> Iterator[tuple[int, dict[str, Any] | RowProblem]]:
+    # The csv module's limit is per process; raised so that an over-long value is read whole and
+    # refused with its column and length instead of breaking the record apart.
+    csv.field_size_limit(MAX_CSV_FIELD)
     reader = csv.reader(handle)
     try:
         header = next(reader)
@@ -212,6 +285,11 @@ def _csv_rows(path: Path, handle: io.TextIOBase) -> Iterator[tuple[int, dict[str
     columns = [c.strip().lower() for c in header]
     if any(_undecodable(c) for c in columns):
         raise ImportDataError(f"{path}: line 1: the header is not UTF-8 text (save the file as UTF-8)")
+    if any("\x00" in c for c in columns):
+        raise ImportDataError(
+            f"{path}: line 1: the header contains NUL characters: is the file UTF-16 without a byte order mark? "
+            "(save the file as UTF-8)"
+        )
     if "email" not in columns:
         raise ImportDataError(f"{path}: line 1: the header has no 'email' column (found: {', '.join(columns)})")
     while True:
@@ -220,8 +298,11 @@ def _csv_rows(path: Path, handle: io.TextIOBase) -> Iterator[tuple[int, dict[str
         except StopIteration:
             return
         except csv.Error as exc:
-            yield reader.line_num, RowProblem(reader.line_num, f"cannot read the row: {exc}")
-            continue
+            # The reader gave up inside a record and cannot tell where the next one starts:
+            # reading on could turn the rest of a quoted value into rows.
+            why = f"cannot read the row: {exc}; the rows after it were not read"
+            yield reader.line_num, RowProblem(reader.line_num, why)
+            return
         line = reader.line_num
         if not any(v.strip() for v in values):
             continue

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from jinja2 import TemplateSyntaxError
+from jinja2.sandbox import SandboxedEnvironment
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nurture.errors import PlaybookError
 
@@ -32,6 +34,14 @@ class Stage(StrEnum):
 
 
 _DURATION = re.compile(r"^(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+# Longer is a typo, and far longer overflows the calendar when a step's time is computed.
+MAX_DURATION = timedelta(days=3650)
+# Points and thresholds beyond this are typos; far beyond, sums overflow to infinity.
+MAX_POINTS = 1_000_000.0
+# Deeper than this, a YAML document is not a playbook (and PyYAML would recurse out of stack).
+MAX_YAML_DEPTH = 64
+# Template names are file names under templates/: no quotes, braces, spaces, "..", or absolute paths.
+TEMPLATE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(?:/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
 
 
 def parse_duration(value: object) -> timedelta:
@@ -39,24 +49,39 @@ def parse_duration(value: object) -> timedelta:
     if isinstance(value, timedelta):
         return value
     text = str(value).strip()
-    match = _DURATION.match(text)
+    match = _DURATION.match(text) if len(text) <= 40 else None
     if not text or match is None or not any(match.groups()):
-        raise ValueError(f"{value!r} is not a duration; write e.g. 0h, 90m, 3d, 1d12h or 2w")
+        raise ValueError(f"{_shown(value)} is not a duration; write e.g. 0h, 90m, 3d, 1d12h or 2w")
     weeks, days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
-    return timedelta(weeks=weeks, days=days, hours=hours, minutes=minutes, seconds=seconds)
+    try:
+        duration = timedelta(weeks=weeks, days=days, hours=hours, minutes=minutes, seconds=seconds)
+    except OverflowError:
+        duration = timedelta.max
+    if duration > MAX_DURATION:
+        raise ValueError(f"{_shown(value)} is longer than {MAX_DURATION.days}d (10 years)")
+    return duration
+
+
+def _shown(value: object, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    # No NaN or infinity: they pass every comparison check and poison every score they touch.
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, allow_inf_nan=False)
+
+
+Points = Annotated[float, Field(ge=-MAX_POINTS, le=MAX_POINTS)]
 
 
 class EventRule(_Frozen):
     """Points one event of a kind is worth when it happens; ``max_per_day`` caps the count."""
 
-    points: float
+    points: Points
     max_per_day: int | None = Field(default=None, ge=1)
 
 
@@ -71,7 +96,7 @@ class FitRule(_Frozen):
     """Points for a profile field that matches; exactly one operator per rule."""
 
     field: str
-    points: float
+    points: Points
     name: str | None = None
     equals: str | int | float | bool | None = None
     in_: tuple[str | int | float, ...] | None = Field(default=None, alias="in")
@@ -88,7 +113,9 @@ class FitRule(_Frozen):
             try:
                 re.compile(self.regex)
             except re.error as exc:
-                raise ValueError(f"regex {self.regex!r} does not compile: {exc}") from exc
+                raise ValueError(f"regex {_shown(self.regex)} does not compile: {exc}") from exc
+            except (RecursionError, OverflowError) as exc:
+                raise ValueError(f"regex {_shown(self.regex)} is too complex to compile") from exc
         return self
 
     @property
@@ -121,8 +148,8 @@ class Scoring(_Frozen):
 class Threshold(_Frozen):
     """Enter a stage at ``enter_at``; leave it only below ``leave_below`` (hysteresis)."""
 
-    enter_at: float
-    leave_below: float
+    enter_at: Points
+    leave_below: Points
 
     @model_validator(mode="after")
     def _leave_not_above_enter(self) -> Threshold:
@@ -187,6 +214,27 @@ class Step(_Frozen):
     after: Duration
     template: str
     subject: str
+
+    @field_validator("subject")
+    @classmethod
+    def _a_template(cls, subject: str) -> str:
+        # Checked here, not only when templates are checked, so the error has the playbook's line.
+        try:
+            _SUBJECTS.parse(subject)
+        except TemplateSyntaxError as exc:
+            raise ValueError(f"not a valid template: {exc.message}") from exc
+        return subject
+
+    @field_validator("template")
+    @classmethod
+    def _a_file_name(cls, template: str) -> str:
+        if not TEMPLATE_NAME.match(template):
+            raise ValueError(f"{_shown(template)} is not a template name: letters, digits, _ . - and / between folders")
+        return template
+
+
+# Parses subjects only (never renders them): the renderer's sandboxed environment renders.
+_SUBJECTS = SandboxedEnvironment()
 
 
 class Sequence(_Frozen):
@@ -282,18 +330,103 @@ class Playbook(_Frozen):
         return {step.template for seq in self.sequences.values() for step in seq.steps}
 
 
-def _line_index(node: yaml.Node, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
+def _line_index(root: yaml.Node) -> dict[tuple[str, ...], int]:
     """Map each key path in a YAML document to its 1-based line number."""
-    lines = {path: node.start_mark.line + 1}
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            child = (*path, str(key.value))
-            lines[child] = key.start_mark.line + 1
-            lines.update({k: v for k, v in _line_index(value, child).items() if k != child})
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            lines.update(_line_index(item, (*path, str(i))))
-    return lines
+    return _read_nodes(root, "")[0]
+
+
+def _read_nodes(root: yaml.Node, source: str) -> tuple[dict[tuple[str, ...], int], list[str]]:
+    """Key paths → lines, and what YAML allows but a playbook must not have: a key given twice
+    (YAML keeps the last one silently) and numbers too long to be read.
+
+    A node reached again through an alias is not walked twice, so a small file of nested
+    aliases (or an alias to itself) costs no more than its size.
+    """
+    lines: dict[tuple[str, ...], int] = {}
+    problems: list[str] = []
+    seen: set[int] = set()
+    pending: list[tuple[yaml.Node, tuple[str, ...]]] = [(root, ())]
+    while pending:
+        node, path = pending.pop()
+        lines.setdefault(path, node.start_mark.line + 1)
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.ScalarNode) and node.tag.endswith(_TYPED):
+            problem = _unreadable(node)
+            if problem:
+                problems.append(f"{source}:{node.start_mark.line + 1}: {'.'.join(path) or '(top level)'}: {problem}")
+        elif isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for key, value in node.value:
+                name = str(key.value)
+                child = (*path, name)
+                line = key.start_mark.line + 1
+                if isinstance(key, yaml.ScalarNode) and key.tag.endswith(_TYPED) and (problem := _unreadable(key)):
+                    problems.append(f"{source}:{line}: {'.'.join(child)}: the key {problem}")
+                if name in first and isinstance(key, yaml.ScalarNode):
+                    problems.append(
+                        f"{source}:{line}: {'.'.join(child)}: given twice (first on line {first[name]}); keep one"
+                    )
+                first.setdefault(name, line)
+                lines[child] = line
+                pending.append((value, child))
+        elif isinstance(node, yaml.SequenceNode):
+            pending.extend((item, (*path, str(i))) for i, item in enumerate(node.value))
+    return lines, problems
+
+
+# Scalars PyYAML converts with Python's int(), float() or datetime(): they can fail with a
+# ValueError that carries no line, so each is tried on its own first.
+_TYPED = (":int", ":float", ":timestamp")
+
+
+def _unreadable(node: yaml.ScalarNode) -> str | None:
+    """Why a typed scalar cannot be read (``2026-13-01``, ``!!int abc``, a 5,000-digit number), or None."""
+    kind = {"int": "whole number", "float": "number", "timestamp": "date"}[node.tag.rpartition(":")[2]]
+    if len(node.value) > 100:
+        return f"a {kind} of {len(node.value)} characters"
+    try:
+        yaml.SafeLoader("").construct_object(node)
+    except (ValueError, OverflowError, yaml.YAMLError) as exc:
+        return f"{_shown(node.value)} is not a valid {kind}: {exc}"
+    return None
+
+
+_OPENING = (
+    yaml.BlockMappingStartToken,
+    yaml.BlockSequenceStartToken,
+    yaml.FlowMappingStartToken,
+    yaml.FlowSequenceStartToken,
+)
+_CLOSING = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
+
+
+def _too_deep(text: str, source: str) -> str | None:
+    """The line where the document nests deeper than ``MAX_YAML_DEPTH``, read token by token
+    (the scanner does not recurse; PyYAML's composer would run out of stack)."""
+    depth = 0
+    for token in yaml.scan(text, Loader=yaml.SafeLoader):
+        if isinstance(token, _OPENING):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                return f"{source}:{token.start_mark.line + 1}: nested more than {MAX_YAML_DEPTH} levels deep"
+        elif isinstance(token, _CLOSING):
+            depth -= 1
+    return None
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str, source: str) -> str:
+    """A YAML error as ``file:line: not valid YAML: what``."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is not None:
+        where = f"{source}:{mark.line + 1}"
+    elif isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow (NUL, ...)
+        where = f"{source}:{text.count(chr(10), 0, exc.position) + 1}"
+    else:
+        where = source
+    what = getattr(exc, "problem", None) or getattr(exc, "reason", None) or exc
+    return f"{where}: not valid YAML: {what}"
 
 
 def _where(source: str, lines: Mapping[tuple[str, ...], int], loc: tuple[str, ...]) -> str:
@@ -306,15 +439,19 @@ def _where(source: str, lines: Mapping[tuple[str, ...], int], loc: tuple[str, ..
 def parse_playbook(text: str, *, source: str = "nurture.yaml") -> Playbook:
     """Validate playbook text; raises PlaybookError listing every problem with its line."""
     try:
+        too_deep = _too_deep(text, source)
+        if too_deep:
+            raise PlaybookError([too_deep])
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        lines, problems = _read_nodes(root, source) if root is not None else ({}, [])
+        if problems:
+            raise PlaybookError(problems)
         document = yaml.safe_load(text)
-        root = yaml.compose(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark is not None else source
-        raise PlaybookError([f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from exc
+        raise PlaybookError([_yaml_problem(exc, text, source)]) from exc
     if not isinstance(document, dict):
-        raise PlaybookError([f"{source}: the playbook must be a mapping of keys (brand, scoring, ...)"])
-    lines = _line_index(root) if root is not None else {}
+        line = root.start_mark.line + 1 if root is not None else 1
+        raise PlaybookError([f"{source}:{line}: the playbook must be a mapping of keys (brand, scoring, ...)"])
     document["version"] = hashlib.sha256(text.encode()).hexdigest()[:12]
     try:
         return Playbook.model_validate(document)
@@ -334,13 +471,18 @@ def parse_playbook(text: str, *, source: str = "nurture.yaml") -> Playbook:
 def load_playbook(path: Path, *, templates_dir: Path | None = None) -> Playbook:
     """Read, validate and (given the templates folder) check every template exists."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise PlaybookError([f"{path}: cannot read the playbook: {exc.strerror}"]) from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise PlaybookError([f"{path}:{line}: not UTF-8 text (byte {exc.start}); save the file as UTF-8"]) from exc
     playbook = parse_playbook(text, source=str(path))
     if templates_dir is not None:
         missing = []
-        root = yaml.compose(text)
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
         lines = _line_index(root) if root is not None else {}
         for name, seq in playbook.sequences.items():
             for i, step in enumerate(seq.steps):

@@ -10,17 +10,25 @@ unsubscribe link and the postal address.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jinja2 import FileSystemLoader, StrictUndefined, Template, TemplateSyntaxError, meta, select_autoescape
+from jinja2 import (
+    Environment,
+    FileSystemLoader,
+    StrictUndefined,
+    Template,
+    TemplateSyntaxError,
+    meta,
+    select_autoescape,
+)
 from jinja2.exceptions import SecurityError, TemplateNotFound, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 
 from nurture.errors import TemplateError
-from nurture.playbook import Playbook
+from nurture.playbook import TEMPLATE_NAME, Playbook
 
 # Every HTML email must show these, or it is not allowed to go out.
 FOOTER_MARKERS = ("unsubscribe_url", "postal_address")
@@ -38,13 +46,28 @@ def _blank_none(value: Any) -> Any:
     return "" if value is None else value
 
 
+class _PlainNameLoader(FileSystemLoader):
+    """Loads only templates whose names are plain file names (``welcome.html``, ``parts/footer.html``).
+
+    Jinja compiles a template's name into Python code; a name carrying quotes or braces
+    ran code before Jinja 3.1.5 (CVE-2024-56201), and ``..`` or an absolute path would
+    reach outside the templates folder. Such a name is refused before any file is read,
+    whoever asked for it: the playbook, ``{% include %}``, ``{% extends %}`` or ``{% from %}``.
+    """
+
+    def get_source(self, environment: Environment, template: str) -> tuple[str, str, Callable[[], bool]]:
+        if not TEMPLATE_NAME.match(template):
+            raise SecurityError(f"template name {template[:80]!r} is refused: only letters, digits, _ . - and /")
+        return super().get_source(environment, template)
+
+
 class EmailRenderer:
     """Renders subjects and both parts of an email; built once per process or run."""
 
     def __init__(self, templates_dir: Path) -> None:
         self.templates_dir = templates_dir.resolve()
         self._env = SandboxedEnvironment(
-            loader=FileSystemLoader(str(self.templates_dir)),
+            loader=_PlainNameLoader(str(self.templates_dir)),
             autoescape=select_autoescape(enabled_extensions=("html",), default_for_string=False),
             undefined=StrictUndefined,
             finalize=_blank_none,

@@ -13,11 +13,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 from sqlalchemy import Engine, create_engine, text
 
 from db.engine import get_engine, upgrade_schema
 from nurture.playbook import Playbook, load_playbook
 from nurture.rendering import EmailRenderer
+
+# Property tests (tests/suites/test_fuzz.py, test_hostile.py): a quick, repeatable run in
+# `make test`, thousands of fresh examples with HYPOTHESIS_PROFILE=full (docs/reliability.md).
+# No deadline: this machine is shared, and a slow example is not a wrong one.
+settings.register_profile("default", max_examples=20, deadline=None, derandomize=True, print_blob=True)
+settings.register_profile("full", max_examples=2000, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAYBOOK_PATH = ROOT / "nurture.yaml"

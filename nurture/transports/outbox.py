@@ -10,12 +10,17 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from email import policy
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 from pathlib import Path
 
-from nurture.errors import TransientDeliveryError
-from nurture.transports.base import OutgoingEmail, list_unsubscribe_headers
+from nurture.errors import PermanentDeliveryError, TransientDeliveryError
+from nurture.transports.base import OutgoingEmail, header_text, list_unsubscribe_headers, one_line
+
+# An address with non-ASCII letters is written as UTF-8 (RFC 6532): the default policy would
+# encode it as an RFC 2047 word, which names no mailbox at all.
+_INTERNATIONAL = policy.default.clone(utf8=True)
 
 
 def outbox_filename(email: OutgoingEmail) -> str:
@@ -24,21 +29,29 @@ def outbox_filename(email: OutgoingEmail) -> str:
 
 
 def build_mime(email: OutgoingEmail) -> EmailMessage:
-    """A multipart/alternative message with the text and HTML parts and all headers."""
-    mime = EmailMessage()
-    mime["From"] = email.from_email
-    mime["To"] = email.to_email
-    mime["Subject"] = email.subject
-    if email.date is not None:
-        mime["Date"] = format_datetime(email.date)
-    mime["Message-ID"] = make_msgid(idstring=f"nurture-{email.message_id}", domain="nurture.local")
-    for name, value in {**list_unsubscribe_headers(email), **email.headers}.items():
-        mime[name] = value
-    for name, value in email.custom_args.items():
-        mime[f"X-Nurture-{name.replace('_', '-').title()}"] = value
-    mime["X-Nurture-Category"] = email.category
-    mime.set_content(email.text)
-    mime.add_alternative(email.html, subtype="html")
+    """A multipart/alternative message with the text and HTML parts and all headers.
+
+    Every header value is put on one line (``one_line``), so nothing in a subject, a
+    category or a link can start a header of its own. Raises ``PermanentDeliveryError``
+    when the email cannot be written at all: writing it again would fail the same way.
+    """
+    mime = EmailMessage(policy=policy.default if email.to_email.isascii() else _INTERNATIONAL)
+    try:
+        mime["From"] = one_line(email.from_email)
+        mime["To"] = one_line(email.to_email)
+        mime["Subject"] = header_text(email.subject)
+        if email.date is not None:
+            mime["Date"] = format_datetime(email.date)
+        mime["Message-ID"] = make_msgid(idstring=f"nurture-{email.message_id}", domain="nurture.local")
+        for name, value in {**list_unsubscribe_headers(email), **email.headers}.items():
+            mime[name] = one_line(value)
+        for name, value in email.custom_args.items():
+            mime[f"X-Nurture-{name.replace('_', '-').title()}"] = one_line(value)
+        mime["X-Nurture-Category"] = header_text(email.category)
+        mime.set_content(email.text)
+        mime.add_alternative(email.html, subtype="html")
+    except (ValueError, IndexError, TypeError) as exc:  # the email package's errors for what it cannot write
+        raise PermanentDeliveryError(f"cannot write the email: {type(exc).__name__}: {exc}") from exc
     return mime
 
 
@@ -50,13 +63,17 @@ class FileOutboxTransport:
 
     def send(self, email: OutgoingEmail) -> str:
         mime = build_mime(email)
+        try:
+            content = bytes(mime)
+        except (ValueError, IndexError, TypeError, UnicodeError) as exc:
+            raise PermanentDeliveryError(f"cannot write the email: {type(exc).__name__}: {exc}") from exc
         target = self.directory / outbox_filename(email)
         temp: str | None = None
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             fd, temp = tempfile.mkstemp(dir=self.directory, prefix=".sending-", suffix=".eml")
             with os.fdopen(fd, "wb") as handle:
-                handle.write(bytes(mime))
+                handle.write(content)
             os.replace(temp, target)
         except OSError as exc:
             if temp is not None and os.path.exists(temp):  # a full disk leaves no torn file behind

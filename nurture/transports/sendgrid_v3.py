@@ -19,26 +19,47 @@ from sendgrid import SendGridAPIClient
 from sendgrid.helpers.mail import Asm, Category, CustomArg, GroupId, Header, Mail
 
 from nurture.errors import AmbiguousDeliveryError, PermanentDeliveryError, TransientDeliveryError
-from nurture.transports.base import OutgoingEmail, list_unsubscribe_headers
+from nurture.transports.base import OutgoingEmail, header_text, list_unsubscribe_headers, one_line
 
 
 def build_mail(email: OutgoingEmail) -> Mail:
-    """The SendGrid ``Mail`` for an email: both parts, headers, category, custom args."""
+    """The SendGrid ``Mail`` for an email: both parts, headers, category, custom args.
+
+    Subject, category and header values are put on one line (``one_line``), so nothing
+    in them can become a header of its own.
+    """
     mail = Mail(
         from_email=email.from_email,
         to_emails=email.to_email,
-        subject=email.subject,
+        subject=header_text(email.subject),
         plain_text_content=email.text,
         html_content=email.html,
     )
     for name, value in {**list_unsubscribe_headers(email), **email.headers}.items():
-        mail.header = Header(name, value)
+        mail.header = Header(name, one_line(value))
     for name, value in email.custom_args.items():
         mail.custom_arg = CustomArg(name, value)
-    mail.category = Category(email.category[:255])
+    mail.category = Category(one_line(email.category)[:255])
     if email.asm_group_id is not None:
         mail.asm = Asm(GroupId(email.asm_group_id))
     return mail
+
+
+def request_body(email: OutgoingEmail) -> dict[str, Any]:
+    """The Mail Send body for an email, addressed to exactly ``to_email``.
+
+    The ``sendgrid`` helpers read a recipient as ``Name <address>`` with the standard
+    library's ``parseaddr``, which takes ``a(b)@x.example`` for ``a@x.example`` and
+    ``a:b@x.example`` for ``b@x.example``; the address nurture validated is put back
+    as it is. Raises ``PermanentDeliveryError`` when the helpers cannot build a body.
+    """
+    try:
+        body: dict[str, Any] = build_mail(email).get()
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise PermanentDeliveryError(f"cannot build the SendGrid request: {type(exc).__name__}: {exc}") from exc
+    for personalization in body["personalizations"]:
+        personalization["to"] = [{"email": email.to_email}]
+    return body
 
 
 def _error_text(body: Any) -> str:
@@ -57,8 +78,9 @@ class SendGridTransport:
         self._timeout = timeout_seconds
 
     def send(self, email: OutgoingEmail) -> str:
+        body = request_body(email)
         try:
-            response = self._client.client.mail.send.post(request_body=build_mail(email).get(), timeout=self._timeout)
+            response = self._client.client.mail.send.post(request_body=body, timeout=self._timeout)
         except HTTPError as exc:
             status = int(getattr(exc, "status_code", 0) or 0)
             text = f"SendGrid answered {status}: {_error_text(getattr(exc, 'body', b''))}"

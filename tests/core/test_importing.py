@@ -151,3 +151,91 @@ def test_a_jsonl_line_nested_too_deeply_spoils_only_its_line(tmp_path: Path) -> 
     rows = list(read_rows(path))
     assert rows[0] == (1, RowProblem(1, "the line nests arrays and objects 5001 levels deep; at most 32 are accepted"))
     assert rows[1] == (2, {"email": "ok"})
+
+
+@pytest.mark.parametrize(
+    ("zone", "message"),
+    [
+        ("Europe", "timezone 'Europe' is not an IANA time zone"),  # a folder of zones: ZoneInfo raised OSError
+        ("x" * 300, "is not an IANA time zone"),  # ZoneInfo raised "File name too long"
+        ("../../etc/passwd", "is not an IANA time zone"),
+    ],
+)
+def test_a_time_zone_that_names_no_zone_file_is_a_row_problem(zone: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        lead_record(2, {"email": "a@b.example", "timezone": zone})
+
+
+def test_company_size_must_fit_its_column() -> None:
+    """An INTEGER on PostgreSQL: 3,000,000,000 used to reach it and stop the whole import."""
+    assert (
+        lead_record(2, {"email": "a@b.example", "company_size": "2,147,483,647"}).profile["company_size"] == 2**31 - 1
+    )
+    for size in ("2147483648", "9" * 5000, "-5", "1_000", "+-5"):
+        with pytest.raises(ValueError, match="company_size"):
+            lead_record(2, {"email": "a@b.example", "company_size": size})
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "a:b@x.example",  # a group: mail libraries address it to b@x.example
+        "a(b)@x.example",  # a comment: addressed to a@x.example
+        "a[b@x.example",
+        "a\\b@x.example",
+        "a..b@x.example",
+        "a.@x.example",
+        ".a@x.example",
+        "a@x..example",
+        "a\x8cb@x.example",  # a C1 control character
+        "a\u00adb@x.example",  # a soft hyphen: invisible
+        "a\U000c9546@x.example",  # unassigned
+        "=?utf-8?q?bob?=@x.example",  # an RFC 2047 encoded word: delivered to bob@x.example
+    ],
+)
+def test_addresses_mail_software_reads_as_another_mailbox_are_refused(address: str) -> None:
+    with pytest.raises(ValueError, match="is not an email address"):
+        normalise_email(address)
+
+
+def test_international_addresses_are_kept() -> None:
+    assert normalise_email("Jörg.Müller@Bücher.example") == "jörg.müller@bücher.example"
+
+
+def test_a_utf16_file_with_its_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Spreadsheets save "Unicode text" as UTF-16; it used to be refused as not UTF-8."""
+    path = tmp_path / "leads.csv"
+    path.write_bytes("email,first_name\nl@x.example,Lé\n".encode("utf-16"))
+    assert list(read_rows(path)) == [(2, {"email": "l@x.example", "first_name": "Lé"})]
+    path.write_bytes('{"email": "l@x.example"}\n'.encode("utf-32"))
+    assert [row for _, row in read_rows(path.rename(tmp_path / "leads.jsonl"))] == [{"email": "l@x.example"}]
+
+
+def test_a_utf16_file_without_its_byte_order_mark_is_named_as_such(tmp_path: Path) -> None:
+    path = tmp_path / "leads.csv"
+    path.write_bytes("email,first_name\nl@x.example,L\n".encode("utf-16-le"))
+    with pytest.raises(ImportDataError, match="line 1: the header contains NUL characters: is the file UTF-16"):
+        list(read_rows(path))
+
+
+def test_an_over_long_csv_value_is_refused_whole_with_its_column(tmp_path: Path) -> None:
+    """Past the csv module's default limit (131,072) the reader gave up mid-record, and the rest
+    of the quoted value was read as rows of its own: here, a lead bob@x.example."""
+    path = tmp_path / "leads.csv"
+    path.write_text('email,first_name\nann@x.example,"' + "y" * 140_000 + '\nbob@x.example,Bob"\ncara@x.example,C\n')
+    rows = list(read_rows(path))
+    assert [line for line, _ in rows] == [3, 4]
+    with pytest.raises(ValueError, match="first_name is 140018 characters long; at most 200"):
+        lead_record(3, rows[0][1])  # type: ignore[arg-type]
+    assert rows[1] == (4, {"email": "cara@x.example", "first_name": "C"})
+
+
+def test_past_the_field_limit_the_rest_of_the_file_is_not_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("nurture.importing.MAX_CSV_FIELD", 1000)
+    path = tmp_path / "leads.csv"
+    path.write_text('email,first_name\nann@x.example,Ann\ndan@x.example,"' + "y" * 2000 + '\nbob@x.example,Bob"\n')
+    rows = list(read_rows(path))
+    assert rows[0] == (2, {"email": "ann@x.example", "first_name": "Ann"})
+    assert rows[1:] == [
+        (3, RowProblem(3, "cannot read the row: field larger than field limit (1000); the rows after it were not read"))
+    ]

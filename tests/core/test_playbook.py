@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from pathlib import Path
 
@@ -128,3 +129,79 @@ def test_unknown_template_is_named(tmp_path: Path) -> None:
 def test_missing_file_is_a_playbook_error(tmp_path: Path) -> None:
     with pytest.raises(PlaybookError, match="cannot read the playbook"):
         load_playbook(tmp_path / "nope.yaml")
+
+
+def _mutated(old: str, new: str) -> str:
+    assert old in SHIPPED
+    return SHIPPED.replace(old, new, 1)
+
+
+# (what, the playbook, the line the problem is on, what it must say) — each of these used to load,
+# or to raise something other than PlaybookError (RecursionError, OverflowError, ValueError).
+BROKEN = [
+    ("nested 3,000 deep", "brand: " + "[" * 3000 + "]" * 3000, 1, "nested more than 64 levels deep"),
+    ("a century-long half-life", _mutated("half_life: 14d", "half_life: 99999999999999w"), 20, "longer than 3650d"),
+    (
+        "NaN points",
+        _mutated("form_submit: 10", "form_submit: .nan"),
+        25,
+        "form_submit.points: Input should be a finite",
+    ),
+    ("an infinite threshold", _mutated("enter_at: 75", "enter_at: .inf"), 59, "hot.enter_at: Input should be a finite"),
+    ("a threshold of 1e300", _mutated("enter_at: 75", "enter_at: 1e300"), 59, "less than or equal to 1000000"),
+    (
+        "a regex nested 2,000 deep",
+        _mutated('regex: "@(gmail', 'regex: "' + "(" * 2000 + ")" * 2000 + "@(gmail"),
+        51,
+        "is too complex to compile",
+    ),
+    (
+        "a sequence given twice",
+        _mutated("  welcome:\n", "  win_back:\n"),
+        107,
+        "sequences.win_back: given twice (first on line 70)",
+    ),
+    ("a 5,000-digit priority", _mutated("priority: 10", "priority: " + "9" * 5000), 96, "a whole number of 5000"),
+    ("!!int abc", _mutated("priority: 10", "priority: !!int abc"), 96, "'abc' is not a valid whole number"),
+    ("month 13", _mutated("half_life: 14d", "half_life: 2026-13-01"), 20, "not a valid date: month must be in 1..12"),
+    ("a key typed !!int", _mutated("brand:", "!!int brand:"), 5, "brand: the key 'brand' is not a valid whole number"),
+    ("a NUL", _mutated("Acme Analytics", "Acme\x00"), 6, "not valid YAML: special characters are not allowed"),
+    ("a template name with braces", _mutated("template: welcome", 'template: "{x}"'), 76, "is not a template name"),
+    ("an absolute template path", _mutated("template: welcome", "template: /etc/passwd"), 76, "is not a template name"),
+    ("a template outside templates/", _mutated("template: welcome", "template: ../welcome"), 76, "not a template name"),
+    (
+        "a subject that does not parse",  # was reported by the template check, without file or line
+        _mutated('subject: "See {{ brand.name }} on your own data"', 'subject: "See {{ brand.name }"'),
+        102,
+        "sequences.demo_offer.steps.0.subject: not a valid template: unexpected '}'",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "line", "expected"), [case[1:] for case in BROKEN], ids=[c[0] for c in BROKEN])
+def test_hostile_playbooks_are_refused_with_their_line(text: str, line: int, expected: str) -> None:
+    problems = _problems(text)
+    assert f"nurture.yaml:{line}: " in problems
+    assert expected in problems
+
+
+def test_an_alias_bomb_or_an_alias_to_itself_is_read_once(tmp_path: Path) -> None:
+    """Nested aliases are walked once per node: eleven levels of nine is not 9^11 visits."""
+    bomb = "l0: &l0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 12)
+    )
+    assert "nurture.yaml:132: l0: unknown key" in _problems(SHIPPED + "\n" + bomb)
+    assert "zz: unknown key" in _problems(SHIPPED + "\nzz: &a [*a]\n")
+
+
+def test_a_playbook_that_is_not_utf8_is_named_with_its_line(tmp_path: Path) -> None:
+    """It raised UnicodeDecodeError, a traceback from `nurture validate`."""
+    path = tmp_path / "nurture.yaml"
+    path.write_bytes(SHIPPED.replace("Acme Analytics", "Acmé Analytics").encode("latin-1", errors="replace"))
+    with pytest.raises(PlaybookError, match=rf"{re.escape(str(path))}:6: not UTF-8 text \(byte \d+\)"):
+        load_playbook(path)
+
+
+@pytest.mark.parametrize(("text", "line"), [("", 1), ("# only a comment\n", 1), ("\n\n- brand\n", 3)])
+def test_a_playbook_that_is_not_a_mapping_is_named_with_its_line(text: str, line: int) -> None:
+    assert f"nurture.yaml:{line}: the playbook must be a mapping of keys" in _problems(text)

@@ -94,3 +94,22 @@ def test_an_empty_database_is_refused_with_the_command_to_run(tmp_path: Path) ->
     engine = get_engine(f"sqlite:///{tmp_path / 'new.db'}")
     with pytest.raises(SchemaOutOfDateError, match="run `nurture db upgrade`"):
         ensure_current_schema(engine)
+
+
+def test_a_value_the_database_refuses_is_a_row_problem_and_the_batch_is_kept(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should the parser let through what a column cannot hold, the import still finishes:
+    the row is reported with its line and the database's reason, its batch's good rows kept."""
+    monkeypatch.setattr("nurture.importing.MAX_COMPANY_SIZE", 10**30)  # a parser that misses it
+    path = tmp_path / "leads.csv"
+    path.write_text(f"email,company_size\nann@x.example,5\nbob@x.example,{2**64}\ncara@x.example,7\n")
+    result = import_file(engine=engine, path=path, kind="leads", now=T0)
+    assert (result.rows_read, result.rows_kept, result.created) == (3, 2, 2)
+    ((line, reason),) = [(p.line, p.reason) for p in result.problems]
+    assert line == 3
+    assert reason.startswith("the database refused it: ")
+    assert str(2**64) not in reason  # the reason, not the statement with its values
+    with session_scope(engine) as session:
+        stored = {lead.email: lead.company_size for lead in session.scalars(select(Lead))}
+    assert stored == {"ann@x.example": 5, "cara@x.example": 7}
