@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+import signal
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import PackageNotFoundError, version
@@ -155,39 +157,58 @@ async def watch_schedules(
                 return scheduling_error(missing, grace=grace, api_url=api_url)
 
 
-def _runner() -> Any:
-    """Prefect's Runner, stopping cleanly on SIGTERM (its own handler leaves a coroutine un-awaited)."""
+def _runner(on_sigterm: Callable[[], None]) -> Any:
+    """Prefect's Runner, with SIGTERM handled by `on_sigterm` (its own handler leaves a coroutine un-awaited)."""
     from prefect.runner import Runner
 
     class ServeRunner(Runner):
         def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
-            self._logger.info("SIGTERM received: stopping; runs in progress are cancelled, deployments paused")
-            loop = self._loop
-            if loop is not None and self.started:
-                loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.astop()))
+            on_sigterm()
 
     return ServeRunner(pause_on_shutdown=True)
 
 
 async def serve_watched(deployments: list[Any], *, grace: timedelta, poll_seconds: float = 10.0) -> None:
-    """Serve the deployments like `prefect.serve`, and stop with a SchedulingError if Prefect schedules nothing."""
-    runner = _runner()
+    """Serve the deployments like `prefect.serve`, and stop with a SchedulingError if Prefect schedules nothing.
+
+    SIGTERM (systemd, docker stop) stops it cleanly at any moment, even while the
+    deployments are still being registered.
+    """
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+
+    def on_sigterm() -> None:
+        log.warning("SIGTERM received: stopping; runs in progress are cancelled, the deployments paused")
+        loop.call_soon_threadsafe(stop_requested.set)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: on_sigterm())
+    runner = _runner(on_sigterm)
     watched = []
     for deployment in deployments:
         deployment_id = await runner.aadd_deployment(deployment)
         if deployment.schedules:
             watched.append(WatchedDeployment(name=deployment.name, id=deployment_id))
+        if stop_requested.is_set():
+            return
     failure: SchedulingError | None = None
+
+    async def stop_when_asked() -> None:
+        await stop_requested.wait()
+        while not runner.started:  # astop refuses a runner that has not started yet
+            await asyncio.sleep(0.1)
+        await runner.astop()
 
     async def watch() -> None:
         nonlocal failure
         failure = await watch_schedules(watched, grace=grace, poll_seconds=poll_seconds)
-        await runner.astop()
+        stop_requested.set()
 
-    watcher = asyncio.create_task(watch())
+    helpers = [asyncio.create_task(stop_when_asked()), asyncio.create_task(watch())]
     try:
         await runner.start()
     finally:
-        watcher.cancel()
+        for task in helpers:
+            task.cancel()
     if failure is not None:
         raise failure

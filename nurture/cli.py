@@ -519,6 +519,8 @@ def serve(
     from flows.serving import check_stack
 
     check_stack()
+    # serve's own loggers run outside flow runs: their lines belong on the terminal only.
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     import asyncio
     from contextlib import ExitStack
 

@@ -151,6 +151,9 @@ def test_nurture_serve_registers_every_deployment_with_its_schedule(
             names = {d["name"] for d in client.post("/deployments/filter", json={}).json()}
         assert names >= {"nurture-cycle", "dispatch", "rescore-all", "import-leads", "import-events"}
     finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
+        process.terminate()  # stops cleanly within systemd's default 90 s, cancelling any run in progress
+        try:
+            assert process.wait(timeout=90) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+        finally:
+            process.kill()
+            log.close()
