@@ -25,6 +25,7 @@ from nurture.importing import (
     EventRecord,
     LeadRecord,
     RowProblem,
+    event_key,
     event_record,
     lead_record,
     read_rows,
@@ -150,9 +151,19 @@ class EventInsertResult:
 
 
 def add_events(
-    *, session: Session, records: Sequence[EventRecord], now: datetime, source: str = "import"
+    *,
+    session: Session,
+    records: Sequence[EventRecord],
+    now: datetime,
+    source: str = "import",
+    key_by_content: bool = False,
 ) -> EventInsertResult:
     """Append events; an ``external_id`` already stored for this source is a duplicate, skipped.
+
+    With ``key_by_content`` (files), an event without ``external_id`` is known by its content
+    (:func:`event_key`), so a file imported again, whole or after a crash, stores each event
+    once. Not for the events API: an event there may leave its time to the server, and two
+    page views in the same second are two events; API clients send ``id`` to make retries safe.
 
     An ``unsubscribe``, ``spamreport`` or ``bounce`` event also suppresses its address and
     stops its lead's mail, in the same transaction, whatever the source.
@@ -167,7 +178,7 @@ def add_events(
             "kind": r.kind,
             "occurred_at": r.occurred_at,
             "source": source,
-            "external_id": r.external_id,
+            "external_id": r.external_id or (event_key(r) if key_by_content else None),
             "properties": r.properties,
             "applied": False,
             "received_at": now,
@@ -209,6 +220,28 @@ class FileImportResult:
     leads_created: int = 0
     suppressions_added: int = 0
     problems: list[RowProblem] = field(default_factory=list)
+    # Leads: rows whose address an earlier row of the file already had (merged, later values win).
+    repeated_addresses: int = 0
+    first_repeat: tuple[int, int] | None = None  # (line of the first row, line of its repeat)
+    # Events: rows whose time had no zone and was read as UTC.
+    zone_assumed: int = 0
+    first_zone_assumed: int | None = None
+
+    def notices(self) -> list[str]:
+        """What the import did that the file may not have meant: said, not silently done."""
+        said = []
+        if self.first_repeat is not None:
+            first, repeat = self.first_repeat
+            said.append(
+                f"{self.repeated_addresses} row(s) repeat an address of an earlier row (first: line {repeat} "
+                f"repeats line {first}); each lead was updated field by field, the later row winning"
+            )
+        if self.first_zone_assumed is not None:
+            said.append(
+                f"{self.zone_assumed} time(s) have no time zone (first on line {self.first_zone_assumed}) and were "
+                "read as UTC; write 2026-11-02T14:30:00Z or +02:00 to say which"
+            )
+        return said
 
 
 def import_file(
@@ -224,6 +257,18 @@ def import_file(
     result = FileImportResult()
     batch: list[Any] = []
     parse = lead_record if kind == "leads" else event_record
+    # The first line of each address in the file (by its hash: a few dozen bytes per lead).
+    first_lines: dict[int, int] = {}
+
+    def note(record: LeadRecord | EventRecord) -> None:
+        if isinstance(record, LeadRecord):
+            first = first_lines.setdefault(hash(record.email), record.line)
+            if first != record.line:
+                result.repeated_addresses += 1
+                result.first_repeat = result.first_repeat or (first, record.line)
+        elif record.zone_assumed:
+            result.zone_assumed += 1
+            result.first_zone_assumed = result.first_zone_assumed or record.line
 
     def store(records: Sequence[Any]) -> None:
         with session_scope(engine) as session:
@@ -232,7 +277,7 @@ def import_file(
                 result.created += upserted.created
                 result.updated += upserted.updated
             else:
-                added = add_events(session=session, records=records, now=now)
+                added = add_events(session=session, records=records, now=now, key_by_content=True)
                 result.rows_kept -= added.duplicates
                 result.duplicates += added.duplicates
                 result.leads_created += added.leads_created
@@ -261,10 +306,12 @@ def import_file(
             result.problems.append(row)
             continue
         try:
-            batch.append(parse(line, row))
+            record = parse(line, row)
         except ValueError as exc:
             result.problems.append(RowProblem(line, str(exc)))
             continue
+        note(record)
+        batch.append(record)
         result.rows_kept += 1
         if len(batch) >= batch_size:
             flush()

@@ -171,10 +171,12 @@ def _import(path: Path, kind: str) -> None:
             on_progress=lambda n: progress.update(bar, completed=n),
         )
     _print_problems(path, result.problems)
+    for notice in result.notices():
+        errors.print(f"[yellow]note[/] {path}: {notice}", highlight=False)
     if kind == "leads":
         summary = f"{result.created} leads created, {result.updated} updated"
     else:
-        summary = f"{result.rows_kept} events stored, {result.duplicates} duplicates skipped"
+        summary = f"{result.rows_kept} events stored, {result.duplicates} already stored or repeated"
         if result.leads_created:
             summary += f", {result.leads_created} new leads created from event emails"
     bad = len(result.problems)

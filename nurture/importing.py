@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import codecs
 import csv
+import hashlib
 import io
+import json
 import re
 import unicodedata
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -77,6 +80,11 @@ def _well_formed(email: str) -> bool:
 
 def parse_timestamp(value: object) -> datetime:
     """ISO 8601 with a zone (``Z`` or ``+02:00``); a time without a zone is read as UTC."""
+    return read_time(value)[0]
+
+
+def read_time(value: object) -> tuple[datetime, bool]:
+    """The time in UTC, and whether it came without a zone (and was read as UTC)."""
     text = str(value or "").strip()
     if not text:
         raise ValueError("occurred_at is empty")
@@ -88,7 +96,7 @@ def parse_timestamp(value: object) -> datetime:
         moment = parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
     except OverflowError:
         moment = None
-    return checked_time(moment, text)
+    return checked_time(moment, text), parsed.tzinfo is None
 
 
 def checked_time(moment: datetime | None, text: str) -> datetime:
@@ -120,6 +128,24 @@ class EventRecord:
     occurred_at: datetime
     properties: dict[str, Any] = field(default_factory=dict)
     external_id: str | None = None
+    # The time had no zone and was read as UTC: the import says so.
+    zone_assumed: bool = False
+
+
+def event_key(record: EventRecord) -> str:
+    """The id of an event that came without ``external_id``: a digest of what it says.
+
+    The same event imported twice (a rerun after a crash, overlapping exports) gets the
+    same key and is stored once. Two events that are identical in every field are one
+    event; a source that means two gives each its own ``external_id``.
+    """
+    content = json.dumps(
+        [record.email, record.kind, record.occurred_at.isoformat(timespec="microseconds"), record.properties],
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return "content:" + hashlib.sha256(content.encode()).hexdigest()[:48]
 
 
 def _blank(value: Any) -> bool:
@@ -207,7 +233,7 @@ def event_record(line: int, row: dict[str, Any]) -> EventRecord:
         raise ValueError(f"kind {shown(kind)} is {len(kind)} characters long; at most {MAX_KIND}")
     if not _KIND.match(kind):
         raise ValueError(f"kind {shown(kind)} must be lower-case letters, digits and _ (e.g. page_view)")
-    occurred_at = parse_timestamp(row.get("occurred_at"))
+    occurred_at, zone_assumed = read_time(row.get("occurred_at"))
     properties = row.get("properties")
     if _blank(properties):
         properties = {}
@@ -218,7 +244,8 @@ def event_record(line: int, row: dict[str, Any]) -> EventRecord:
     problem = storage_problem(properties, "properties")
     if problem:
         raise ValueError(problem)
-    return EventRecord(line, email, kind, occurred_at, properties, external_id(row.get("external_id")))
+    identifier = external_id(row.get("external_id"))
+    return EventRecord(line, email, kind, occurred_at, properties, identifier, zone_assumed)
 
 
 def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | RowProblem]]:
@@ -237,7 +264,7 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | RowProblem]]:
         if suffix == ".csv":
             yield from _csv_rows(path, handle)
         else:
-            yield from _jsonl_rows(handle)
+            yield from _jsonl_rows(path, handle)
 
 
 _SURROGATES = re.compile("[\udc80-\udcff]")
@@ -271,13 +298,51 @@ def _undecodable(text: str) -> bool:
     return _SURROGATES.search(text) is not None
 
 
+class _Lines:
+    """A file's physical lines for the csv reader, numbered, with lines that can be given back.
+
+    The reader pulls as many lines as a record needs; when a record turns out to have
+    swallowed the lines after it (a quote that never closes), those lines are given back
+    and read again as rows of their own.
+    """
+
+    def __init__(self, handle: io.TextIOBase) -> None:
+        self._handle = handle
+        self._given_back: deque[str] = deque()
+        self.number = 0
+        self.taken: list[str] = []
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        if self._given_back:
+            text = self._given_back.popleft()
+        else:
+            text = self._handle.readline()
+            if not text:
+                raise StopIteration
+        self.number += 1
+        self.taken.append(text)
+        return text
+
+    def give_back(self, lines: list[str]) -> None:
+        self._given_back.extendleft(reversed(lines))
+        self.number -= len(lines)
+
+
 def _csv_rows(path: Path, handle: io.TextIOBase) -> Iterator[tuple[int, dict[str, Any] | RowProblem]]:
     # The csv module's limit is per process; raised so that an over-long value is read whole and
     # refused with its column and length instead of breaking the record apart.
     csv.field_size_limit(MAX_CSV_FIELD)
-    reader = csv.reader(handle)
+    lines = _Lines(handle)
+    # strict: a quote that never closes is an error at the end of the file, not a value
+    # holding every line after it.
+    reader = csv.reader(lines, strict=True)
     try:
         header = next(reader)
+        while not any(c.strip() for c in header):  # blank lines before the header
+            header = next(reader)
     except StopIteration:
         raise ImportDataError(f"{path}: the file is empty; expected a header row") from None
     except csv.Error as exc:
@@ -293,17 +358,21 @@ def _csv_rows(path: Path, handle: io.TextIOBase) -> Iterator[tuple[int, dict[str
     if "email" not in columns:
         raise ImportDataError(f"{path}: line 1: the header has no 'email' column (found: {', '.join(columns)})")
     while True:
+        lines.taken = []
         try:
             values = next(reader)
         except StopIteration:
             return
         except csv.Error as exc:
-            # The reader gave up inside a record and cannot tell where the next one starts:
-            # reading on could turn the rest of a quoted value into rows.
-            why = f"cannot read the row: {exc}; the rows after it were not read"
-            yield reader.line_num, RowProblem(reader.line_num, why)
-            return
-        line = reader.line_num
+            line = lines.number - len(lines.taken) + 1
+            yield line, RowProblem(line, _unreadable(exc, lines.taken))
+            lines.give_back(lines.taken[1:])
+            continue
+        line = lines.number - len(lines.taken) + 1
+        if len(lines.taken) > 1 and _swallows_rows(lines.taken[1:], columns):
+            yield line, RowProblem(line, _unclosed_quote(lines.taken))
+            lines.give_back(lines.taken[1:])
+            continue
         if not any(v.strip() for v in values):
             continue
         if any(_undecodable(v) for v in values):
@@ -315,15 +384,52 @@ def _csv_rows(path: Path, handle: io.TextIOBase) -> Iterator[tuple[int, dict[str
         yield line, dict(zip(columns, values, strict=True))
 
 
-def _jsonl_rows(handle: io.TextIOBase) -> Iterator[tuple[int, dict[str, Any] | RowProblem]]:
+def _unreadable(exc: csv.Error, taken: list[str]) -> str:
+    if "unexpected end of data" in str(exc):
+        return _unclosed_quote(taken)
+    if len(taken) > 1:
+        return f"cannot read the row: {exc} (it runs over {len(taken)} lines; the lines after its first are read again)"
+    return f"cannot read the row: {exc}"
+
+
+def _unclosed_quote(taken: list[str]) -> str:
+    more = len(taken) - 1
+    lines = f"{more} line{'s' * (more != 1)}"
+    return (
+        f"a quote opened on this line is never closed: it took in the next {lines}, which are read as rows of their own"
+    )
+
+
+def _swallows_rows(continuation: list[str], columns: list[str]) -> bool:
+    """Whether the lines inside a quoted value look like rows of this file: the value's quote was left open.
+
+    A value may span lines (a note, an address); one that holds a line with the header's
+    number of fields and an address in the email column almost certainly took in a row.
+    """
+    at = columns.index("email")
+    for text in continuation:
+        try:
+            fields = next(csv.reader([text]), [])
+        except csv.Error:
+            continue
+        if len(fields) == len(columns) and _EMAIL.match(fields[at].strip().lower()):
+            return True
+    return False
+
+
+def _jsonl_rows(path: Path, handle: io.TextIOBase) -> Iterator[tuple[int, dict[str, Any] | RowProblem]]:
     line = 0
+    empty = True
     while True:
         text = handle.readline()
         if not text:
+            if empty:  # as an empty CSV file is: most likely the wrong file, or an export that failed
+                raise ImportDataError(f"{path}: the file is empty; expected one JSON object per line")
             return
         line += 1
         if not text.strip():
             continue
+        empty = False
         if _undecodable(text):
             yield line, RowProblem(line, "not UTF-8 text (save the file as UTF-8)")
             continue

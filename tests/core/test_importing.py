@@ -73,7 +73,8 @@ def test_csv_rows_carry_their_line_numbers(tmp_path: Path) -> None:
     path.write_text('email,first_name\na@b.example,Ann\n\n"c@d.example","multi\nline"\nonly-one-field,x,extra\n')
     rows = list(read_rows(path))
     assert rows[0] == (2, {"email": "a@b.example", "first_name": "Ann"})
-    assert rows[1] == (5, {"email": "c@d.example", "first_name": "multi\nline"})
+    # A record that spans lines is numbered by the line it starts on.
+    assert rows[1] == (4, {"email": "c@d.example", "first_name": "multi\nline"})
     assert rows[2] == (6, RowProblem(6, "has 3 fields, the header has 2"))
 
 
@@ -220,22 +221,69 @@ def test_a_utf16_file_without_its_byte_order_mark_is_named_as_such(tmp_path: Pat
 
 def test_an_over_long_csv_value_is_refused_whole_with_its_column(tmp_path: Path) -> None:
     """Past the csv module's default limit (131,072) the reader gave up mid-record, and the rest
-    of the quoted value was read as rows of its own: here, a lead bob@x.example."""
+    of the quoted value was read as rows of its own."""
     path = tmp_path / "leads.csv"
-    path.write_text('email,first_name\nann@x.example,"' + "y" * 140_000 + '\nbob@x.example,Bob"\ncara@x.example,C\n')
+    path.write_text('email,first_name\nann@x.example,"' + "y" * 140_000 + '"\ncara@x.example,C\n')
     rows = list(read_rows(path))
-    assert [line for line, _ in rows] == [3, 4]
-    with pytest.raises(ValueError, match="first_name is 140018 characters long; at most 200"):
-        lead_record(3, rows[0][1])  # type: ignore[arg-type]
-    assert rows[1] == (4, {"email": "cara@x.example", "first_name": "C"})
+    assert [line for line, _ in rows] == [2, 3]
+    with pytest.raises(ValueError, match="first_name is 140000 characters long; at most 200"):
+        lead_record(2, rows[0][1])  # type: ignore[arg-type]
+    assert rows[1] == (3, {"email": "cara@x.example", "first_name": "C"})
 
 
-def test_past_the_field_limit_the_rest_of_the_file_is_not_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_past_the_field_limit_the_row_is_refused_and_the_next_lines_are_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr("nurture.importing.MAX_CSV_FIELD", 1000)
     path = tmp_path / "leads.csv"
-    path.write_text('email,first_name\nann@x.example,Ann\ndan@x.example,"' + "y" * 2000 + '\nbob@x.example,Bob"\n')
+    path.write_text('email,first_name\nann@x.example,Ann\ndan@x.example,"' + "y" * 2000 + '"\nbob@x.example,Bob\n')
+    assert list(read_rows(path)) == [
+        (2, {"email": "ann@x.example", "first_name": "Ann"}),
+        (3, RowProblem(3, "cannot read the row: field larger than field limit (1000)")),
+        (4, {"email": "bob@x.example", "first_name": "Bob"}),
+    ]
+
+
+def test_an_unclosed_quote_costs_its_own_row_only(tmp_path: Path) -> None:
+    """A quote left open used to run to the end of the file (or to the next quote) and take
+    the good rows after it into one value: here Carol and Dan were lost without a word."""
+    path = tmp_path / "leads.csv"
+    path.write_text(
+        'email,first_name\nann@x.example,Ann\nbob@x.example,"Bob\ncara@x.example,Carol\ndan@x.example,Dan\n'
+    )
     rows = list(read_rows(path))
-    assert rows[0] == (2, {"email": "ann@x.example", "first_name": "Ann"})
-    assert rows[1:] == [
-        (3, RowProblem(3, "cannot read the row: field larger than field limit (1000); the rows after it were not read"))
+    assert rows == [
+        (2, {"email": "ann@x.example", "first_name": "Ann"}),
+        (
+            3,
+            RowProblem(
+                3,
+                "a quote opened on this line is never closed: it took in the next 2 lines, "
+                "which are read as rows of their own",
+            ),
+        ),
+        (4, {"email": "cara@x.example", "first_name": "Carol"}),
+        (5, {"email": "dan@x.example", "first_name": "Dan"}),
+    ]
+
+
+def test_a_quote_closed_rows_later_does_not_hide_the_rows_between(tmp_path: Path) -> None:
+    path = tmp_path / "leads.csv"
+    path.write_text(
+        'email,first_name\nbob@x.example,"Bob\ncara@x.example,Carol\ndan@x.example,"Dan"\neve@x.example,Eve\n'
+    )
+    rows = list(read_rows(path))
+    assert rows[0][0] == 2
+    assert isinstance(rows[0][1], RowProblem)
+    assert rows[1] == (3, {"email": "cara@x.example", "first_name": "Carol"})
+    assert rows[2] == (4, {"email": "dan@x.example", "first_name": "Dan"})
+    assert rows[3] == (5, {"email": "eve@x.example", "first_name": "Eve"})
+
+
+def test_a_value_that_truly_spans_lines_is_kept(tmp_path: Path) -> None:
+    path = tmp_path / "leads.csv"
+    path.write_text('email,notes\nann@x.example,"Met at the fair,\nwants a demo in May"\nbob@x.example,\n')
+    assert list(read_rows(path)) == [
+        (2, {"email": "ann@x.example", "notes": "Met at the fair,\nwants a demo in May"}),
+        (4, {"email": "bob@x.example", "notes": ""}),
     ]
