@@ -18,9 +18,12 @@ from pathlib import Path
 from nurture.errors import PermanentDeliveryError, TransientDeliveryError
 from nurture.transports.base import OutgoingEmail, header_text, list_unsubscribe_headers, one_line
 
-# An address with non-ASCII letters is written as UTF-8 (RFC 6532): the default policy would
-# encode it as an RFC 2047 word, which names no mailbox at all.
-_INTERNATIONAL = policy.default.clone(utf8=True)
+# Headers are written as UTF-8 (RFC 6532), on lines of up to 998 characters (RFC 5322's limit).
+# The default policy encodes non-ASCII text as RFC 2047 words and folds at 78 characters, and
+# reading such a header back loses or adds spaces around the folds and words: the subject in
+# the file was not the one rendered. An address with non-ASCII letters needs UTF-8 anyway: as
+# an RFC 2047 word it names no mailbox at all.
+_UTF8_HEADERS = policy.default.clone(utf8=True, max_line_length=998)
 
 
 def outbox_filename(email: OutgoingEmail) -> str:
@@ -35,7 +38,7 @@ def build_mime(email: OutgoingEmail) -> EmailMessage:
     category or a link can start a header of its own. Raises ``PermanentDeliveryError``
     when the email cannot be written at all: writing it again would fail the same way.
     """
-    mime = EmailMessage(policy=policy.default if email.to_email.isascii() else _INTERNATIONAL)
+    mime = EmailMessage(policy=_UTF8_HEADERS)
     try:
         mime["From"] = one_line(email.from_email)
         mime["To"] = one_line(email.to_email)

@@ -6,7 +6,12 @@ from email import policy
 from email.parser import BytesParser
 from pathlib import Path
 
+import pytest
+from hypothesis import assume, example, given
+from hypothesis import strategies as st
+
 from nurture.transports import FileOutboxTransport, OutgoingEmail
+from nurture.transports.base import header_text
 from tests.conftest import T0
 
 
@@ -49,3 +54,28 @@ def test_sending_the_same_message_twice_leaves_one_file(tmp_path: Path) -> None:
     transport.send(_email(message_id=8, idempotency_key="lead-1/welcome/transition-3/step-1"))
     assert len(list((tmp_path / "outbox").glob("*.eml"))) == 2
     assert not list((tmp_path / "outbox").glob(".sending-*"))
+
+
+_SUBJECT_PIECES = ["=?", "?=", "é", "日本", " ", "\t", "a" * 80, '"', "(", ")", ";", ":", "Ann"]
+
+
+@given(
+    subject=st.lists(st.sampled_from(_SUBJECT_PIECES), min_size=1, max_size=40).map("".join)
+    | st.text(st.characters(codec="utf-8"), min_size=1, max_size=300),
+    to_email=st.sampled_from(["ann@northwind.example", "jörg@northwind.example"]),
+)
+@example(subject=")" + "a" * 80 + "=?\u2060" + "a" * 80 + " " + "a" * 80, to_email="ann@northwind.example")
+@example(subject=":" + "a" * 80 + "\u2060)" + "a" * 80 + ")\t" + "a" * 80 + " é", to_email="jörg@northwind.example")
+def test_the_subject_in_the_file_is_the_subject_rendered(
+    tmp_path_factory: pytest.TempPathFactory, subject: str, to_email: str
+) -> None:
+    """Folded at 78 characters as RFC 2047 words, a subject read back had lost or gained spaces
+    (``aaa…) aaa…`` became ``aaa…)aaa…``): the .eml showed a subject that was never rendered."""
+    expected = header_text(subject)
+    assume(expected)
+    directory = tmp_path_factory.mktemp("outbox")
+    FileOutboxTransport(directory).send(_email(subject=subject, to_email=to_email))
+    (path,) = directory.glob("*.eml")
+    message = BytesParser(policy=policy.default).parse(path.open("rb"))
+    assert message["Subject"] == expected
+    assert all(len(line) <= 998 for line in path.read_bytes().splitlines()), "a line longer than RFC 5322 allows"
