@@ -385,10 +385,8 @@ def _csv_rows(path: Path, handle: io.TextIOBase) -> Iterator[tuple[int, dict[str
 
 
 def _unreadable(exc: csv.Error, taken: list[str]) -> str:
-    if "unexpected end of data" in str(exc):
+    if len(taken) > 1 or "unexpected end of data" in str(exc):
         return _unclosed_quote(taken)
-    if len(taken) > 1:
-        return f"cannot read the row: {exc} (it runs over {len(taken)} lines; the lines after its first are read again)"
     return f"cannot read the row: {exc}"
 
 
@@ -403,16 +401,13 @@ def _unclosed_quote(taken: list[str]) -> str:
 def _swallows_rows(continuation: list[str], columns: list[str]) -> bool:
     """Whether the lines inside a quoted value look like rows of this file: the value's quote was left open.
 
-    A value may span lines (a note, an address); one that holds a line with the header's
-    number of fields and an address in the email column almost certainly took in a row.
+    A value may span lines (a note, an address); one that holds a line with as many fields
+    as the header, or with an address in the email column, almost certainly took in a row.
     """
     at = columns.index("email")
     for text in continuation:
-        try:
-            fields = next(csv.reader([text]), [])
-        except csv.Error:
-            continue
-        if len(fields) == len(columns) and _EMAIL.match(fields[at].strip().lower()):
+        fields = next(csv.reader([text]), [])  # not strict: a row of its own may open a quote too
+        if len(fields) >= len(columns) or (len(fields) > at and _EMAIL.match(fields[at].strip().lower())):
             return True
     return False
 

@@ -217,6 +217,12 @@ def _not_utf8(draw: st.DrawFn, values: dict[str, Any]) -> Row:
     return Row({**values, "company": "Zo" + draw(st.sampled_from("ëéüñß")) + "e"}, bad="not UTF-8")
 
 
+def _unclosed_quote(draw: st.DrawFn, values: dict[str, Any]) -> Row:
+    # A quote opened and never closed: it used to take in every row after it, up to the next quote.
+    opened = draw(st.sampled_from(['"Ann', '"Ann, Jr.', '"']))
+    return Row(values, bad="never closed", raw_line=f"open@TAG.example,{opened}")
+
+
 def lead_defects(fmt: str, ascii_only: bool) -> list[Any]:
     defects: list[Any] = [
         _bad_email,
@@ -235,6 +241,7 @@ def lead_defects(fmt: str, ascii_only: bool) -> list[Any]:
         defects += [
             _set("job_title", "y" * 140_000, "job_title is 140000 characters long"),  # past csv's default limit
             lambda draw, values: Row(values, bad="fields, the header has", extra_field=True),
+            _unclosed_quote,
         ]
     else:
         defects += [
@@ -314,6 +321,7 @@ def event_defects(fmt: str, ascii_only: bool) -> list[Any]:
     ]
     if fmt == "csv":
         defects.append(_set("properties", "y" * 140_000, "properties is not valid JSON"))
+        defects.append(_unclosed_quote)
     else:
         defects += [
             _set("external_id", {"a": 1}, "external_id must be text or a whole number"),
@@ -337,6 +345,9 @@ def import_plans(draw: st.DrawFn, kind: str) -> ImportPlan:
     else:
         ids = [f"e{i}-TAG" for i in range(4)]
         rows = _replayed(draw(st.lists(event_row(fmt, ascii_only, ids), max_size=12)))
+        good = [row for row in rows if not row.bad]
+        if good and draw(st.booleans()):  # a row exported twice: without an id, known by its content
+            rows.append(Row(dict(draw(st.sampled_from(good)).values)))
     blank_after = set(draw(st.lists(st.integers(min_value=0, max_value=max(len(rows) - 1, 0)), max_size=2)))
     batch_size = draw(st.sampled_from([1, 2, 3, 2000]))
     return ImportPlan(kind, fmt, encoding, rows, blank_after, batch_size)
@@ -376,6 +387,10 @@ def write_import_file(plan: ImportPlan, directory: Path, tag: str) -> tuple[Path
         writer = csv.writer(out)
         writer.writerow([c.upper() if c == "email" else c for c in columns])  # headers are matched case-blind
         for index, row in enumerate(plan.rows):
+            if row.raw_line is not None:  # a line as people break them: written as it is
+                by_line[len(io.StringIO(out.getvalue(), newline="").readlines()) + 1] = row
+                out.write(_tagged(row.raw_line, tag) + "\r\n")
+                continue
             values = _written_values(row, tag)
             cells = [str(values.get(column, "")) for column in columns] + (["surplus"] if row.extra_field else [])
             # A row that spans lines (a quoted line break) is reported on the line it starts on.
@@ -497,6 +512,8 @@ def test_a_lead_import_keeps_every_good_row_and_names_every_bad_one(
     assert result.rows_read == len(plan.rows)
     assert result.rows_kept == sum(1 for row in plan.rows if not row.bad)
     assert result.created == len(expected)
+    # Every good row whose address an earlier good row had is said to repeat it.
+    assert result.repeated_addresses == result.rows_kept - len(expected)
     assert _stored_leads(engine, tag) == expected
 
 
@@ -530,6 +547,8 @@ def test_an_event_import_keeps_every_good_row_and_names_every_bad_one(
     emails = {_email(row, tag) for row in good}
     suppressed = {_email(row, tag) for row in good if row.values["kind"] in ("unsubscribe", "bounce", "spamreport")}
     assert (result.rows_read, result.rows_kept) == (len(plan.rows), len(stored))
+    zone_less = [row for row in good if datetime.fromisoformat(row.values["occurred_at"]).tzinfo is None]
+    assert result.zone_assumed == len(zone_less), "a time without a zone was read as UTC without a word"
     assert result.duplicates == len(good) - len(stored)
     assert (result.leads_created, result.suppressions_added) == (len(emails), len(suppressed))
     assert _stored_events(engine, tag) == sorted(stored.values(), key=_event_order)
