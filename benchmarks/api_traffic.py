@@ -158,7 +158,7 @@ class Traffic:
         if draw < 0.84:
             return self.sendgrid_events(now)
         if draw < 0.85:
-            return self.one_click_unsubscribe()
+            return self.one_click_unsubscribe(now)
         return self.bad_input(now)
 
     def _auth(self) -> dict[str, str]:
@@ -237,10 +237,10 @@ class Traffic:
             bounced_messages=tuple(bounced),
         )
 
-    def one_click_unsubscribe(self) -> Call:
+    def one_click_unsubscribe(self, now: datetime) -> Call:
         """RFC 8058 one-click unsubscribe from an email's header, for a known lead."""
         lead_id, email = self.rng.choice(self.audience.leads)
-        token = make_unsubscribe_token(lead_id, secret=self.secret)
+        token = make_unsubscribe_token(lead_id, email=email, now=now, secret=self.secret)
         return Call(
             what="one-click unsubscribe",
             path=f"/unsubscribe/{token}",

@@ -326,7 +326,7 @@ def _render(
 ) -> OutgoingEmail | str:
     """The email for a claimed row, or the template error as text."""
     lead = {c: getattr(row, c) for c in PROFILE_COLUMNS} | {"stage": row.stage, "score": row.score}
-    link = unsubscribe_url(sender.public_url, row.lead_id, secret=sender.secret_key)
+    link = unsubscribe_url(sender.public_url, row.lead_id, email=row.email, now=now, secret=sender.secret_key)
     try:
         rendered = renderer.render(
             template=row.template,

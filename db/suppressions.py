@@ -13,13 +13,13 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
 from db.cycle import batched
 from db.engine import dialect_insert
-from db.models import Enrollment, Message, Suppression
+from db.models import Enrollment, Lead, Message, Suppression
 from nurture.delivery import MessageStatus
 from nurture.privacy import email_hash
 from nurture.suppression import AddressSuppression
@@ -27,6 +27,11 @@ from nurture.suppression import AddressSuppression
 
 def _rowcount(result: Any) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
+
+
+def lead_address(*, session: Session, lead_id: int) -> str | None:
+    """The lead's stored address, which its unsubscribe links are signed for; None once it is erased."""
+    return session.scalar(select(col(Lead.email)).where(col(Lead.id) == lead_id))
 
 
 def stop_mailing(*, session: Session, lead_ids: Sequence[int], reason: str, now: datetime) -> int:

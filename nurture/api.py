@@ -45,12 +45,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from db.engine import ensure_current_schema, get_engine
 from db.imports import add_events
 from db.inbound import ingest_provider_events, unsubscribe_lead
+from db.suppressions import lead_address
 from db.transactions import TransactionRetries, retrying_transaction, unavailable_cause
 from nurture.errors import ConfigurationError, DatabaseBusyError, PayloadError, SchemaOutOfDateError
 from nurture.inbound import parse_api_events, parse_sendgrid_batch
 from nurture.payloads import parse_json
 from nurture.settings import Settings, get_settings
-from nurture.unsubscribe import read_unsubscribe_token
+from nurture.unsubscribe import UnsubscribeLink, claimed_lead_id, read_unsubscribe_token
 
 logger = logging.getLogger(__name__)
 
@@ -317,27 +318,54 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             status_code=status,
         )
 
-    def _lead_for(token: str) -> int:
-        lead_id = read_unsubscribe_token(token, secret=config.nurture_secret_key.get_secret_value())
-        if lead_id is None:
+    def _lead_for(token: str, now: datetime, *, unsubscribe: bool = False) -> UnsubscribeLink:
+        """The link a token is, checked against the address of the lead it names; 404 when it is not valid.
+
+        With ``unsubscribe``, the lead is unsubscribed in the same transaction.
+        """
+        lead_id = claimed_lead_id(token)
+        if lead_id is None:  # not shaped like a token: no database work
             raise HTTPException(404, "this unsubscribe link is not valid")
-        return lead_id
+        keys, days = config.unsubscribe_keys, config.nurture_unsubscribe_link_days
+
+        def check(session: Session) -> UnsubscribeLink | None:
+            email = lead_address(session=session, lead_id=lead_id)
+            if email is None:  # erased, or never was
+                return None
+            link = read_unsubscribe_token(token, email=email, keys=keys, now=now, link_days=days)
+            if link is not None and unsubscribe:
+                source = "expired link" if link.expired else "link"
+                unsubscribe_lead(session=session, lead_id=link.lead_id, now=now, source=source)
+            return link
+
+        link = _in_transaction(check)
+        if link is None:
+            raise HTTPException(404, "this unsubscribe link is not valid")
+        return link
 
     @app.get("/unsubscribe/{token}", response_class=HTMLResponse)
     def unsubscribe_page(token: str) -> HTMLResponse:
         """A confirmation page; mail scanners open links, so a GET alone changes nothing."""
-        _lead_for(token)
+        link = _lead_for(token, _now())
         form = (
             f"<form method=post action='/unsubscribe/{escape(token)}'><button type=submit>Unsubscribe</button></form>"
         )
-        return _page("Unsubscribe", "Press the button to stop all emails to this address.", form=form)
+        text = "Press the button to stop all emails to this address."
+        if link.expired:
+            text = (
+                f"This link is from an email more than {config.nurture_unsubscribe_link_days} days old, "
+                "and it still works. " + text
+            )
+        return _page("Unsubscribe", text, form=form)
 
     @app.post("/unsubscribe/{token}", response_class=HTMLResponse)
     def unsubscribe(token: str) -> HTMLResponse:
-        """RFC 8058 one-click unsubscribe (and the page's button): takes effect at once."""
-        lead_id = _lead_for(token)
-        now = _now()
-        _in_transaction(lambda session: unsubscribe_lead(session=session, lead_id=lead_id, now=now))
+        """RFC 8058 one-click unsubscribe (and the page's button): takes effect at once.
+
+        An authentic link older than NURTURE_UNSUBSCRIBE_LINK_DAYS still unsubscribes:
+        stopping mail never harms the person, refusing might break the law.
+        """
+        _lead_for(token, _now(), unsubscribe=True)
         return _page("Unsubscribed", "You will not receive any more emails from us.")
 
     return app

@@ -52,17 +52,59 @@ EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST = datetime(2100, 1, 1, tzinfo=UTC)
 
 
+# A DNS label is at most 63 characters; a longer "xn--" label is not decoded.
+_MAX_LABEL = 63
+# What a decoded punycode label must be to replace its "xn--" form: characters an address may hold.
+_UNICODE_LABEL = re.compile(f"^(?:(?!\\.){_ADDRESS_CHAR})+$")
+
+
+def canonical_address(text: str) -> str:
+    """The one spelling nurture keeps of an address, without checking that it is one.
+
+    Trimmed and lower-cased; in Unicode NFC, so ``josé@`` written with an ``e`` and a
+    combining accent (as macOS writes it) and with one ``é`` are one person; without the
+    one trailing dot a domain may carry (``f.example.`` is the DNS root's spelling of
+    ``f.example``); and with each punycode label (``xn--bcher-kva``) in its Unicode form
+    (``bücher``), the form stored addresses already have.
+    """
+    email = unicodedata.normalize("NFC", unicodedata.normalize("NFC", text.strip()).lower())
+    local, at, domain = email.rpartition("@")
+    if not at:
+        return email
+    labels = domain.removesuffix(".").split(".")
+    return f"{local}@{'.'.join(_unicode_label(label) for label in labels)}"
+
+
+def _unicode_label(label: str) -> str:
+    """``xn--bcher-kva`` → ``bücher``; any other label unchanged, and so is one that is not the
+    exact punycode of a lower-case NFC label an address may hold (so the mapping has one answer
+    each way, and an address that was accepted before stays accepted)."""
+    if not label.startswith("xn--") or len(label) > _MAX_LABEL or not label.isascii():
+        return label
+    try:
+        decoded = label[4:].encode("ascii").decode("punycode")
+    except ValueError:  # UnicodeError: not punycode
+        return label
+    canonical = unicodedata.normalize("NFC", decoded.lower())
+    if decoded.isascii() or decoded != canonical or not _UNICODE_LABEL.match(decoded):
+        return label
+    if any(unicodedata.category(ch)[0] in "CZ" for ch in decoded):
+        return label
+    return decoded if decoded.encode("punycode").decode("ascii") == label[4:] else label
+
+
 def normalise_email(value: object) -> str:
-    """Lower-case, trimmed address; raises ValueError when it is not an address."""
-    email = str(value or "").strip().lower()
+    """The canonical address (:func:`canonical_address`); raises ValueError when it is not an address."""
+    given = str(value or "").strip()
+    email = canonical_address(given)
     if not email:
         raise ValueError("email is empty")
     if len(email) > MAX_EMAIL:
-        raise ValueError(f"email {shown(email)} is {len(email)} characters long; at most {MAX_EMAIL}")
+        raise ValueError(f"email {shown(given)} is {len(email)} characters long; at most {MAX_EMAIL}")
     # "=?" starts an RFC 2047 encoded word, which mail software decodes even in an address:
     # "=?utf-8?q?bob?=@x.example" is delivered to bob@x.example.
     if not _EMAIL.match(email) or not _well_formed(email) or "=?" in email:
-        raise ValueError(f"{shown(email)} is not an email address")
+        raise ValueError(f"{shown(given)} is not an email address")
     return email
 
 

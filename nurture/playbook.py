@@ -9,12 +9,13 @@ not exist all fail with the key path and the line in the file.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import re
 from collections.abc import Mapping
 from datetime import time, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import yaml
 from jinja2 import TemplateSyntaxError
@@ -92,6 +93,111 @@ def _event_rule(value: object) -> object:
     return value
 
 
+# The parser `re` itself uses (``sre_parse`` before Python 3.11); untyped, hence Any.
+_sre: Any = importlib.import_module("re._parser")
+_REPEATS = {_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT}
+# -1 in a set of first characters stands for "any": a class (\\w), a negation, a dot, a wide range.
+_ANY = frozenset({-1})
+
+
+def _starts(items: Any) -> tuple[frozenset[int], bool]:
+    """The characters a parsed sequence can start with, and whether it can match the empty string."""
+    first: frozenset[int] = frozenset()
+    for op, av in items:
+        nullable = False
+        if op in (_sre.AT, _sre.ASSERT, _sre.ASSERT_NOT):
+            continue  # zero-width
+        if op == _sre.LITERAL:
+            chars = _cased(range(av, av + 1))
+        elif op == _sre.IN and all(o == _sre.LITERAL or (o == _sre.RANGE and a[1] - a[0] < 256) for o, a in av):
+            chars = _cased(*(range(a, a + 1) if o == _sre.LITERAL else range(a[0], a[1] + 1) for o, a in av))
+        elif op in _REPEATS or op in (_sre.SUBPATTERN, _sre.ATOMIC_GROUP):
+            chars, nullable = _starts(av if op == _sre.ATOMIC_GROUP else av[-1])
+            nullable = nullable or (op in _REPEATS and av[0] == 0)
+        elif op == _sre.BRANCH:
+            parts = [_starts(alternative) for alternative in av[1]]
+            chars, nullable = frozenset().union(*(c for c, _ in parts)), any(e for _, e in parts)
+        else:
+            chars = _ANY
+        first |= chars
+        if not nullable:
+            return first, False
+    return first, True
+
+
+def _cased(*spans: range) -> frozenset[int]:
+    """The characters of these spans in both cases: the pattern may be case-insensitive."""
+    chars = {ch for span in spans for ch in span}
+    return frozenset(chars | {ord(chr(ch).lower()[0]) for ch in chars} | {ord(chr(ch).upper()[0]) for ch in chars})
+
+
+def _overlap(a: frozenset[int], b: frozenset[int]) -> bool:
+    return bool(a & b) or (bool(a) and bool(b) and -1 in a | b)
+
+
+def _backtracking_hazard(items: Any, loop: frozenset[int] | None = None) -> str | None:
+    """Why matching this parsed regex can take exponential time, or None.
+
+    ``loop`` is what the innermost enclosing repetition starts with (None outside one).
+    Refused: a backreference; a repetition inside a repetition (``(a+)+``, ``(a*)*``,
+    ``(\\w+\\s?)+``); and inside a repetition, alternatives that can start with the same
+    character (``(ab|a.)*``) or both match the same text (``(a|a)*``), or an optional part
+    that can start like the repetition itself (``(a|aa)*``, ``(aa?)+``). Single characters
+    in alternation (``(a|\\w)+``) are one character class to ``re``, and safe. Not covered:
+    two optional parts in a row that can match the same character (``(ab?b?)+``), and the
+    polynomial time of repetitions side by side (``\\s*\\s*\\s*$``).
+    """
+    for op, av in items:
+        problem = None
+        if op in (_sre.GROUPREF, _sre.GROUPREF_EXISTS):
+            return "refers back to a group (\\1, (?P=name), (?(1)...)), which no matcher does in bounded time"
+        if op in _REPEATS:
+            low, high, body = av
+            chars, _ = _starts(body)
+            if loop is not None and high > 1:
+                return "repeats a group that itself repeats, like (a+)+"
+            if loop is not None and low == 0 and _overlap(chars, loop):
+                return "has an optional part inside a repetition that can start like the repetition, like (aa?)+"
+            problem = _backtracking_hazard(body, chars if high > 1 else loop)
+        elif op == _sre.BRANCH:
+            problem = None if loop is None else _ambiguous([_starts(a) for a in av[1]], loop)
+            for alternative in av[1]:
+                problem = problem or _backtracking_hazard(alternative, loop)
+        elif op in (_sre.SUBPATTERN, _sre.ASSERT, _sre.ASSERT_NOT, _sre.ATOMIC_GROUP):
+            problem = _backtracking_hazard(av if op == _sre.ATOMIC_GROUP else av[-1], loop)
+        if problem:
+            return problem
+    return None
+
+
+def _ambiguous(alternatives: list[tuple[frozenset[int], bool]], loop: frozenset[int]) -> str | None:
+    """Why alternatives inside a repetition can match one text in several ways, or None."""
+    for index, (chars, _) in enumerate(alternatives):
+        if any(_overlap(chars, other) for other, _ in alternatives[index + 1 :]):
+            return "has alternatives inside a repetition that can start with the same character, like (ab|a.)*"
+    if sum(empty for _, empty in alternatives) > 1:  # the parser writes (a|a) as a(|)
+        return "has alternatives inside a repetition that match the same text, like (a|a)*"
+    if any(empty for _, empty in alternatives) and any(_overlap(chars, loop) for chars, _ in alternatives):
+        return "has an optional part inside a repetition that can start like the repetition, like (a|aa)*"
+    return None
+
+
+def regex_hazard(pattern: str) -> str | None:
+    """Why ``pattern`` could take exponential time to match a long field (and hang a cycle), or None.
+
+    A structural check of the parsed pattern (see :func:`_backtracking_hazard` for what it
+    covers); it also refuses a few safe patterns, which can be written without nesting.
+    """
+    try:
+        parsed = _sre.parse(pattern)
+    except (re.error, RecursionError, OverflowError):
+        return None  # FitRule reports a regex that does not compile
+    try:
+        return _backtracking_hazard(parsed)
+    except RecursionError:
+        return "is nested too deeply to check"
+
+
 class FitRule(_Frozen):
     """Points for a profile field that matches; exactly one operator per rule."""
 
@@ -117,6 +223,17 @@ class FitRule(_Frozen):
             except (RecursionError, OverflowError) as exc:
                 raise ValueError(f"regex {_shown(self.regex)} is too complex to compile") from exc
         return self
+
+    @field_validator("regex")
+    @classmethod
+    def _matches_in_bounded_time(cls, pattern: str | None) -> str | None:
+        hazard = None if pattern is None else regex_hazard(pattern)
+        if hazard is not None:
+            raise ValueError(
+                f"{_shown(pattern)} {hazard}: matching it against a long field can take exponential time and stop "
+                "scoring; write it without that (see Regexes in docs/playbook.md)"
+            )
+        return pattern
 
     @property
     def label(self) -> str:

@@ -17,6 +17,8 @@ from nurture.errors import ConfigurationError
 
 # Good enough for the outbox on a laptop; refused when real email goes out.
 DEFAULT_SECRET_KEY = "change-me-nurture-development-key"  # noqa: S105
+# Links must work at least 30 days after sending (CAN-SPAM); twice that leaves room for late readers.
+MIN_UNSUBSCRIBE_LINK_DAYS = 60
 
 
 class Settings(BaseSettings):
@@ -38,6 +40,16 @@ class Settings(BaseSettings):
     nurture_postal_address: str = "Acme Analytics Inc., 100 Market Street, San Francisco, CA 94105"
     nurture_public_url: str = "http://localhost:8000"
     nurture_secret_key: SecretStr = SecretStr(DEFAULT_SECRET_KEY)
+    nurture_secret_key_previous: SecretStr | None = Field(
+        default=None,
+        description="Earlier NURTURE_SECRET_KEY values, comma-separated: the unsubscribe links they signed keep "
+        "working; never used to sign",
+    )
+    nurture_unsubscribe_link_days: int = Field(
+        default=400,
+        description="Days an unsubscribe link is guaranteed to work (at least 60); an older authentic link is "
+        "still honoured while its key is accepted",
+    )
     nurture_unsubscribe_mailto: str | None = Field(
         default=None, description="Address for mailto: unsubscribe requests, added to List-Unsubscribe"
     )
@@ -76,7 +88,25 @@ class Settings(BaseSettings):
             )
         if not self.nurture_postal_address.strip():
             raise ValueError("NURTURE_POSTAL_ADDRESS must not be empty: every email carries it")
+        if self.nurture_unsubscribe_link_days < MIN_UNSUBSCRIBE_LINK_DAYS:
+            raise ValueError(
+                f"NURTURE_UNSUBSCRIBE_LINK_DAYS must be at least {MIN_UNSUBSCRIBE_LINK_DAYS}, not "
+                f"{self.nurture_unsubscribe_link_days}: an unsubscribe link must keep working at least 30 days "
+                "after its email is sent"
+            )
+        if DEFAULT_SECRET_KEY in self.unsubscribe_keys[1:]:
+            raise ValueError(
+                "NURTURE_SECRET_KEY_PREVIOUS must not hold the development key: anyone can sign links with it"
+            )
         return self
+
+    @property
+    def unsubscribe_keys(self) -> tuple[str, ...]:
+        """The keys an unsubscribe link may be signed with: the current one first, then the previous ones."""
+        current = self.nurture_secret_key.get_secret_value()
+        given = self.nurture_secret_key_previous.get_secret_value() if self.nurture_secret_key_previous else ""
+        previous = (key.strip() for key in given.split(","))
+        return (current, *dict.fromkeys(key for key in previous if key and key != current))
 
     @property
     def database_url(self) -> str:

@@ -1,4 +1,5 @@
-"""Erasure that really erases, and ids that are never handed to someone else afterwards.
+"""Erasure that really erases, ids that are never handed to someone else afterwards, and an erased
+address that stays unmailable however it is written when it comes back.
 
 An unsubscribe link carries a lead id and SendGrid's events carry a message id, so
 an id that comes back after `nurture forget` would let the forgotten person's old
@@ -10,16 +11,20 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, func, select, text
 from sqlmodel import col
 
 from db.engine import MIGRATIONS_DIR, get_engine, session_scope, upgrade_schema
+from db.imports import import_file
 from db.inbound import forget_lead
 from db.models import Event, Lead, Message
+from nurture.importing import normalise_email
 from nurture.playbook import Playbook
-from nurture.unsubscribe import make_unsubscribe_token, read_unsubscribe_token
+from nurture.transports import InMemoryTransport
+from nurture.unsubscribe import claimed_lead_id, make_unsubscribe_token
 from tests.conftest import T0
 from tests.db.world import World
 
@@ -38,7 +43,7 @@ def test_the_ids_of_a_forgotten_lead_and_its_messages_are_never_given_again(engi
     (first,) = world.hot_leads(1, at=T0, advance_to=NOW)
     old_lead, old_messages = _ids(world, first)
     assert old_messages, "the hot lead has no message: nothing to prove"
-    token = make_unsubscribe_token(old_lead, secret=SECRET)
+    token = make_unsubscribe_token(old_lead, email=first, now=NOW, secret=SECRET)
     with session_scope(engine) as session:
         forget_lead(session=session, email=first, now=NOW)  # the newest lead and newest messages go
 
@@ -51,9 +56,49 @@ def test_the_ids_of_a_forgotten_lead_and_its_messages_are_never_given_again(engi
     assert new_messages
     assert min(new_messages) > max(old_messages)
     # The forgotten person's link now names no one.
-    assert read_unsubscribe_token(token, secret=SECRET) == old_lead
+    assert claimed_lead_id(token) == old_lead
     with session_scope(engine) as session:
         assert session.get(Lead, old_lead) is None
+
+
+@pytest.mark.parametrize(
+    ("forgotten", "imported"),
+    [
+        pytest.param("josé@f.example", "jose\u0301@f.example", id="NFC-then-NFD"),
+        pytest.param("jose\u0301@f.example", "josé@f.example", id="NFD-then-NFC"),
+        pytest.param("ann@f.example", "ann@f.example.", id="trailing-dot"),
+        pytest.param("josé@bücher.example", "JOSÉ@XN--BCHER-KVA.EXAMPLE", id="punycode"),
+    ],
+)
+def test_a_forgotten_address_imported_again_in_another_spelling_is_never_mailed(
+    engine: Engine, playbook: Playbook, tmp_path: Path, forgotten: str, imported: str
+) -> None:
+    transport = InMemoryTransport()
+    world = World(engine, playbook, transport=transport)
+    with session_scope(engine) as session:
+        forget_lead(session=session, email=normalise_email(forgotten), now=T0)  # as `nurture forget` does
+    leads, events = tmp_path / "leads.csv", tmp_path / "events.csv"
+    leads.write_text(f"email,first_name,job_title,company_size\n{imported},José,CTO,500\n", encoding="utf-8")
+    events.write_text(
+        "email,kind,occurred_at\n"
+        + "".join(f"{imported},{kind},{NOW.isoformat()}\n" for kind in ("demo_request", "webinar_attended"))
+        + f"{imported},pricing_view,{NOW.isoformat()}\n",
+        encoding="utf-8",
+    )
+    assert import_file(engine=engine, path=leads, kind="leads", now=NOW).problems == []
+    assert import_file(engine=engine, path=events, kind="events", now=NOW).problems == []
+    world.advance(NOW + timedelta(minutes=1))
+    world.dispatch(NOW + timedelta(minutes=1))
+    assert transport.sent == []
+    (lead,) = world.all(Lead)
+    assert lead.email == normalise_email(forgotten)
+    assert lead.stage == "hot"  # it heated up: its sequence's first message fell due
+    assert world.messages(lead.email)[0].status == "suppressed"
+    for days in (3, 12, 30):
+        world.advance(NOW + timedelta(days=days))
+        world.dispatch(NOW + timedelta(days=days))
+    assert transport.sent == []
+    assert "sent" not in {m.status for m in world.messages(lead.email)}
 
 
 def test_upgrading_an_existing_sqlite_database_keeps_every_row_and_child(tmp_path: Path, playbook: Playbook) -> None:

@@ -270,7 +270,9 @@ FIELD_SUBJECTS = [
 
 def _outgoing(playbook: Playbook, renderer: EmailRenderer, sequence: str, step: Any, **lead: Any) -> OutgoingEmail:
     """An email as dispatch builds it, for a lead with these fields."""
-    link = unsubscribe_url(SENDER.public_url, 41, secret=SENDER.secret_key)
+    link = unsubscribe_url(
+        SENDER.public_url, 41, email=lead.get("email", "ann@northwind.example"), now=T0, secret=SENDER.secret_key
+    )
     context = _context(playbook, **lead)
     context["unsubscribe_url"] = link
     rendered = renderer.render(template=step.template, subject=step.subject, context=context)
@@ -542,19 +544,36 @@ def _suppressed(engine: Engine) -> set[str]:
         return set(session.scalars(select(col(Suppression.email_hash))))
 
 
+ANN, BOB = "ann@northwind.example", "bob@northwind.example"
+
+
+def _token(lead_id: int, email: str = ANN, secret: str = SENDER.secret_key) -> str:
+    return make_unsubscribe_token(lead_id, email=email, now=NOW, secret=secret)
+
+
+def _read(token: str, email: str = ANN) -> int | None:
+    link = read_unsubscribe_token(token, email=email, keys=(SENDER.secret_key,), now=NOW, link_days=400)
+    return None if link is None else link.lead_id
+
+
 def _payload(token: str) -> str:
-    return token.partition(".")[0]
+    """What the MAC covers, as the token carries it: ``2.<lead id>.<day>``."""
+    return token.rpartition(".")[0]
 
 
 def _forgeries(a: int, b: int) -> list[tuple[str, str]]:
-    token_a = make_unsubscribe_token(a, secret=SENDER.secret_key)
-    token_b = make_unsubscribe_token(b, secret=SENDER.secret_key)
-    mac_a = token_a.partition(".")[2]
+    token_a, token_b = _token(a, ANN), _token(b, BOB)
+    mac_a = token_a.rpartition(".")[2]
+    lead, day = _payload(token_a).split(".")[1:]
     return [
         ("B's id under A's MAC", f"{_payload(token_b)}.{mac_a}"),
         ("A's token with its MAC cut short", token_a[:-3]),
         ("A's token without its MAC", _payload(token_a) + "."),
-        ("A's id signed with another secret", make_unsubscribe_token(a, secret="a guessed secret")),
+        ("A's id signed with another secret", _token(a, secret="a guessed secret")),
+        ("A's id signed for B's address", _token(a, BOB)),
+        ("A's token dated a day later", f"2.{lead}.{int(day) + 1}.{mac_a}"),
+        ("A's token as another version", f"3.{lead}.{day}.{mac_a}"),
+        ("A's token with a leading zero", f"2.0{lead}.{day}.{mac_a}"),
         ("A's id padded", _payload(token_a) + "==." + mac_a),
         ("A's token twice", f"{token_a}.{mac_a}"),
         ("garbage", "not-a-token"),
@@ -565,23 +584,23 @@ def _forgeries(a: int, b: int) -> list[tuple[str, str]]:
 
 
 def test_a_forged_unsubscribe_token_is_refused_and_suppresses_nobody(client: TestClient, world: World) -> None:
-    ann, bob = _mailed(world, "ann@northwind.example"), _mailed(world, "bob@northwind.example")
+    ann, bob = _mailed(world, ANN), _mailed(world, BOB)
     for what, token in _forgeries(ann, bob):
         for method in (client.get, client.post):
             answer = method(f"/unsubscribe/{token}")
             assert answer.status_code == 404, f"{what}: {answer.status_code}"
             assert "not valid" in answer.text, what
     assert _suppressed(world.engine) == set()
-    for email in ("ann@northwind.example", "bob@northwind.example"):
+    for email in (ANN, BOB):
         assert [m.status for m in world.messages(email)] == ["sent", "queued"]
 
 
 def test_a_token_unsubscribes_its_own_lead_and_no_other(client: TestClient, world: World) -> None:
-    ann, _bob = _mailed(world, "ann@northwind.example"), _mailed(world, "bob@northwind.example")
-    assert client.post(f"/unsubscribe/{make_unsubscribe_token(ann, secret=SENDER.secret_key)}").status_code == 200
-    assert _suppressed(world.engine) == {email_hash("ann@northwind.example")}
-    assert [m.status for m in world.messages("ann@northwind.example")] == ["sent", "cancelled"]
-    assert [m.status for m in world.messages("bob@northwind.example")] == ["sent", "queued"]
+    ann, _bob = _mailed(world, ANN), _mailed(world, BOB)
+    assert client.post(f"/unsubscribe/{_token(ann)}").status_code == 200
+    assert _suppressed(world.engine) == {email_hash(ANN)}
+    assert [m.status for m in world.messages(ANN)] == ["sent", "cancelled"]
+    assert [m.status for m in world.messages(BOB)] == ["sent", "queued"]
 
 
 @given(
@@ -591,22 +610,22 @@ def test_a_token_unsubscribes_its_own_lead_and_no_other(client: TestClient, worl
     drop=st.integers(min_value=0, max_value=3),
 )
 def test_any_change_to_a_token_makes_it_invalid(lead_id: int, cut: int, insert: str, drop: int) -> None:
-    token = make_unsubscribe_token(lead_id, secret=SENDER.secret_key)
+    token = _token(lead_id)
     at = cut % (len(token) + 1)
     changed = token[:at] + insert + token[at + drop :]
     if changed == token:
         reject()
-    assert read_unsubscribe_token(token, secret=SENDER.secret_key) == lead_id
-    assert read_unsubscribe_token(changed, secret=SENDER.secret_key) is None
+    assert _read(token) == lead_id
+    assert _read(changed) is None
 
 
 def test_a_forgotten_leads_token_does_not_unsubscribe_the_next_lead(client: TestClient, world: World) -> None:
     """SQLite used to give a new row the highest id plus one (no AUTOINCREMENT before migration 0004): once the
     newest lead was forgotten, the next lead got its id, and the forgotten person's old link stopped the new one's."""
-    ann = _mailed(world, "ann@northwind.example")
-    old_link = make_unsubscribe_token(ann, secret=SENDER.secret_key)
+    ann = _mailed(world, ANN)
+    old_link = _token(ann)
     with session_scope(world.engine) as session:
-        forget_lead(session=session, email="ann@northwind.example", now=NOW)
+        forget_lead(session=session, email=ANN, now=NOW)
     cara = _mailed(world, "cara@northwind.example")
     client.post(f"/unsubscribe/{old_link}")
     assert email_hash("cara@northwind.example") not in _suppressed(world.engine), f"ids {ann} and {cara}"
