@@ -55,7 +55,7 @@ def canonical(email: str) -> str:
 
 def _respelled(connection: sa.Connection, table: str) -> list[tuple[int, str, str]]:
     """(id, stored, canonical) for every row of ``table`` whose address is not in the canonical spelling."""
-    found = []
+    found: list[tuple[int, str, str]] = []
     last = 0
     while True:
         rows = connection.execute(
