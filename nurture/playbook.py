@@ -109,8 +109,8 @@ def _starts(items: Any) -> tuple[frozenset[int], bool]:
             continue  # zero-width
         if op == _sre.LITERAL:
             chars = _cased(range(av, av + 1))
-        elif op == _sre.IN and all(o == _sre.LITERAL or (o == _sre.RANGE and a[1] - a[0] < 256) for o, a in av):
-            chars = _cased(*(range(a, a + 1) if o == _sre.LITERAL else range(a[0], a[1] + 1) for o, a in av))
+        elif op == _sre.IN and all(_known_class(o, a) for o, a in av):
+            chars = frozenset().union(*(_class_chars(o, a) for o, a in av))
         elif op in _REPEATS or op in (_sre.SUBPATTERN, _sre.ATOMIC_GROUP):
             chars, nullable = _starts(av if op == _sre.ATOMIC_GROUP else av[-1])
             nullable = nullable or (op in _REPEATS and av[0] == 0)
@@ -123,6 +123,33 @@ def _starts(items: Any) -> tuple[frozenset[int], bool]:
         if not nullable:
             return first, False
     return first, True
+
+
+# \s, \d and \w as sets: their Latin-1 characters, and a token each for the rest of Unicode
+# (other spaces, other digits, other letters), so that \s+ and \w+ are known not to overlap.
+_OTHER_SPACES, _OTHER_DIGITS, _OTHER_LETTERS = -2, -3, -4
+_LATIN1 = [chr(n) for n in range(256)]
+_CATEGORIES = {
+    _sre.CATEGORY_SPACE: frozenset([ord(c) for c in _LATIN1 if c.isspace()] + [_OTHER_SPACES]),
+    _sre.CATEGORY_DIGIT: frozenset([ord(c) for c in "0123456789"] + [_OTHER_DIGITS]),
+    _sre.CATEGORY_WORD: frozenset(
+        [ord(c) for c in _LATIN1 if c.isalnum() or c == "_"] + [_OTHER_DIGITS, _OTHER_LETTERS]
+    ),
+}
+
+
+def _known_class(op: Any, av: Any) -> bool:
+    if op == _sre.RANGE:
+        return bool(av[1] - av[0] < 256)
+    if op == _sre.CATEGORY:
+        return av in _CATEGORIES
+    return bool(op == _sre.LITERAL)
+
+
+def _class_chars(op: Any, av: Any) -> frozenset[int]:
+    if op == _sre.CATEGORY:
+        return _CATEGORIES[av]
+    return _cased(range(av, av + 1) if op == _sre.LITERAL else range(av[0], av[1] + 1))
 
 
 def _cased(*spans: range) -> frozenset[int]:
@@ -143,14 +170,32 @@ def _backtracking_hazard(items: Any, loop: frozenset[int] | None = None) -> str 
     ``(\\w+\\s?)+``); and inside a repetition, alternatives that can start with the same
     character (``(ab|a.)*``) or both match the same text (``(a|a)*``), or an optional part
     that can start like the repetition itself (``(a|aa)*``, ``(aa?)+``). Single characters
-    in alternation (``(a|\\w)+``) are one character class to ``re``, and safe. Not covered:
-    two optional parts in a row that can match the same character (``(ab?b?)+``), and the
-    polynomial time of repetitions side by side (``\\s*\\s*\\s*$``).
+    in alternation (``(a|\\w)+``) are one character class to ``re``, and safe. Also refused:
+    repetitions side by side that can start with the same character (``\\s*\\s*``,
+    ``\\d+\\w*``), whose time is polynomial: quadratic, cubic... in the field's length. Not
+    covered: two optional parts in a row that can match the same character (``(ab?b?)+``).
     """
+    # What the last repetition of this sequence can start with, while all after it can match nothing.
+    previous: frozenset[int] | None = None
     for op, av in items:
         problem = None
         if op in (_sre.GROUPREF, _sre.GROUPREF_EXISTS):
             return "refers back to a group (\\1, (?P=name), (?(1)...)), which no matcher does in bounded time"
+        if op in (_sre.AT, _sre.ASSERT, _sre.ASSERT_NOT):
+            pass  # zero-width: two repetitions around it are still side by side
+        elif op in _REPEATS and av[1] <= 1 and av[0] == 0:
+            pass  # an optional part (x?) between two repetitions keeps them side by side
+        elif op in _REPEATS:
+            chars = _starts(av[2])[0]
+            if previous is not None and _overlap(chars, previous):
+                return (
+                    "has repetitions side by side that can match the same characters, like \\s*\\s*, "
+                    "whose matching time grows with a power of the field's length"
+                )
+            # One that can match nothing leaves the one before it side by side with the next.
+            previous = chars | (previous or frozenset()) if av[0] == 0 else chars
+        else:
+            previous = None
         if op in _REPEATS:
             low, high, body = av
             chars, _ = _starts(body)
@@ -230,7 +275,7 @@ class FitRule(_Frozen):
         hazard = None if pattern is None else regex_hazard(pattern)
         if hazard is not None:
             raise ValueError(
-                f"{_shown(pattern)} {hazard}: matching it against a long field can take exponential time and stop "
+                f"{_shown(pattern)} {hazard}: matching it against a long field could take hours and stop "
                 "scoring; write it without that (see Regexes in docs/playbook.md)"
             )
         return pattern

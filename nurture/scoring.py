@@ -58,6 +58,12 @@ def _as_number(value: Any) -> float | None:
         return None
 
 
+# A regex sees at most this much of a field: profile fields are shorter, but an attribute
+# may hold megabytes, and even a pattern `nurture validate` accepts can take time that
+# grows with the square or the cube of the length (``\s*\s*$``).
+MAX_MATCHED = 1_000
+
+
 def rule_matches(rule: FitRule, profile: Mapping[str, Any]) -> bool:
     """Whether one fit rule holds for a profile; a missing field never matches."""
     value = profile_value(profile, rule.field)
@@ -68,7 +74,7 @@ def rule_matches(rule: FitRule, profile: Mapping[str, Any]) -> bool:
     if rule.in_ is not None:
         return str(value).casefold() in {str(v).casefold() for v in rule.in_}
     if rule.regex is not None:
-        return re.search(rule.regex, str(value)) is not None
+        return re.search(rule.regex, str(value)[:MAX_MATCHED]) is not None
     number = _as_number(value)
     if number is None:
         return False

@@ -175,3 +175,19 @@ def test_review_times_walk_a_decaying_lead_down_through_every_stage(playbook: Pl
             stages_seen.append(new_stage)
             stage = new_stage
     assert stages_seen == [Stage.hot, Stage.warm, Stage.cold]
+
+
+def test_a_fit_regex_sees_at_most_the_first_thousand_characters_of_a_field() -> None:
+    """An attribute may hold megabytes, and even a pattern validate accepts is quadratic in it when unanchored."""
+    from nurture.playbook import FitRule
+    from nurture.scoring import MAX_MATCHED, rule_matches
+
+    slow = FitRule.model_validate(
+        {"name": "x after spaces", "field": "attributes.notes", "regex": r"\s*x", "points": 1}
+    )
+    assert rule_matches(slow, {"attributes": {"notes": " " * 5 + "x"}})
+    # Without the cut this takes about a day (5 million spaces, quadratic backtracking); with it, a moment.
+    assert not rule_matches(slow, {"attributes": {"notes": " " * 5_000_000}})
+    early = FitRule.model_validate({"name": "vip", "field": "attributes.notes", "regex": "vip", "points": 1})
+    assert rule_matches(early, {"attributes": {"notes": "vip" + "." * 10_000}})
+    assert not rule_matches(early, {"attributes": {"notes": "." * MAX_MATCHED + "vip"}})

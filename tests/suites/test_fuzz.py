@@ -896,6 +896,8 @@ YAML_VALUES = st.one_of(
     st.integers(),
     st.floats(),
     st.sampled_from(["3d", "0h", "-1d", "99999999999w", "1.5d", "2026-13-01", "", "welcome", "{{ lead.x }}", "{x}"]),
+    st.sampled_from(["3000000d", "999999999d", "3650d", "^(a+)+$", "(a*)*b", "(\\w+\\s?)+$", "(a|a)*", "\\1"]),
+    st.sampled_from([float("inf"), float("-inf"), float("nan"), 10**400, -(10**30)]),
     st.sampled_from(["../welcome", "/etc/passwd", "sub/welcome", "Hi {{ lead.first_name }}", "{% if %}", "cold"]),
     st.text(max_size=12),
     st.lists(st.integers(), max_size=3),
@@ -1052,6 +1054,10 @@ def test_nurture_import_reports_each_bad_row_with_its_file_and_line(tmp_path: Pa
     assert f"error: {headless}: line 1: the header has no 'email' column" in result.stderr
 
 
+# A billion laughs: nine levels of nine aliases, 387 million strings if expanded.
+ALIAS_BOMB = "".join(f"  b{n}: &l{n} [{', '.join([f'*l{n - 1}' if n else 'lol'] * 9)}]\n" for n in range(9))
+
+
 @pytest.mark.parametrize(
     ("edit", "expected"),
     [
@@ -1059,8 +1065,31 @@ def test_nurture_import_reports_each_bad_row_with_its_file_and_line(tmp_path: Pa
         (lambda text: "brand: " + "[" * 5000 + "]" * 5000, ":1: nested more than 64 levels deep"),
         (lambda text: text.replace("form_submit: 10", "form_submit: .nan"), ":25: scoring.events.form_submit.points"),
         (lambda text: text.replace("half_life: 14d", "half_life: 2026-13-01"), ":20: scoring.half_life: '2026-13-01'"),
+        (
+            lambda text: text.replace("half_life: 14d", "half_life: 99999999999w"),
+            ":20: scoring.half_life: '99999999999w'",
+        ),
+        (lambda text: text.replace("per: 7d", "per: 999999999d"), ":67: contact_policy.frequency_cap.per"),
+        (lambda text: text.replace("purchase: 50", "purchase: .inf"), ":30: scoring.events.purchase.points"),
+        (lambda text: text.replace("enter_at: 40", "enter_at: .nan"), ":58: stages.warm.enter_at"),
+        (lambda text: text.replace('regex: "@(gmail', 'regex: "^(a+)+$|@(gmail', 1), ":53: scoring.fit.4.regex"),
+        (
+            lambda text: text.replace("links:\n", "links:\n" + ALIAS_BOMB, 1),
+            ":12: links.b1: Input should be a valid string",
+        ),
     ],
-    ids=["duplicate-key", "deep", "nan", "bad-date"],
+    ids=[
+        "duplicate-key",
+        "deep",
+        "nan",
+        "bad-date",
+        "huge-half-life",
+        "huge-cap",
+        "inf",
+        "nan-stage",
+        "redos",
+        "alias-bomb",
+    ],
 )
 @pytest.mark.usefixtures("nurture_env")
 def test_nurture_validate_names_file_line_and_key(tmp_path: Path, edit: Any, expected: str) -> None:
