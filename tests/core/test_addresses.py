@@ -7,6 +7,8 @@ import json
 import unicodedata
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nurture.importing import canonical_address, event_record, lead_record, normalise_email
 from nurture.inbound import parse_api_events, parse_sendgrid_batch
@@ -84,3 +86,34 @@ def test_every_way_in_normalises_the_address_the_same_way() -> None:
         json.loads(json.dumps([{"email": "josé@xn--bcher-kva.example.", "event": "bounce", "timestamp": 1772442000}]))
     )
     assert [e.email for e in batch.events] == ["josé@bücher.example"]
+
+
+_LOCAL = st.text(st.sampled_from("abcezos.+_-éèöüßñçøåǆſ\u0301\u0308"), min_size=1, max_size=12)
+_LABEL = st.text(st.sampled_from("abcdefmnü\u0308é-"), min_size=1, max_size=10)
+
+
+@given(local=_LOCAL, labels=st.lists(_LABEL, min_size=1, max_size=3))
+def test_every_spelling_of_an_address_is_one_person(local: str, labels: list[str]) -> None:
+    """Generated: NFC or NFD, any case, a trailing dot, punycode labels: one canonical spelling, or refused alike."""
+    address = f"{local}@{'.'.join(labels)}.example"
+    try:
+        canonical = normalise_email(address)
+    except ValueError:
+        for form in ("NFC", "NFD"):
+            with pytest.raises(ValueError, match=r"not an email address|characters long"):
+                normalise_email(unicodedata.normalize(form, address))
+        return
+    assert normalise_email(canonical) == canonical  # already canonical: unchanged
+    domain = canonical.rpartition("@")[2]
+    punycode = ".".join(
+        label if label.isascii() else "xn--" + label.encode("punycode").decode("ascii") for label in domain.split(".")
+    )
+    spellings = [
+        unicodedata.normalize("NFD", address),
+        "".join(c.upper() if c.isascii() else c for c in address),  # as typed with caps lock
+        address + ".",
+        f"{canonical.rpartition('@')[0]}@{punycode}",
+    ]
+    for spelling in spellings:
+        assert normalise_email(spelling) == canonical, spelling
+        assert email_hash(normalise_email(spelling)) == email_hash(canonical)
