@@ -443,13 +443,13 @@ def _unclosed_quote(taken: list[str]) -> str:
 def _swallows_rows(continuation: list[str], columns: list[str]) -> bool:
     """Whether the lines inside a quoted value look like rows of this file: the value's quote was left open.
 
-    A value may span lines (a note, an address); one that holds a line with as many fields
-    as the header, or with an address in the email column, almost certainly took in a row.
+    A value may span lines (a note, an address, with commas); one that holds a line with
+    an address where the email column is almost certainly took in a row.
     """
     at = columns.index("email")
     for text in continuation:
         fields = next(csv.reader([text]), [])  # not strict: a row of its own may open a quote too
-        if len(fields) >= len(columns) or (len(fields) > at and _EMAIL.match(fields[at].strip().lower())):
+        if len(fields) > at and _EMAIL.match(fields[at].strip().lower()):
             return True
     return False
 

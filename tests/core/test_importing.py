@@ -282,8 +282,8 @@ def test_a_quote_closed_rows_later_does_not_hide_the_rows_between(tmp_path: Path
 
 def test_a_value_that_truly_spans_lines_is_kept(tmp_path: Path) -> None:
     path = tmp_path / "leads.csv"
-    path.write_text('email,notes\nann@x.example,"Met at the fair,\nwants a demo in May"\nbob@x.example,\n')
+    path.write_text('email,notes\nann@x.example,"Met at the fair,\nbooth 5, hall 2"\nbob@x.example,\n')
     assert list(read_rows(path)) == [
-        (2, {"email": "ann@x.example", "notes": "Met at the fair,\nwants a demo in May"}),
+        (2, {"email": "ann@x.example", "notes": "Met at the fair,\nbooth 5, hall 2"}),
         (4, {"email": "bob@x.example", "notes": ""}),
     ]

@@ -217,6 +217,13 @@ def _not_utf8(draw: st.DrawFn, values: dict[str, Any]) -> Row:
     return Row({**values, "company": "Zo" + draw(st.sampled_from("ëéüñß")) + "e"}, bad="not UTF-8")
 
 
+def _unclosed_last(rows: list[Row]) -> list[Row]:
+    """At most one unclosed quote, on the last line: what it takes in after it depends on where the next
+    quote is, and whether those rows are given back on what they hold (tests/core/test_importing.py)."""
+    unclosed = [row for row in rows if row.bad == "never closed"]
+    return [row for row in rows if row.bad != "never closed"] + unclosed[:1]
+
+
 def _unclosed_quote(draw: st.DrawFn, values: dict[str, Any]) -> Row:
     # A quote opened and never closed: it used to take in every row after it, up to the next quote.
     opened = draw(st.sampled_from(['"Ann', '"Ann, Jr.', '"']))
@@ -341,10 +348,10 @@ def import_plans(draw: st.DrawFn, kind: str) -> ImportPlan:
     encoding = draw(st.sampled_from(ENCODINGS))
     ascii_only = encoding == "latin-1"
     if kind == "leads":
-        rows = draw(st.lists(lead_row(fmt, ascii_only), max_size=12))
+        rows = _unclosed_last(draw(st.lists(lead_row(fmt, ascii_only), max_size=12)))
     else:
         ids = [f"e{i}-TAG" for i in range(4)]
-        rows = _replayed(draw(st.lists(event_row(fmt, ascii_only, ids), max_size=12)))
+        rows = _unclosed_last(_replayed(draw(st.lists(event_row(fmt, ascii_only, ids), max_size=12))))
         good = [row for row in rows if not row.bad]
         if good and draw(st.booleans()):  # a row exported twice: without an id, known by its content
             rows.append(Row(dict(draw(st.sampled_from(good)).values)))
