@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from nurture.errors import TemplateError
-from nurture.playbook import Playbook
+from nurture.playbook import Playbook, parse_playbook
 from nurture.rendering import EmailRenderer, sample_context
-from tests.conftest import TEMPLATES_DIR
+from tests.conftest import PLAYBOOK_PATH, TEMPLATES_DIR
 
 
 def _all_steps(playbook: Playbook) -> list[tuple[str, str]]:
@@ -83,3 +83,23 @@ def test_check_reports_syntax_errors_with_line_and_a_dropped_footer(playbook: Pl
 
 def test_shipped_templates_pass_the_check(playbook: Playbook, renderer: EmailRenderer) -> None:
     assert renderer.check(playbook) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors name the file and the line.
+
+
+def test_where_a_playbook_came_from_is_not_part_of_what_it_says(playbook: Playbook) -> None:
+    text = PLAYBOOK_PATH.read_text()
+    elsewhere = parse_playbook(text, source="copy/of/nurture.yaml")
+    assert elsewhere == playbook
+    assert elsewhere.version == playbook.version
+    lines = text.splitlines()
+    first_step = lines.index("      - after: 0h", lines.index("  welcome:"))
+    assert elsewhere.source.where("sequences", "welcome", "steps", "0", "subject") == (
+        f"copy/of/nurture.yaml:{first_step + 3}: sequences.welcome.steps.0.subject"
+    )
+    assert elsewhere.source.where("sequences", "welcome", "no_such_key") == (
+        f"copy/of/nurture.yaml:{lines.index('  welcome:') + 1}: sequences.welcome.no_such_key"
+    )
+    assert Playbook.model_validate(playbook.model_dump()).source.where("brand") == "brand"
