@@ -6,22 +6,27 @@ Python internals), autoescaping for ``.html`` so a lead named
 instead of sending an email with blanks. Each email template ``NAME`` is a pair:
 ``NAME.html`` and ``NAME.txt``, both extending the layout that carries the
 unsubscribe link and the postal address.
+
+Templates are read only from regular files inside the templates folder: a symbolic
+link may lead to another template, never out of the folder (docs/templates.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import os
+import stat
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from jinja2 import (
+    BaseLoader,
     Environment,
-    FileSystemLoader,
     StrictUndefined,
     Template,
     TemplateSyntaxError,
-    meta,
+    nodes,
     select_autoescape,
 )
 from jinja2.exceptions import SecurityError, TemplateNotFound, UndefinedError
@@ -32,6 +37,8 @@ from nurture.playbook import TEMPLATE_NAME, Playbook
 
 # Every HTML email must show these, or it is not allowed to go out.
 FOOTER_MARKERS = ("unsubscribe_url", "postal_address")
+# Larger than this, a template file is not an email (Gmail clips a message at about 100 kB).
+MAX_TEMPLATE_BYTES = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,19 +53,90 @@ def _blank_none(value: Any) -> Any:
     return "" if value is None else value
 
 
-class _PlainNameLoader(FileSystemLoader):
-    """Loads only templates whose names are plain file names (``welcome.html``, ``parts/footer.html``).
+class _Refused(Exception):
+    """A template may not be read (outside the folder, not a regular file, too large); the message says why."""
 
-    Jinja compiles a template's name into Python code; a name carrying quotes or braces
-    ran code before Jinja 3.1.5 (CVE-2024-56201), and ``..`` or an absolute path would
-    reach outside the templates folder. Such a name is refused before any file is read,
-    whoever asked for it: the playbook, ``{% include %}``, ``{% extends %}`` or ``{% from %}``.
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+
+
+class _TemplatesFolderLoader(BaseLoader):
+    """Loads templates only from regular files inside the templates folder.
+
+    The name is checked first: Jinja compiles a template's name into Python code; a name
+    carrying quotes or braces ran code before Jinja 3.1.5 (CVE-2024-56201), and ``..`` or an
+    absolute path would reach outside the folder. Then the file: its real path, after every
+    symbolic link is followed, must lie inside the folder (git stores links, and one to
+    ``/proc/self/environ`` would put the process's secrets into every email), and it must be
+    a regular file of at most ``max_bytes`` (a FIFO or device could block or never end). A
+    link to another file inside the folder is followed. This holds whoever asks: the
+    playbook, ``{% include %}``, ``{% extends %}``, ``{% import %}`` or ``{% from %}``.
     """
+
+    def __init__(self, root: Path, *, max_bytes: int) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
 
     def get_source(self, environment: Environment, template: str) -> tuple[str, str, Callable[[], bool]]:
         if not TEMPLATE_NAME.match(template):
-            raise SecurityError(f"template name {template[:80]!r} is refused: only letters, digits, _ . - and /")
-        return super().get_source(environment, template)
+            raise _Refused(f"template name {template[:80]!r} is refused: only letters, digits, _ . - and /")
+        path = self.root / template
+        real = Path(os.path.realpath(path))
+        if not real.is_relative_to(self.root):
+            raise _Refused(
+                f"template {template!r} is refused: it leads to {real}, outside the templates folder "
+                f"{self.root}; only files inside it can be used"
+            )
+        try:
+            fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        except FileNotFoundError as exc:
+            raise TemplateNotFound(template) from exc
+        except OSError as exc:
+            raise _Refused(f"template {template!r} cannot be read: {exc.strerror}") from exc
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                kind = _file_kind(info.st_mode)
+                raise _Refused(f"template {template!r} is refused: it is {kind}, not a regular file")
+            with os.fdopen(fd, "rb", closefd=False) as file:
+                raw = file.read(self.max_bytes + 1)
+        except OSError as exc:
+            raise _Refused(f"template {template!r} cannot be read: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
+        if len(raw) > self.max_bytes:
+            raise _Refused(f"template {template!r} is refused: it is larger than {self.max_bytes:,} bytes")
+        try:
+            source = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _Refused(f"template {template!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
+
+        filename, followed = str(path), str(real) != str(path)
+        link = os.lstat(filename)
+
+        def uptodate() -> bool:
+            # Checked on every use of the cached template: a named link that changes is loaded (and checked) again.
+            try:
+                now = os.lstat(filename)
+                if now.st_mtime_ns != link.st_mtime_ns or now.st_ino != link.st_ino:
+                    return False
+                return not followed or os.stat(real).st_mtime_ns == info.st_mtime_ns
+            except OSError:
+                return False
+
+        return source, filename, uptodate
+
+
+def _referenced(tree: nodes.Template) -> Iterator[tuple[str, int]]:
+    """Templates a parsed template names in extends, include, import and from (literal names only)."""
+    for ref in tree.find_all((nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)):
+        named = getattr(ref, "template", None)
+        names = named.items if isinstance(named, nodes.Tuple | nodes.List) else [named]
+        yield from ((name.value, ref.lineno) for name in names if isinstance(name, nodes.Const))
 
 
 class EmailRenderer:
@@ -66,8 +144,9 @@ class EmailRenderer:
 
     def __init__(self, templates_dir: Path) -> None:
         self.templates_dir = templates_dir.resolve()
+        self._loader = _TemplatesFolderLoader(self.templates_dir, max_bytes=MAX_TEMPLATE_BYTES)
         self._env = SandboxedEnvironment(
-            loader=_PlainNameLoader(str(self.templates_dir)),
+            loader=self._loader,
             autoescape=select_autoescape(enabled_extensions=("html",), default_for_string=False),
             undefined=StrictUndefined,
             finalize=_blank_none,
@@ -98,14 +177,14 @@ class EmailRenderer:
             raise TemplateError(f"{where}: template file {exc.name} not found in {self.templates_dir}") from exc
         except TemplateSyntaxError as exc:
             raise TemplateError(f"{exc.filename or where}:{exc.lineno}: {exc.message}") from exc
-        except (UndefinedError, SecurityError) as exc:
+        except (UndefinedError, SecurityError, _Refused) as exc:
             raise TemplateError(f"{where}: {exc}") from exc
         except Exception as exc:  # a marketer's template can fail in any way; never send it
             raise TemplateError(f"{where}: {type(exc).__name__}: {exc}") from exc
         return RenderedEmail(subject=rendered_subject, html=html, text=text)
 
     def check(self, playbook: Playbook) -> list[str]:
-        """Problems with the templates a playbook uses: syntax, missing footer, bad subjects."""
+        """Problems with the templates a playbook uses: refused files, syntax, missing footer, bad subjects."""
         problems: list[str] = []
         for name in sorted(playbook.template_names()):
             for suffix in (".html", ".txt"):
@@ -123,38 +202,41 @@ class EmailRenderer:
                         self.render(template=step.template, subject=step.subject, context=sample_context(playbook))
                     except TemplateError as exc:
                         problems.append(f"sequence {seq_name}: {exc} (rendered for a sample lead)")
-        return problems
+        return list(dict.fromkeys(problems))  # a layout's problem once, not once for every email using it
 
-    def _check_file(self, filename: str, *, footer: bool) -> Iterable[str]:
-        path = self.templates_dir / filename
-        try:
-            source = path.read_text(encoding="utf-8")
-            self._env.parse(source, filename=filename)
-        except OSError as exc:
-            return [f"{path}: cannot read: {exc.strerror}"]
-        except TemplateSyntaxError as exc:
-            return [f"{path}:{exc.lineno}: {exc.message}"]
-        if footer and not self._reaches_footer(filename):
-            return [f"{path}: must extend the layout (or show {' and '.join(FOOTER_MARKERS)}) so the footer is kept"]
-        return []
-
-    def _reaches_footer(self, filename: str) -> bool:
-        """Whether the template, through the templates it extends or includes, shows the footer."""
+    def _check_file(self, filename: str, *, footer: bool) -> list[str]:
+        """Problems with one template and with the templates it extends, includes or imports."""
+        problems: list[str] = []
+        texts: list[str] = []
         seen: set[str] = set()
-        pending = [filename]
-        text = ""
+        pending = [(filename, str(self.templates_dir / filename))]
         while pending:
-            name = pending.pop()
+            name, asked_by = pending.pop()
             if name in seen:
                 continue
             seen.add(name)
+            path = self.templates_dir / name
             try:
-                source = (self.templates_dir / name).read_text(encoding="utf-8")
-            except OSError:
+                source = self._loader.get_source(self._env, name)[0]
+                tree = self._env.parse(source, name, str(path))
+            except TemplateNotFound:
+                if name == filename:
+                    problems.append(f"{path}: cannot read: No such file or directory")
+                continue  # an include of a missing file fails the sample render, with its name
+            except _Refused as exc:
+                problems.append(f"{asked_by}: {exc}")
                 continue
-            text += source
-            pending.extend(ref for ref in meta.find_referenced_templates(self._env.parse(source)) if ref)
-        return all(marker in text for marker in FOOTER_MARKERS)
+            except TemplateSyntaxError as exc:
+                problems.append(f"{path}:{exc.lineno}: {exc.message}")
+                continue
+            texts.append(source)
+            pending.extend((ref, f"{path}:{line}") for ref, line in _referenced(tree))
+        if footer and not problems and not all(marker in "".join(texts) for marker in FOOTER_MARKERS):
+            problems.append(
+                f"{self.templates_dir / filename}: must extend the layout (or show "
+                f"{' and '.join(FOOTER_MARKERS)}) so the footer is kept"
+            )
+        return problems
 
 
 def sample_context(playbook: Playbook) -> dict[str, Any]:

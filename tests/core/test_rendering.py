@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -83,6 +84,136 @@ def test_check_reports_syntax_errors_with_line_and_a_dropped_footer(playbook: Pl
 
 def test_shipped_templates_pass_the_check(playbook: Playbook, renderer: EmailRenderer) -> None:
     assert renderer.check(playbook) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Templates are read only from regular files inside the templates folder.
+
+SECRET = "canary-5ecret-in-a-file-outside"
+
+
+def _with_body(
+    templates: Path, name: str, body: str, *, txt: str = "{{ unsubscribe_url }} {{ postal_address }}\n"
+) -> None:
+    """An email ``name`` whose HTML part extends the layout with ``body``."""
+    (templates / f"{name}.html").write_text("{% extends '_layout.html' %}{% block body %}" + body + "{% endblock %}")
+    (templates / f"{name}.txt").write_text(txt)
+
+
+def test_a_link_to_a_file_outside_the_folder_is_refused_where_it_is_included(
+    playbook: Playbook, tmp_path: Path
+) -> None:
+    templates = _copy_templates(tmp_path)
+    outside = tmp_path / "outside.txt"
+    outside.write_text(SECRET)
+    (templates / "env.txt").symlink_to(outside)
+    (templates / "welcome.html").write_text(
+        "{% extends '_layout.html' %}{% block body %}\n<p>Hi</p>\n{% include 'env.txt' %}{% endblock %}"
+    )
+    renderer = EmailRenderer(templates)
+
+    with pytest.raises(TemplateError) as caught:
+        renderer.render(template="welcome", subject="Hi", context=sample_context(playbook))
+    message = str(caught.value)
+    assert message.startswith("welcome.html: template 'env.txt' is refused: it leads to ")
+    assert f"{outside.resolve()}, outside the templates folder {templates.resolve()}" in message
+    assert SECRET not in message
+    assert renderer.check(playbook) == [
+        f"{templates.resolve() / 'welcome.html'}:3: template 'env.txt' is refused: it leads to "
+        f"{outside.resolve()}, outside the templates folder {templates.resolve()}; only files inside it can be used"
+    ]
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="no /proc on this system")
+def test_a_link_to_the_process_environment_puts_no_secret_in_an_email(
+    playbook: Playbook, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NURTURE_SECRET_KEY", SECRET)
+    templates = _copy_templates(tmp_path)
+    (templates / "env.txt").symlink_to("/proc/self/environ")
+    (templates / "welcome.txt").write_text(
+        "{% extends '_layout.txt' %}{% block body %}{% include 'env.txt' %}{% endblock %}"
+    )
+    with pytest.raises(
+        TemplateError, match=r"^welcome\.txt: template 'env\.txt' is refused: it leads to /proc/"
+    ) as caught:
+        EmailRenderer(templates).render(template="welcome", subject="Hi", context=sample_context(playbook))
+    assert SECRET not in str(caught.value)
+
+
+def test_a_template_named_by_the_playbook_or_reached_through_a_linked_folder_is_refused(
+    playbook: Playbook, tmp_path: Path
+) -> None:
+    templates = _copy_templates(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "footer.html").write_text(SECRET)
+    (templates / "parts").symlink_to(elsewhere, target_is_directory=True)
+    (templates / "case_study.html").unlink()
+    (templates / "case_study.html").symlink_to(elsewhere / "footer.html")
+    _with_body(templates, "win_back", "{% include 'parts/footer.html' %}")
+    renderer = EmailRenderer(templates)
+
+    for template, refused in (("case_study", "case_study.html"), ("win_back", "parts/footer.html")):
+        with pytest.raises(TemplateError, match=rf"template '{refused}' is refused: it leads to .*outside") as caught:
+            renderer.render(template=template, subject="Hi", context=sample_context(playbook))
+        assert SECRET not in str(caught.value)
+    problems = renderer.check(playbook)
+    assert any(
+        p.startswith(f"{templates.resolve() / 'case_study.html'}: template 'case_study.html' is refused")
+        for p in problems
+    )
+    assert any(
+        p.startswith(f"{templates.resolve() / 'win_back.html'}:1: template 'parts/footer.html' is refused")
+        for p in problems
+    )
+
+
+def test_a_link_to_another_template_inside_the_folder_keeps_working(playbook: Playbook, tmp_path: Path) -> None:
+    templates = _copy_templates(tmp_path)
+    (templates / "shared").mkdir()
+    (templates / "shared" / "signoff.html").write_text("<p>The {{ brand.name }} team</p>")
+    (templates / "signoff.html").symlink_to(templates / "shared" / "signoff.html")
+    _with_body(templates, "welcome", "{% include 'signoff.html' %}")
+    renderer = EmailRenderer(templates)
+    email = renderer.render(template="welcome", subject="Hi", context=sample_context(playbook))
+    assert f"<p>The {playbook.brand.name} team</p>" in email.html
+    assert renderer.check(playbook) == []
+
+
+def test_a_fifo_or_a_folder_where_a_template_should_be_is_refused_not_waited_on(
+    playbook: Playbook, tmp_path: Path
+) -> None:
+    templates = _copy_templates(tmp_path)
+    os.mkfifo(templates / "pipe.txt")
+    (templates / "folder.txt").mkdir()
+    for included, kind in (("pipe.txt", "a FIFO"), ("folder.txt", "a directory")):
+        (templates / "welcome.txt").write_text(
+            "{% extends '_layout.txt' %}{% block body %}{% include '" + included + "' %}{% endblock %}"
+        )
+        renderer = EmailRenderer(templates)
+        with pytest.raises(TemplateError, match=rf"template '{included}' is refused: it is {kind}, not a regular file"):
+            renderer.render(template="welcome", subject="Hi", context=sample_context(playbook))
+        where = templates.resolve() / "welcome.txt"
+        assert renderer.check(playbook) == [
+            f"{where}:1: template '{included}' is refused: it is {kind}, not a regular file"
+        ]
+
+
+def test_a_template_file_larger_than_the_limit_is_refused(playbook: Playbook, tmp_path: Path) -> None:
+    templates = _copy_templates(tmp_path)
+    _with_body(templates, "welcome", "<p>" + "x" * 1_000_001 + "</p>")
+    with pytest.raises(TemplateError, match=r"template 'welcome\.html' is refused: it is larger than 1,000,000 bytes"):
+        EmailRenderer(templates).render(template="welcome", subject="Hi", context=sample_context(playbook))
+
+
+def test_check_reports_a_syntax_error_in_the_layout_with_its_line(playbook: Playbook, tmp_path: Path) -> None:
+    templates = _copy_templates(tmp_path)
+    (templates / "_layout.html").write_text("<html>\n{% block body %}{% endblock %}\n{% if %}\n</html>")
+    problems = EmailRenderer(templates).check(playbook)
+    assert problems == [
+        f"{templates.resolve() / '_layout.html'}:3: Expected an expression, got 'end of statement block'"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -237,6 +237,25 @@ def test_nurture_validate_names_the_template_that_tries_an_escape(templates: Pat
     assert CANARY not in output
 
 
+def test_nurture_validate_names_a_link_that_leads_out_of_the_templates_folder(templates: Path) -> None:
+    """git stores symbolic links: one to the process environment would mail the secrets to every lead."""
+    (templates / "env.txt").symlink_to("/proc/self/environ" if Path("/proc/self/environ").exists() else "/etc/hostname")
+    (templates / "welcome.html").write_text(
+        "{% extends '_layout.html' %}{% block body %}<p>Hi</p>\n{% include 'env.txt' %}{% endblock %}"
+    )
+    result = _nurture(
+        "validate",
+        env={"NURTURE_PLAYBOOK": str(PLAYBOOK_PATH), "NURTURE_TEMPLATES": str(templates), "NURTURE_SECRET_KEY": CANARY},
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "Traceback" not in output
+    flat = " ".join(output.split())
+    assert f"{templates.resolve() / 'welcome.html'}:2: template 'env.txt' is refused: it leads to /" in flat
+    assert f"outside the templates folder {templates.resolve()}; only files inside it can be used" in flat
+    assert CANARY not in output
+
+
 # ---------------------------------------------------------------------------------------------
 # Header injection. What a lead's fields can carry into a subject: line breaks of every kind
 # mail software knows, and text shaped like headers.
