@@ -1,11 +1,11 @@
 """Render nurture emails from the marketers' Jinja2 templates.
 
 One sandboxed environment (marketers write templates, so templates cannot reach
-Python internals), autoescaping for ``.html`` so a lead named
-``<script>`` stays text, and ``StrictUndefined`` so a typo fails the message
-instead of sending an email with blanks. Each email template ``NAME`` is a pair:
-``NAME.html`` and ``NAME.txt``, both extending the layout that carries the
-unsubscribe link and the postal address.
+Python internals nor change the lists and dicts they are given), autoescaping for
+``.html`` so a lead named ``<script>`` stays text, and ``StrictUndefined`` so a typo
+fails the message instead of sending an email with blanks. Each email template
+``NAME`` is a pair: ``NAME.html`` and ``NAME.txt``, both extending the layout that
+carries the unsubscribe link and the postal address.
 
 Templates are read only from regular files inside the templates folder: a symbolic
 link may lead to another template, never out of the folder (docs/templates.md).
@@ -30,7 +30,7 @@ from jinja2 import (
     select_autoescape,
 )
 from jinja2.exceptions import SecurityError, TemplateNotFound, UndefinedError
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from nurture.errors import TemplateError
 from nurture.playbook import TEMPLATE_NAME, Playbook
@@ -145,7 +145,7 @@ class EmailRenderer:
     def __init__(self, templates_dir: Path) -> None:
         self.templates_dir = templates_dir.resolve()
         self._loader = _TemplatesFolderLoader(self.templates_dir, max_bytes=MAX_TEMPLATE_BYTES)
-        self._env = SandboxedEnvironment(
+        self._env = ImmutableSandboxedEnvironment(
             loader=self._loader,
             autoescape=select_autoescape(enabled_extensions=("html",), default_for_string=False),
             undefined=StrictUndefined,

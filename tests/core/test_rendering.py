@@ -217,6 +217,29 @@ def test_check_reports_a_syntax_error_in_the_layout_with_its_line(playbook: Play
 
 
 # ---------------------------------------------------------------------------------------------
+# The sandbox is immutable.
+
+
+def test_a_template_cannot_change_the_lists_and_dicts_it_is_given(playbook: Playbook, tmp_path: Path) -> None:
+    templates = _copy_templates(tmp_path)
+    context = sample_context(playbook)
+    renderer = EmailRenderer(templates)
+    for body in (
+        "{{ lead.attributes.update({'plan': 'free'}) }}",
+        "{{ lead.attributes.setdefault('plan', 'free') }}",
+        "{% set tags = [] %}{{ tags.append(lead.email) }}{{ tags }}",
+        "{{ links.clear() }}",
+    ):
+        _with_body(templates, "welcome", body)
+        with pytest.raises(
+            TemplateError, match=r"^welcome\.html: access to attribute '\w+' of '(dict|list)' object is unsafe"
+        ):
+            renderer.render(template="welcome", subject="Hi", context=context)
+    assert context["lead"]["attributes"] == {}
+    assert context["links"] == dict(playbook.links)
+
+
+# ---------------------------------------------------------------------------------------------
 # Errors name the file and the line.
 
 
