@@ -139,6 +139,19 @@ def _referenced(tree: nodes.Template) -> Iterator[tuple[str, int]]:
         yield from ((name.value, ref.lineno) for name in names if isinstance(name, nodes.Const))
 
 
+def _describe(exc: Exception, templates_dir: Path) -> str:
+    """What went wrong while rendering, in a line (not the whole traceback)."""
+    if isinstance(exc, TemplateNotFound):
+        message = f"template file {exc.name} not found in {templates_dir}"
+    elif isinstance(exc, UndefinedError | SecurityError | _Refused):
+        message = str(exc)
+    elif isinstance(exc, RecursionError):
+        message = "calls itself too deeply (a macro, include or recursive loop that never stops)"
+    else:
+        message = f"{type(exc).__name__}: {exc}"
+    return message if len(message) <= 400 else message[:400] + "…"
+
+
 class EmailRenderer:
     """Renders subjects and both parts of an email; built once per process or run."""
 
@@ -164,24 +177,33 @@ class EmailRenderer:
         return compiled
 
     def render(self, *, template: str, subject: str, context: Mapping[str, Any]) -> RenderedEmail:
-        """Render one email; raises TemplateError naming the template and the problem."""
-        where = template
+        """Render one email; raises TemplateError naming the template (and line) and the problem."""
+        rendered_subject = self._part(f"subject of {template}", self._subject_template, subject, context)
+        html = self._part(f"{template}.html", self._env.get_template, f"{template}.html", context)
+        text = self._part(f"{template}.txt", self._env.get_template, f"{template}.txt", context)
+        return RenderedEmail(subject=" ".join(rendered_subject.split()), html=html, text=text)
+
+    def _part(self, where: str, load: Callable[[str], Template], source: str, context: Mapping[str, Any]) -> str:
+        """One part of an email; any failure is a TemplateError naming ``where`` and the line."""
         try:
-            where = f"subject of {template}"
-            rendered_subject = " ".join(self._subject_template(subject).render(context).split())
-            where = f"{template}.html"
-            html = self._env.get_template(f"{template}.html").render(context)
-            where = f"{template}.txt"
-            text = self._env.get_template(f"{template}.txt").render(context)
-        except TemplateNotFound as exc:
-            raise TemplateError(f"{where}: template file {exc.name} not found in {self.templates_dir}") from exc
+            return load(source).render(context)
         except TemplateSyntaxError as exc:
             raise TemplateError(f"{exc.filename or where}:{exc.lineno}: {exc.message}") from exc
-        except (UndefinedError, SecurityError, _Refused) as exc:
-            raise TemplateError(f"{where}: {exc}") from exc
         except Exception as exc:  # a marketer's template can fail in any way; never send it
-            raise TemplateError(f"{where}: {type(exc).__name__}: {exc}") from exc
-        return RenderedEmail(subject=rendered_subject, html=html, text=text)
+            raise TemplateError(f"{where}: {_describe(exc, self.templates_dir)}{self._line(exc, where)}") from exc
+
+    def _line(self, exc: Exception, where: str) -> str:
+        """Where in the template files ``exc`` was raised: `` (line 3)``, `` (line 9 of _layout.html)`` or ``""``."""
+        found = None
+        tb = exc.__traceback__
+        while tb is not None:
+            if "__jinja_exception__" in tb.tb_frame.f_globals:  # a frame Jinja rewrote to a template line
+                found = (Path(tb.tb_frame.f_code.co_filename), tb.tb_lineno)
+            tb = tb.tb_next
+        if found is None or not found[0].is_relative_to(self.templates_dir):
+            return ""  # not in a file: a subject, whose line the playbook gives
+        name = found[0].relative_to(self.templates_dir).as_posix()
+        return f" (line {found[1]})" if name == where else f" (line {found[1]} of {name})"
 
     def check(self, playbook: Playbook) -> list[str]:
         """Problems with the templates a playbook uses: refused files, syntax, missing footer, bad subjects."""

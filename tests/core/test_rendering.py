@@ -117,6 +117,7 @@ def test_a_link_to_a_file_outside_the_folder_is_refused_where_it_is_included(
     message = str(caught.value)
     assert message.startswith("welcome.html: template 'env.txt' is refused: it leads to ")
     assert f"{outside.resolve()}, outside the templates folder {templates.resolve()}" in message
+    assert message.endswith("(line 3)")
     assert SECRET not in message
     assert renderer.check(playbook) == [
         f"{templates.resolve() / 'welcome.html'}:3: template 'env.txt' is refused: it leads to "
@@ -241,6 +242,20 @@ def test_a_template_cannot_change_the_lists_and_dicts_it_is_given(playbook: Play
 
 # ---------------------------------------------------------------------------------------------
 # Errors name the file and the line.
+
+
+def test_a_render_error_names_the_line_and_the_file_it_is_in(playbook: Playbook, tmp_path: Path) -> None:
+    templates = _copy_templates(tmp_path)
+    (templates / "welcome.html").write_text(
+        "{% extends '_layout.html' %}\n{% block body %}\n<p>Hi</p>\n<p>{{ lead.nickname }}</p>\n{% endblock %}\n"
+    )
+    layout = (templates / "_layout.txt").read_text().splitlines()
+    (templates / "_layout.txt").write_text("\n".join(["{{ brand.slogan }}", *layout]))
+    renderer = EmailRenderer(templates)
+    with pytest.raises(TemplateError, match=r"^welcome\.html: 'dict object' has no attribute 'nickname' \(line 4\)$"):
+        renderer.render(template="welcome", subject="Hi", context=sample_context(playbook))
+    with pytest.raises(TemplateError, match=r"^case_study\.txt: .*'slogan' \(line 1 of _layout\.txt\)$"):
+        renderer.render(template="case_study", subject="Hi", context=sample_context(playbook))
 
 
 def test_where_a_playbook_came_from_is_not_part_of_what_it_says(playbook: Playbook) -> None:
