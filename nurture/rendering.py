@@ -211,19 +211,27 @@ class EmailRenderer:
         for name in sorted(playbook.template_names()):
             for suffix in (".html", ".txt"):
                 problems.extend(self._check_file(f"{name}{suffix}", footer=suffix == ".html"))
-        for seq_name, seq in playbook.sequences.items():
-            for i, step in enumerate(seq.steps):
-                try:
-                    self._env.parse(step.subject)
-                except TemplateSyntaxError as exc:
-                    problems.append(f"sequences.{seq_name}.steps.{i}.subject: {exc.message}")
+        steps = [(name, i, step) for name, seq in playbook.sequences.items() for i, step in enumerate(seq.steps)]
+        for seq_name, i, step in steps:
+            try:
+                self._env.parse(step.subject)
+            except TemplateSyntaxError as exc:
+                problems.append(
+                    f"{playbook.source.where('sequences', seq_name, 'steps', str(i), 'subject')}: {exc.message}"
+                )
         if not problems:
-            for seq_name, seq in playbook.sequences.items():
-                for step in seq.steps:
-                    try:
-                        self.render(template=step.template, subject=step.subject, context=sample_context(playbook))
-                    except TemplateError as exc:
-                        problems.append(f"sequence {seq_name}: {exc} (rendered for a sample lead)")
+            context = sample_context(playbook)
+            for seq_name, i, step in steps:
+                try:
+                    where = playbook.source.where("sequences", seq_name, "steps", str(i), "subject")
+                    self._part(where, self._subject_template, step.subject, context)
+                except TemplateError as exc:
+                    problems.append(f"{exc} (rendered for a sample lead)")
+                    continue
+                try:
+                    self.render(template=step.template, subject=step.subject, context=context)
+                except TemplateError as exc:
+                    problems.append(f"sequence {seq_name}: {exc} (rendered for a sample lead)")
         return list(dict.fromkeys(problems))  # a layout's problem once, not once for every email using it
 
     def _check_file(self, filename: str, *, footer: bool) -> list[str]:

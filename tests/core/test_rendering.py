@@ -258,6 +258,28 @@ def test_a_render_error_names_the_line_and_the_file_it_is_in(playbook: Playbook,
         renderer.render(template="case_study", subject="Hi", context=sample_context(playbook))
 
 
+def _with_subject(playbook: Playbook, sequence: str, step: int, subject: str) -> Playbook:
+    """The playbook with one subject changed, unvalidated (as a subject the playbook's own check would refuse)."""
+    seq = playbook.sequences[sequence]
+    steps = list(seq.steps)
+    steps[step] = steps[step].model_copy(update={"subject": subject})
+    changed = seq.model_copy(update={"steps": tuple(steps)})
+    return playbook.model_copy(update={"sequences": {**playbook.sequences, sequence: changed}})
+
+
+def test_check_names_the_playbook_line_of_a_subject_that_fails(playbook: Playbook, renderer: EmailRenderer) -> None:
+    line = PLAYBOOK_PATH.read_text().splitlines().index('        subject: "Live: the product activation playbook"') + 1
+    at = f"{PLAYBOOK_PATH}:{line}: sequences.welcome.steps.2.subject"
+    assert playbook.sequences["welcome"].steps[2].subject == "Live: the product activation playbook"
+
+    renders_badly = _with_subject(playbook, "welcome", 2, "Live: {{ lead.nickname }}")
+    assert renderer.check(renders_badly) == [
+        f"{at}: 'dict object' has no attribute 'nickname' (rendered for a sample lead)"
+    ]
+    does_not_parse = _with_subject(playbook, "welcome", 2, "Live: {{ lead.first_name ")
+    assert renderer.check(does_not_parse) == [f"{at}: unexpected end of template, expected 'end of print statement'."]
+
+
 def test_where_a_playbook_came_from_is_not_part_of_what_it_says(playbook: Playbook) -> None:
     text = PLAYBOOK_PATH.read_text()
     elsewhere = parse_playbook(text, source="copy/of/nurture.yaml")
