@@ -7,15 +7,21 @@ fails the message instead of sending an email with blanks. Each email template
 ``NAME`` is a pair: ``NAME.html`` and ``NAME.txt``, both extending the layout that
 carries the unsubscribe link and the postal address.
 
-Templates are read only from regular files inside the templates folder: a symbolic
-link may lead to another template, never out of the folder (docs/templates.md).
+Templates are read only from regular files inside the templates folder (a symbolic
+link may lead to another template, never out of it), and each email renders on a
+budget (``RenderLimits``): every loop item, call and include is a step, with a
+wall-clock deadline behind them, so a template cannot hang `nurture validate` or a
+dispatch. What the budget covers, and what it does not: docs/templates.md.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,15 +36,15 @@ from jinja2 import (
     select_autoescape,
 )
 from jinja2.exceptions import SecurityError, TemplateNotFound, UndefinedError
+from jinja2.runtime import Context, LoopContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.visitor import NodeTransformer
 
 from nurture.errors import TemplateError
 from nurture.playbook import TEMPLATE_NAME, Playbook
 
 # Every HTML email must show these, or it is not allowed to go out.
 FOOTER_MARKERS = ("unsubscribe_url", "postal_address")
-# Larger than this, a template file is not an email (Gmail clips a message at about 100 kB).
-MAX_TEMPLATE_BYTES = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +59,103 @@ def _blank_none(value: Any) -> Any:
     return "" if value is None else value
 
 
+@dataclass(frozen=True, slots=True)
+class RenderLimits:
+    """What rendering one email (subject, HTML and text parts) may cost.
+
+    Past any of these the render stops with a TemplateError. The defaults are far above what
+    an email needs (the shipped templates take a few dozen steps) and far below what would
+    hurt the machine.
+    """
+
+    steps: int = 100_000  # loop iterations, calls, template loads
+    seconds: float = 5.0  # wall-clock backstop, checked at every step
+    template_bytes: int = 1_000_000  # one template file
+
+
 class _Refused(Exception):
-    """A template may not be read (outside the folder, not a regular file, too large); the message says why."""
+    """A template asked for more than its budget, or for a file it may not read; the message says which."""
+
+
+class _Budget:
+    """What one email's render has spent so far; held in ``_BUDGET`` while it renders."""
+
+    __slots__ = ("clock", "deadline", "limits", "steps")
+
+    def __init__(self, limits: RenderLimits, clock: Callable[[], float]) -> None:
+        self.limits = limits
+        self.clock = clock
+        self.deadline = clock() + limits.seconds
+        self.steps = 0
+
+    def step(self, count: int = 1) -> None:
+        """Count loop iterations, calls or items; stop past the step budget or the deadline."""
+        self.steps += count
+        if self.steps > self.limits.steps:
+            raise _Refused(f"runs more than {self.limits.steps:,} steps (each loop iteration, call and include is one)")
+        if self.clock() >= self.deadline:
+            raise _Refused(f"takes longer than {self.limits.seconds:g} s to render")
+
+
+_BUDGET: ContextVar[_Budget | None] = ContextVar("nurture_render_budget", default=None)
+
+
+def _budget() -> _Budget:
+    budget = _BUDGET.get()
+    if budget is None:
+        raise RuntimeError("nurture templates render only through EmailRenderer, which sets their budget")
+    return budget
+
+
+def _loop_items(iterable: Iterable[Any]) -> Iterator[Any]:
+    """The items of a ``{% for %}`` (or of a recursive ``loop()``), each counted as a step."""
+    budget = _budget()
+    for item in iterable:
+        budget.step()
+        yield item
+
+
+class _Metered(NodeTransformer):
+    """Rewrites a parsed template so the budget sees every loop item."""
+
+    def __init__(self, environment: Environment) -> None:
+        self.environment = environment
+
+    def _helper(self, name: str, args: list[nodes.Expr], lineno: int) -> nodes.Call:
+        call = nodes.Call(nodes.EnvironmentAttribute(name, lineno=lineno), args, [], None, None, lineno=lineno)
+        call.set_environment(self.environment)
+        return call
+
+    def visit_For(self, node: nodes.For) -> nodes.Node:
+        self.generic_visit(node)
+        node.iter = self._helper("nurture_loop_items", [node.iter], node.lineno)  # type: ignore[list-item]
+        return node
+
+
+class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
+    """The sandbox, with every loop item, call and template load counted on the render's budget."""
+
+    # Reached only from the code _Metered adds: a template cannot name `environment`.
+    nurture_loop_items = staticmethod(_loop_items)
+
+    def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
+        return _Metered(self).visit(super()._parse(source, name, filename))  # type: ignore[no-any-return]
+
+    def _load_template(self, name: str, globals: Any) -> Template:
+        budget = _BUDGET.get()
+        if budget is not None:  # an include, import or extends while rendering: one step (the clock waits)
+            budget.steps += 1
+            if budget.steps > budget.limits.steps:
+                budget.step(0)
+        return super()._load_template(name, globals)
+
+    def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        if __obj is _loop_items:
+            return _loop_items(*args)
+        _budget().step()
+        if isinstance(__obj, LoopContext) and args:  # a recursive loop's next level: count its items too
+            args = (_loop_items(args[0]), *args[1:])
+        return super().call(__context, __obj, *args, **kwargs)
 
 
 def _file_kind(mode: int) -> str:
@@ -153,12 +254,23 @@ def _describe(exc: Exception, templates_dir: Path) -> str:
 
 
 class EmailRenderer:
-    """Renders subjects and both parts of an email; built once per process or run."""
+    """Renders subjects and both parts of an email; built once per process or run.
 
-    def __init__(self, templates_dir: Path) -> None:
+    ``clock`` (seconds, monotonic) is only read for the deadline in ``limits.seconds``.
+    """
+
+    def __init__(
+        self,
+        templates_dir: Path,
+        *,
+        limits: RenderLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.templates_dir = templates_dir.resolve()
-        self._loader = _TemplatesFolderLoader(self.templates_dir, max_bytes=MAX_TEMPLATE_BYTES)
-        self._env = ImmutableSandboxedEnvironment(
+        self.limits = limits or RenderLimits()
+        self._clock = clock
+        self._loader = _TemplatesFolderLoader(self.templates_dir, max_bytes=self.limits.template_bytes)
+        self._env = _BudgetedEnvironment(
             loader=self._loader,
             autoescape=select_autoescape(enabled_extensions=("html",), default_for_string=False),
             undefined=StrictUndefined,
@@ -176,11 +288,23 @@ class EmailRenderer:
             compiled = self._subjects[source] = self._env.from_string(source)
         return compiled
 
+    @contextmanager
+    def _budget(self) -> Iterator[None]:
+        token = _BUDGET.set(_Budget(self.limits, self._clock))
+        try:
+            yield
+        finally:
+            _BUDGET.reset(token)
+
     def render(self, *, template: str, subject: str, context: Mapping[str, Any]) -> RenderedEmail:
         """Render one email; raises TemplateError naming the template (and line) and the problem."""
-        rendered_subject = self._part(f"subject of {template}", self._subject_template, subject, context)
-        html = self._part(f"{template}.html", self._env.get_template, f"{template}.html", context)
-        text = self._part(f"{template}.txt", self._env.get_template, f"{template}.txt", context)
+        token = _BUDGET.set(_Budget(self.limits, self._clock))
+        try:
+            rendered_subject = self._part(f"subject of {template}", self._subject_template, subject, context)
+            html = self._part(f"{template}.html", self._env.get_template, f"{template}.html", context)
+            text = self._part(f"{template}.txt", self._env.get_template, f"{template}.txt", context)
+        finally:
+            _BUDGET.reset(token)
         return RenderedEmail(subject=" ".join(rendered_subject.split()), html=html, text=text)
 
     def _part(self, where: str, load: Callable[[str], Template], source: str, context: Mapping[str, Any]) -> str:
@@ -223,8 +347,9 @@ class EmailRenderer:
             context = sample_context(playbook)
             for seq_name, i, step in steps:
                 try:
-                    where = playbook.source.where("sequences", seq_name, "steps", str(i), "subject")
-                    self._part(where, self._subject_template, step.subject, context)
+                    with self._budget():
+                        where = playbook.source.where("sequences", seq_name, "steps", str(i), "subject")
+                        self._part(where, self._subject_template, step.subject, context)
                 except TemplateError as exc:
                     problems.append(f"{exc} (rendered for a sample lead)")
                     continue

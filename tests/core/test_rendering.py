@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from nurture.errors import TemplateError
 from nurture.playbook import Playbook, parse_playbook
-from nurture.rendering import EmailRenderer, sample_context
+from nurture.rendering import EmailRenderer, RenderLimits, sample_context
 from tests.conftest import PLAYBOOK_PATH, TEMPLATES_DIR
 
 
@@ -294,3 +295,85 @@ def test_where_a_playbook_came_from_is_not_part_of_what_it_says(playbook: Playbo
         f"copy/of/nurture.yaml:{lines.index('  welcome:') + 1}: sequences.welcome.no_such_key"
     )
     assert Playbook.model_validate(playbook.model_dump()).source.where("brand") == "brand"
+
+
+# ---------------------------------------------------------------------------------------------
+# Each email renders on a budget (RenderLimits).
+
+# A payload cheap enough for Jinja's own sandbox to render, each just past the default step
+# limit (RenderLimits()): refused with what was asked and the line that asked it.
+PAST_THE_DEFAULTS = [
+    ("{% for i in range(400) %}{% for j in range(400) %}x{% endfor %}{% endfor %}", r"runs more than 100,000 steps"),
+    (
+        "{% macro m(n) %}{% if n %}{{ m(n - 1) }}{{ m(n - 1) }}{% endif %}{% endmacro %}{{ m(17) }}",
+        r"runs more than 100,000 steps",
+    ),
+    (
+        "{% for x in [0, 1] recursive %}{{ loop(range(60000)) if loop.depth == 1 else '' }}{% endfor %}",
+        r"runs more than 100,000 steps",
+    ),
+]
+
+
+@pytest.mark.parametrize(("body", "refusal"), PAST_THE_DEFAULTS, ids=[b[:50] for b, _ in PAST_THE_DEFAULTS])
+def test_a_template_past_a_default_limit_fails_with_what_it_asked_and_where(
+    playbook: Playbook, tmp_path: Path, body: str, refusal: str
+) -> None:
+    templates = _copy_templates(tmp_path)
+    (templates / "welcome.html").write_text(
+        "{% extends '_layout.html' %}\n{% block body %}\n<p>Hi</p>\n" + body + "\n{% endblock %}\n"
+    )
+    with pytest.raises(TemplateError, match=r"^welcome\.html: ") as caught:
+        EmailRenderer(templates).render(template="welcome", subject="Hi", context=sample_context(playbook))
+    message = str(caught.value)
+    assert re.search(refusal, message), message
+    assert message.endswith("(line 4)"), message
+
+
+def test_the_steps_of_nested_loops_multiply_and_are_counted_across_parts(playbook: Playbook, tmp_path: Path) -> None:
+    templates = _copy_templates(tmp_path)
+    loops = "{% for i in range(30) %}{% for j in range(30) %}{% endfor %}{% endfor %}"  # 930 steps
+    _with_body(
+        templates,
+        "welcome",
+        loops,
+        txt="{% for i in range(90) %}{% endfor %}{{ unsubscribe_url }} {{ postal_address }}",
+    )
+    context = sample_context(playbook)
+    EmailRenderer(templates, limits=RenderLimits(steps=1_100)).render(template="welcome", subject="Hi", context=context)
+    with pytest.raises(TemplateError, match=r"^welcome\.txt: runs more than 1,000 steps .* \(line 1\)$"):
+        EmailRenderer(templates, limits=RenderLimits(steps=1_000)).render(
+            template="welcome", subject="Hi", context=context
+        )
+
+
+def test_a_subject_is_rendered_on_the_same_budget(playbook: Playbook, renderer: EmailRenderer) -> None:
+    subject = "{% for i in range(99999) %}{% endfor %}Hi"
+    with pytest.raises(TemplateError, match=r"^welcome\.html: runs more than 100,000 steps"):
+        renderer.render(template="welcome", subject=subject, context=sample_context(playbook))
+
+
+def test_includes_and_calls_count_as_steps(playbook: Playbook, tmp_path: Path) -> None:
+    templates = _copy_templates(tmp_path)
+    (templates / "two.html").write_text("{% include 'one.html' %}{% include 'one.html' %}")
+    (templates / "one.html").write_text("{{ 'x'.upper() }}")
+    # 2 (welcome.html, _layout.html) + 10 × 5 (two.html, twice one.html and upper()) + 1 (welcome.txt)
+    _with_body(templates, "welcome", "{% include 'two.html' %}" * 10)
+    renderer = EmailRenderer(templates, limits=RenderLimits(steps=53))
+    assert "XX" * 10 in renderer.render(template="welcome", subject="Hi", context=sample_context(playbook)).html
+    _with_body(templates, "welcome", "{% include 'two.html' %}" * 11)
+    with pytest.raises(TemplateError, match=r"runs more than 53 steps .*\(line 1 of two\.html\)$"):
+        EmailRenderer(templates, limits=RenderLimits(steps=53)).render(
+            template="welcome", subject="Hi", context=sample_context(playbook)
+        )
+
+
+def test_a_render_past_its_deadline_stops_at_the_next_step(playbook: Playbook, tmp_path: Path) -> None:
+    """The deadline is a backstop on the clock it is given; here a clock that moves one second per reading."""
+    templates = _copy_templates(tmp_path)
+    _with_body(templates, "welcome", "{% for i in range(1000) %}{% endfor %}")
+    readings = iter(range(10**6))
+    renderer = EmailRenderer(templates, limits=RenderLimits(seconds=50), clock=lambda: float(next(readings)))
+    with pytest.raises(TemplateError, match=r"^welcome\.html: takes longer than 50 s to render \(line 1\)$"):
+        renderer.render(template="welcome", subject="Hi", context=sample_context(playbook))
+    assert next(readings) < 60, "stopped at the first step past the deadline"

@@ -14,6 +14,7 @@ Examples per property: the `default` profile (``make test``) or ``HYPOTHESIS_PRO
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -235,6 +236,37 @@ def test_nurture_validate_names_the_template_that_tries_an_escape(templates: Pat
     assert "Traceback" not in output
     assert "sequence welcome: welcome.html: access to attribute '__globals__'" in output
     assert CANARY not in output
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile templates: what an outside tester put in the templates folder, as written. Each one
+# fails the render (and `nurture validate`) with the file, the line and what it asked for;
+# none hangs.
+
+TESTER_TEMPLATES = [
+    (
+        "nested loops of range(100000)",
+        "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+        r"runs more than 100,000 steps \(each loop iteration, call and include is one\) \(line 1\)$",
+    ),
+    (
+        "a macro that calls itself twice, 60 deep",
+        "{% macro m(n) %}{% if n %}{{ m(n - 1) }}{{ m(n - 1) }}{% endif %}{% endmacro %}{{ m(60) }}",
+        r"runs more than 100,000 steps",
+    ),
+]
+
+
+@pytest.mark.parametrize(("body", "refusal"), [t[1:] for t in TESTER_TEMPLATES], ids=[t[0] for t in TESTER_TEMPLATES])
+def test_a_template_that_would_hang_or_exhaust_the_machine_fails_with_its_line(
+    playbook: Playbook, templates: Path, body: str, refusal: str
+) -> None:
+    renderer = _with_template(
+        templates, "greedy", "{% extends '_layout.html' %}{% block body %}" + body + "{% endblock %}"
+    )
+    with pytest.raises(TemplateError, match=r"^greedy\.html: ") as caught:
+        renderer.render(template="greedy", subject="Hello", context=_context(playbook))
+    assert re.search(refusal, str(caught.value)), caught.value
 
 
 def test_nurture_validate_names_a_link_that_leads_out_of_the_templates_folder(templates: Path) -> None:
