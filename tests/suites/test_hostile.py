@@ -240,8 +240,8 @@ def test_nurture_validate_names_the_template_that_tries_an_escape(templates: Pat
 
 # ---------------------------------------------------------------------------------------------
 # Hostile templates: what an outside tester put in the templates folder, as written. Each one
-# fails the render (and `nurture validate`) with the file, the line and what it asked for;
-# none hangs.
+# fails the render (and `nurture validate`) with the file, the line and what it asked for; none
+# hangs, none allocates more than the render budget (RenderLimits) lets it.
 
 TESTER_TEMPLATES = [
     (
@@ -249,10 +249,37 @@ TESTER_TEMPLATES = [
         "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
         r"runs more than 100,000 steps \(each loop iteration, call and include is one\) \(line 1\)$",
     ),
+    ("a 300 MB string", "{{ 'a' * 300000000 }}", r"the \* operator would produce 300,000,000 characters"),
+    (
+        "a 50,000-character string printed over and over",
+        "{% set s = 'x' * 50000 %}{% for i in range(100000) %}{{ s }}{% endfor %}",
+        r"the output is longer than 1,000,000 characters$",
+    ),
+    (
+        "a string doubled with ~ in a loop",
+        "{% set ns = namespace(s='x' * 50000) %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+        r"the ~ operator would produce 1,600,000 characters \(at most 1,000,000\) \(line 1\)$",
+    ),
+    (
+        "a string doubled in a captured block",
+        "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set s %}{{ ns.s }}{{ ns.s }}{% endset %}"
+        "{% set ns.s = s %}{% endfor %}",
+        r"a captured block or macro would produce 1,048,576 characters",
+    ),
     (
         "a macro that calls itself twice, 60 deep",
         "{% macro m(n) %}{% if n %}{{ m(n - 1) }}{{ m(n - 1) }}{% endif %}{% endmacro %}{{ m(60) }}",
         r"runs more than 100,000 steps",
+    ),
+    (
+        "a width of a billion",
+        "{{ lead.first_name|center(1000000000) }}",
+        r"\|center would produce 1,000,000,000 characters",
+    ),
+    (
+        "a power of ten million",
+        "{{ 10 ** 10000000 }}",
+        r"the \*\* operator would produce a number of more than 4,300 digits",
     ),
 ]
 
