@@ -199,6 +199,13 @@ def _concat(eval_ctx: EvalContext, *pieces: Any) -> str:
     return budget.charge(joined, "the ~ operator")  # type: ignore[no-any-return]
 
 
+def _built(value: Any) -> Any:
+    """A list, tuple or dict a literal built from other values: refused if printing (or
+    comparing, or hashing) it would go through more than ``limits.text`` characters."""
+    _budget().weigh(value, f"the {type(value).__name__}")
+    return value
+
+
 def _joined(pieces: Iterable[str]) -> str:
     """``environment.concat``: joins what a macro, a call block or ``{% set %}…{% endset %}`` captured."""
     budget = _budget()
@@ -299,6 +306,7 @@ def _check_text_method(budget: _Budget, text: Any, name: str, args: tuple[Any, .
     return args
 
 
+_CONTAINERS = (list, tuple, dict, set, frozenset)
 # What Jinja adds to calls made inside a loop or block, for Context.call to take back out.
 _JINJA_CALL_KWARGS = frozenset({"_loop_vars", "_block_vars"})
 
@@ -335,6 +343,8 @@ def _check_times(budget: _Budget, left: Any, right: Any) -> None:
     if isinstance(sequence, str | bytes | list | tuple) and isinstance(count, int):
         unit = "characters" if isinstance(sequence, str | bytes) else "items"
         budget.allow(len(sequence) * count, "the * operator", cap=budget.limits.repeat, unit=unit)
+        if isinstance(sequence, list | tuple):  # [a_long_list] * 1000 is 1,000 times a long list
+            budget.allow(budget.weigh(sequence, "the * operator") * count, "the * operator")
 
 
 def _check_power(left: Any, right: Any) -> None:
@@ -381,7 +391,10 @@ def _filter_sizes(
     elif name == "join":
         budget.allow(weight + len(value) * len(str(arg(0, "d", ""))), op)
     elif name in {"batch", "slice"}:
-        budget.allow(_int(arg(0, "linecount" if name == "batch" else "slices")), op, cap=repeat, unit="items")
+        count = _int(arg(0, "linecount" if name == "batch" else "slices"))
+        budget.allow(count, op, cap=repeat, unit="items")
+        if arg(1, "fill_with") is not None:  # each batch filled with the same value
+            budget.allow(count * budget.weigh(arg(1, "fill_with"), op), op)
     elif name == "tojson":
         indent = arg(0, "indent")
         pad = indent if isinstance(indent, int) else len(str(indent or ""))
@@ -433,13 +446,16 @@ def _guarded_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
             result = func(context.environment, value, *args, **kwargs)
         else:
             result = func(value, *args, **kwargs)
+        if isinstance(result, _CONTAINERS):  # |map(attribute='x', default=a_long_list)|list, …
+            budget.weigh(result, f"|{name}")
         return budget.charge(result, f"|{name}")
 
     return guarded
 
 
 class _Metered(NodeTransformer):
-    """Rewrites a parsed template so the budget sees every loop item and every ``~``."""
+    """Rewrites a parsed template so the budget sees every loop item, every ``~`` and every
+    list, tuple or dict a literal builds from other values."""
 
     def __init__(self, environment: Environment) -> None:
         self.environment = environment
@@ -458,6 +474,24 @@ class _Metered(NodeTransformer):
         self.generic_visit(node)
         return self._helper("nurture_concat", node.nodes, node.lineno)
 
+    def visit_List(self, node: nodes.List) -> nodes.Node:
+        return self._weighed(node)
+
+    def visit_Dict(self, node: nodes.Dict) -> nodes.Node:
+        return self._weighed(node)
+
+    def visit_Tuple(self, node: nodes.Tuple) -> nodes.Node:
+        return self._weighed(node) if node.ctx == "load" else self.generic_visit(node)  # not `for a, b in`
+
+    def _weighed(self, node: nodes.Expr) -> nodes.Node:
+        # `[b, b, b, b]` nested ten deep is small in memory and 10**10 items to compare or hash.
+        self.generic_visit(node)
+        try:
+            node.as_const()
+        except nodes.Impossible:
+            return self._helper("nurture_built", [node], node.lineno)
+        return node  # a constant, no larger than the template's own text
+
 
 class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
     """The sandbox, with every loop, call, operator and filter that can cost much on the render's budget."""
@@ -467,6 +501,7 @@ class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
     # Reached only from the code _Metered adds: a template cannot name `environment`.
     nurture_loop_items = staticmethod(_loop_items)
     nurture_concat = staticmethod(_concat)
+    nurture_built = staticmethod(_built)
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -490,8 +525,10 @@ class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
             _check_times(budget, left, right)
         elif operator == "**":
             _check_power(left, right)
-        elif operator == "+" and isinstance(left, str | list | tuple) and isinstance(right, str | list | tuple):
+        elif operator == "+" and isinstance(left, str) and isinstance(right, str):
             budget.allow(len(left) + len(right), op)
+        elif operator == "+" and isinstance(left, list | tuple) and isinstance(right, list | tuple):
+            budget.allow(budget.weigh(left, op) + budget.weigh(right, op), op)
         elif operator == "%" and isinstance(left, str):
             _check_widths(budget, _printf_widths(left), op)
             budget.weigh(right, op)
@@ -502,6 +539,8 @@ class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
             return _concat(__context.eval_ctx, *args)
         if __obj is _loop_items:
             return _loop_items(*args)
+        if __obj is _built:
+            return _built(*args)
         budget = _budget()
         budget.step()
         if isinstance(__obj, LoopContext) and args:  # a recursive loop's next level: count its items too
@@ -509,6 +548,8 @@ class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
         else:
             args = _check_call(budget, __obj, args, kwargs)
         result = super().call(__context, __obj, *args, **kwargs)
+        if isinstance(result, _CONTAINERS):  # dict.fromkeys(keys, a_long_list), dict(a=x, b=x), …
+            budget.weigh(result, "a call")
         return result if isinstance(__obj, Macro) else budget.charge(result, "a call")
 
 

@@ -352,15 +352,34 @@ PAST_THE_DEFAULTS = [
         "{% endset %}{% endfor %}",
         r"builds more than 10,000,000 characters in all",
     ),
+    # A namespace's attributes can grow after a list holding it was built: weighed when printed.
     (
-        "{% set a = ['x' * 1000] * 10 %}{% set b = [a, a, a, a, a, a, a, a, a, a] %}"
-        "{% set c = [b, b, b, b, b, b, b, b, b, b] %}{{ c }}",
+        "{% set ns = namespace(s='') %}{% set l = [ns] * 1000 %}{% set ns.s = 'x' * 100000 %}{{ l }}",
         r"\{\{ … \}\}: the value would print as more than 1,000,000 characters",
     ),
     (
-        "{% set a = ['x' * 1000] * 1001 %}{{ a|join }}",
+        "{% set ns = namespace(s='') %}{% set l = [ns] * 1000 %}{% set ns.s = 'x' * 100000 %}{{ l|join }}",
         r"\|join: the value would print as more than 1,000,000 characters",
     ),
+    # Other lists, tuples and dicts are weighed as they are built: one made of shared references
+    # is small in memory, and one `==` or hash would go through every item without a step.
+    (
+        "{% set ns = namespace(a=['x' * 100] * 10, b=['x' * 100] * 10) %}{% for i in range(5) %}"
+        "{% set ns.a = [ns.a, ns.a, ns.a, ns.a, ns.a, ns.a, ns.a, ns.a, ns.a, ns.a] %}"
+        "{% set ns.b = [ns.b, ns.b, ns.b, ns.b, ns.b, ns.b, ns.b, ns.b, ns.b, ns.b] %}{% endfor %}{{ ns.a == ns.b }}",
+        r"the list: the value would print as more than 1,000,000 characters",
+    ),
+    ("{% set a = ['x' * 100] * 10 %}{{ ([a] * 1000)|length }}", r"the \* operator would produce 1,068,000 characters"),
+    (
+        "{% set a = ['x' * 100000] %}{{ (a + a + a + a + a + a + a + a + a + a + a)|length }}",
+        r"the \+ operator would produce",
+    ),
+    ("{{ dict.fromkeys(range(20000), ['x' * 100])|length }}", r"a call: the value would print as more than"),
+    (
+        "{{ range(20000)|map(attribute='x', default=['x' * 100])|list|length }}",
+        r"\|list: the value would print as more",
+    ),
+    ("{{ [1]|batch(20000, ['x' * 100])|list|length }}", r"\|batch would produce 2,160,000 characters"),
 ]
 
 
