@@ -12,15 +12,26 @@ import hashlib
 import importlib
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import time, timedelta
 from enum import StrEnum
 from pathlib import Path
+from types import MappingProxyType
 from typing import Annotated, Any
 
 import yaml
 from jinja2 import TemplateSyntaxError
 from jinja2.sandbox import SandboxedEnvironment
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from nurture.errors import PlaybookError
 
@@ -471,6 +482,23 @@ class Brand(_Frozen):
     website: str
 
 
+@dataclass(frozen=True)
+class PlaybookSource:
+    """Where a loaded playbook came from: its file and the line of each key path.
+
+    Not part of what the playbook says: two playbooks read from different files with the
+    same text are equal (every field has ``compare=False``), and the version hashes the text.
+    """
+
+    path: str = field(default="", compare=False)
+    lines: Mapping[tuple[str, ...], int] = field(default_factory=lambda: MappingProxyType({}), compare=False)
+
+    def where(self, *loc: str) -> str:
+        """``nurture.yaml:83: sequences.welcome.steps.0.subject`` (the key path alone if the file is unknown)."""
+        key = ".".join(loc) or "(top level)"
+        return f"{_where(self.path, self.lines, loc)}: {key}" if self.path else key
+
+
 class Playbook(_Frozen):
     """The whole playbook; ``version`` is a hash of the file, recorded with every decision."""
 
@@ -481,6 +509,13 @@ class Playbook(_Frozen):
     stages: Stages
     sequences: dict[str, Sequence]
     contact_policy: ContactPolicy = ContactPolicy()
+    # Set by parse_playbook, so later checks (the templates' subjects) can name the file and line.
+    _source: PlaybookSource = PrivateAttr(default_factory=PlaybookSource)
+
+    @property
+    def source(self) -> PlaybookSource:
+        """The file this playbook was read from and its key lines (empty if built in code)."""
+        return self._source
 
     def sequences_for(self, from_stage: Stage, to_stage: Stage) -> list[str]:
         """Names of the sequences a transition enrolls a lead in, in playbook order."""
@@ -490,11 +525,6 @@ class Playbook(_Frozen):
 
     def template_names(self) -> set[str]:
         return {step.template for seq in self.sequences.values() for step in seq.steps}
-
-
-def _line_index(root: yaml.Node) -> dict[tuple[str, ...], int]:
-    """Map each key path in a YAML document to its 1-based line number."""
-    return _read_nodes(root, "")[0]
 
 
 def _read_nodes(root: yaml.Node, source: str) -> tuple[dict[tuple[str, ...], int], list[str]]:
@@ -616,7 +646,7 @@ def parse_playbook(text: str, *, source: str = "nurture.yaml") -> Playbook:
         raise PlaybookError([f"{source}:{line}: the playbook must be a mapping of keys (brand, scoring, ...)"])
     document["version"] = hashlib.sha256(text.encode()).hexdigest()[:12]
     try:
-        return Playbook.model_validate(document)
+        playbook = Playbook.model_validate(document)
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
@@ -628,6 +658,8 @@ def parse_playbook(text: str, *, source: str = "nurture.yaml") -> Playbook:
                 message = "unknown key (check its spelling)"
             problems.append(f"{_where(source, lines, loc)}: {key}: {message}")
         raise PlaybookError(problems) from exc
+    playbook._source = PlaybookSource(path=source, lines=MappingProxyType(lines))
+    return playbook
 
 
 def load_playbook(path: Path, *, templates_dir: Path | None = None) -> Playbook:
@@ -644,8 +676,6 @@ def load_playbook(path: Path, *, templates_dir: Path | None = None) -> Playbook:
     playbook = parse_playbook(text, source=str(path))
     if templates_dir is not None:
         missing = []
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        lines = _line_index(root) if root is not None else {}
         for name, seq in playbook.sequences.items():
             for i, step in enumerate(seq.steps):
                 absent = [
@@ -654,9 +684,8 @@ def load_playbook(path: Path, *, templates_dir: Path | None = None) -> Playbook:
                     if not (templates_dir / f"{step.template}{suffix}").is_file()
                 ]
                 if absent:
-                    loc = ("sequences", name, "steps", str(i), "template")
                     missing.append(
-                        f"{_where(str(path), lines, loc)}: {'.'.join(loc)}: template "
+                        f"{playbook.source.where('sequences', name, 'steps', str(i), 'template')}: template "
                         f"{step.template!r} has no {' and no '.join(absent)}"
                     )
         if missing:

@@ -14,6 +14,7 @@ Examples per property: the `default` profile (``make test``) or ``HYPOTHESIS_PRO
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -234,6 +235,83 @@ def test_nurture_validate_names_the_template_that_tries_an_escape(templates: Pat
     assert result.returncode == 1, output
     assert "Traceback" not in output
     assert "sequence welcome: welcome.html: access to attribute '__globals__'" in output
+    assert CANARY not in output
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile templates: what an outside tester put in the templates folder, as written. Each one
+# fails the render (and `nurture validate`) with the file, the line and what it asked for; none
+# hangs, none allocates more than the render budget (RenderLimits) lets it.
+
+TESTER_TEMPLATES = [
+    (
+        "nested loops of range(100000)",
+        "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+        r"runs more than 100,000 steps \(each loop iteration, call and include is one\) \(line 1\)$",
+    ),
+    ("a 300 MB string", "{{ 'a' * 300000000 }}", r"the \* operator would produce 300,000,000 characters"),
+    (
+        "a 50,000-character string printed over and over",
+        "{% set s = 'x' * 50000 %}{% for i in range(100000) %}{{ s }}{% endfor %}",
+        r"the output is longer than 1,000,000 characters$",
+    ),
+    (
+        "a string doubled with ~ in a loop",
+        "{% set ns = namespace(s='x' * 50000) %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+        r"the ~ operator would produce 1,600,000 characters \(at most 1,000,000\) \(line 1\)$",
+    ),
+    (
+        "a string doubled in a captured block",
+        "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set s %}{{ ns.s }}{{ ns.s }}{% endset %}"
+        "{% set ns.s = s %}{% endfor %}",
+        r"a captured block or macro would produce 1,048,576 characters",
+    ),
+    (
+        "a macro that calls itself twice, 60 deep",
+        "{% macro m(n) %}{% if n %}{{ m(n - 1) }}{{ m(n - 1) }}{% endif %}{% endmacro %}{{ m(60) }}",
+        r"runs more than 100,000 steps",
+    ),
+    (
+        "a width of a billion",
+        "{{ lead.first_name|center(1000000000) }}",
+        r"\|center would produce 1,000,000,000 characters",
+    ),
+    (
+        "a power of ten million",
+        "{{ 10 ** 10000000 }}",
+        r"the \*\* operator would produce a number of more than 4,300 digits",
+    ),
+]
+
+
+@pytest.mark.parametrize(("body", "refusal"), [t[1:] for t in TESTER_TEMPLATES], ids=[t[0] for t in TESTER_TEMPLATES])
+def test_a_template_that_would_hang_or_exhaust_the_machine_fails_with_its_line(
+    playbook: Playbook, templates: Path, body: str, refusal: str
+) -> None:
+    renderer = _with_template(
+        templates, "greedy", "{% extends '_layout.html' %}{% block body %}" + body + "{% endblock %}"
+    )
+    with pytest.raises(TemplateError, match=r"^greedy\.html: ") as caught:
+        renderer.render(template="greedy", subject="Hello", context=_context(playbook))
+    assert re.search(refusal, str(caught.value)), caught.value
+
+
+def test_nurture_validate_names_a_link_that_leads_out_of_the_templates_folder(templates: Path) -> None:
+    """git stores symbolic links: one to the process environment would mail the secrets to every lead."""
+    (templates / "env.txt").symlink_to("/proc/self/environ" if Path("/proc/self/environ").exists() else "/etc/hostname")
+    (templates / "welcome.html").write_text(
+        "{% extends '_layout.html' %}{% block body %}<p>Hi</p>\n{% include 'env.txt' %}{% endblock %}"
+    )
+    result = _nurture(
+        "validate",
+        env={"NURTURE_PLAYBOOK": str(PLAYBOOK_PATH), "NURTURE_TEMPLATES": str(templates), "NURTURE_SECRET_KEY": CANARY},
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "Traceback" not in output
+    flat = " ".join(output.split())
+    assert f"{templates.resolve() / 'welcome.html'}:2: template 'env.txt' is refused: it leads to /" in flat
+    assert f"outside the templates folder {templates.resolve()}; only files inside it can be used" in flat
     assert CANARY not in output
 
 
