@@ -1004,7 +1004,8 @@ def test_a_playbook_loads_or_says_where_it_is_wrong(
         event("loaded")
         problems = []
         for problem in renderer.check(playbook):  # what `nurture validate` adds: the templates, rendered
-            assert problem.startswith((str(TEMPLATES_DIR), "sequence")), problem  # a file, or a sequence
+            # a template file, the playbook (a subject, with its line), or a sequence
+            assert problem.startswith((str(TEMPLATES_DIR), str(path), "sequence")), problem
         _usable(playbook)
     for problem in problems:
         assert re.match(rf"{re.escape(str(path))}:\d+: ", problem), problem
