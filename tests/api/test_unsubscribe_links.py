@@ -23,17 +23,6 @@ from tests.conftest import T0
 from tests.db.world import SENDER, World
 
 
-def _hot(world: World, email: str = ANN) -> int:
-    """A hot lead with its first email sent and the next one queued; returns its id."""
-    world.lead(email, at=T0, first_name="Ann", job_title="CTO", company_size=500)
-    world.events(email, ("demo_request", T0), ("webinar_attended", T0), ("pricing_view", T0))
-    world.advance(NOW)
-    world.dispatch(NOW)
-    lead_id = world.row(email).id
-    assert lead_id is not None
-    return lead_id
-
-
 def _link_path(world: World) -> str:
     """The path of the unsubscribe link in the last email sent."""
     assert isinstance(world.transport, InMemoryTransport)
@@ -60,7 +49,7 @@ def _v1(lead_id: int, secret: str) -> str:
 def test_a_link_whose_lead_id_now_belongs_to_another_address_is_refused(client: TestClient, world: World) -> None:
     """The link names a lead id; if that id ever holds another person (an id reused after an erasure, a
     restored backup), the link must not unsubscribe them: it is signed for the address it was sent to."""
-    lead_id = _hot(world)
+    lead_id = world.mailed_hot_lead(ANN, at=T0, now=NOW)
     path = _link_path(world)
     with session_scope(world.engine) as session:
         session.execute(update(Lead).where(col(Lead.id) == lead_id).values(email="cara@elsewhere.example"))
@@ -73,7 +62,7 @@ def test_a_link_whose_lead_id_now_belongs_to_another_address_is_refused(client: 
 
 
 def test_links_signed_before_a_key_rotation_keep_working(database_url: str, world: World) -> None:
-    _hot(world)
+    world.mailed_hot_lead(ANN, at=T0, now=NOW)
     path = _link_path(world)  # signed with the key of the time, SENDER's
     with _client(database_url, nurture_secret_key="the new key") as forgot_the_old_key:
         assert forgot_the_old_key.post(path).status_code == 404
@@ -88,7 +77,7 @@ def test_links_signed_before_a_key_rotation_keep_working(database_url: str, worl
 
 
 def test_a_version_1_link_from_an_old_email_still_unsubscribes(database_url: str, world: World) -> None:
-    lead_id = _hot(world)
+    lead_id = world.mailed_hot_lead(ANN, at=T0, now=NOW)
     with _client(database_url, nurture_secret_key="the new key") as client:
         assert client.post(f"/unsubscribe/{_v1(lead_id, 'a key nobody has')}").status_code == 404
     with _client(database_url, nurture_secret_key="the new key", nurture_secret_key_previous="the old key") as client:
@@ -99,7 +88,7 @@ def test_a_version_1_link_from_an_old_email_still_unsubscribes(database_url: str
 def test_an_expired_link_still_unsubscribes_and_says_it_is_old(database_url: str, world: World) -> None:
     """Past NURTURE_UNSUBSCRIBE_LINK_DAYS an authentic link still works: stopping mail never harms the person,
     and refusing would leave them with the spam button."""
-    lead_id = _hot(world)
+    lead_id = world.mailed_hot_lead(ANN, at=T0, now=NOW)
     # The API reads the clock, so the link is dated from today.
     old = make_unsubscribe_token(lead_id, email=ANN, now=datetime.now(UTC) - timedelta(days=61), secret="k")
     recent = make_unsubscribe_token(lead_id, email=ANN, now=datetime.now(UTC) - timedelta(days=59), secret="k")

@@ -87,6 +87,17 @@ class World:
         self.advance(advance_to)
         return emails
 
+    def mailed_hot_lead(self, email: str, *, at: datetime, now: datetime) -> int:
+        """A lead who asks for a demo at ``at``: hot after a cycle at ``now``, its first email sent and the next
+        one queued; returns its id."""
+        self.lead(email, at=at, first_name="Ann", job_title="CTO", company_size=500)
+        self.events(email, ("demo_request", at), ("webinar_attended", at), ("pricing_view", at))
+        self.advance(now)
+        self.dispatch(now)
+        lead_id = self.row(email).id
+        assert lead_id is not None
+        return lead_id
+
     def row(self, email: str) -> Lead:
         with session_scope(self.engine) as session:
             lead = session.scalars(select(Lead).where(col(Lead.email) == email)).one()

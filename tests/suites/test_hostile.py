@@ -606,17 +606,6 @@ def test_html_in_a_lead_field_is_escaped_in_html_and_kept_in_text(
 # Unsubscribe tokens.
 
 
-def _mailed(world: World, email: str) -> int:
-    """A hot lead with its first email sent and its next one queued; returns its id."""
-    world.lead(email, at=T0, first_name="Ann", job_title="CTO", company_size=500)
-    world.events(email, ("demo_request", T0), ("webinar_attended", T0), ("pricing_view", T0))
-    world.advance(NOW)
-    world.dispatch(NOW)
-    lead_id = world.row(email).id
-    assert lead_id is not None
-    return lead_id
-
-
 def _suppressed(engine: Engine) -> set[str]:
     with session_scope(engine) as session:
         return set(session.scalars(select(col(Suppression.email_hash))))
@@ -662,7 +651,7 @@ def _forgeries(a: int, b: int) -> list[tuple[str, str]]:
 
 
 def test_a_forged_unsubscribe_token_is_refused_and_suppresses_nobody(client: TestClient, world: World) -> None:
-    ann, bob = _mailed(world, ANN), _mailed(world, BOB)
+    ann, bob = world.mailed_hot_lead(ANN, at=T0, now=NOW), world.mailed_hot_lead(BOB, at=T0, now=NOW)
     for what, token in _forgeries(ann, bob):
         for method in (client.get, client.post):
             answer = method(f"/unsubscribe/{token}")
@@ -674,7 +663,7 @@ def test_a_forged_unsubscribe_token_is_refused_and_suppresses_nobody(client: Tes
 
 
 def test_a_token_unsubscribes_its_own_lead_and_no_other(client: TestClient, world: World) -> None:
-    ann, _bob = _mailed(world, ANN), _mailed(world, BOB)
+    ann, _bob = world.mailed_hot_lead(ANN, at=T0, now=NOW), world.mailed_hot_lead(BOB, at=T0, now=NOW)
     assert client.post(f"/unsubscribe/{_token(ann)}").status_code == 200
     assert _suppressed(world.engine) == {email_hash(ANN)}
     assert [m.status for m in world.messages(ANN)] == ["sent", "cancelled"]
@@ -700,11 +689,11 @@ def test_any_change_to_a_token_makes_it_invalid(lead_id: int, cut: int, insert: 
 def test_a_forgotten_leads_token_does_not_unsubscribe_the_next_lead(client: TestClient, world: World) -> None:
     """SQLite used to give a new row the highest id plus one (no AUTOINCREMENT before migration 0004): once the
     newest lead was forgotten, the next lead got its id, and the forgotten person's old link stopped the new one's."""
-    ann = _mailed(world, ANN)
+    ann = world.mailed_hot_lead(ANN, at=T0, now=NOW)
     old_link = _token(ann)
     with session_scope(world.engine) as session:
         forget_lead(session=session, email=ANN, now=NOW)
-    cara = _mailed(world, "cara@northwind.example")
+    cara = world.mailed_hot_lead("cara@northwind.example", at=T0, now=NOW)
     client.post(f"/unsubscribe/{old_link}")
     assert email_hash("cara@northwind.example") not in _suppressed(world.engine), f"ids {ann} and {cara}"
     assert [m.status for m in world.messages("cara@northwind.example")] == ["sent", "queued"]
