@@ -54,6 +54,8 @@ MAX_POINTS = 1_000_000.0
 MAX_YAML_DEPTH = 64
 # Template names are file names under templates/: no quotes, braces, spaces, "..", or absolute paths.
 TEMPLATE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(?:/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
+# Step ids are kept in idempotency keys and the database: the same characters, at most 100.
+STEP_ID = re.compile(r"^(?=.{1,100}$)[A-Za-z0-9_][A-Za-z0-9_.-]*(?:/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
 
 
 def parse_duration(value: object) -> timedelta:
@@ -382,8 +384,11 @@ class Trigger(_Frozen):
 
 
 class Step(_Frozen):
-    """One email of a sequence, sent ``after`` the enrollment started."""
+    """One email of a sequence, sent ``after`` the previous step was sent or skipped (the first:
+    after the stage change). ``id`` (default: the template's name) is how an enrollment
+    remembers the step, so steps can be added, removed, edited or reordered safely."""
 
+    id: str = ""
     after: Duration
     template: str
     subject: str
@@ -405,34 +410,108 @@ class Step(_Frozen):
             raise ValueError(f"{_shown(template)} is not a template name: letters, digits, _ . - and / between folders")
         return template
 
+    @field_validator("id")
+    @classmethod
+    def _an_id(cls, step_id: str) -> str:
+        if step_id and not STEP_ID.match(step_id):
+            raise ValueError(f"{_shown(step_id)} is not a step id: up to 100 letters, digits, _ . - and /")
+        return step_id
+
+    @model_validator(mode="after")
+    def _id_defaults_to_template(self) -> Step:
+        if not self.id:
+            object.__setattr__(self, "id", self.template)
+        return self
+
 
 # Parses subjects only (never renders them): the renderer's sandboxed environment renders.
 _SUBJECTS = SandboxedEnvironment()
 
 
+class ReentryRule(StrEnum):
+    once = "once"
+    always = "always"
+    after = "after"
+
+
+class Reentry(_Frozen):
+    """Whether a lead who triggers a sequence again is enrolled again: ``once`` ever,
+    ``always``, or ``{after: 30d}`` (not within 30 days of its last enrollment)."""
+
+    rule: ReentryRule
+    after: Duration | None = None
+
+    @model_validator(mode="after")
+    def _after_for_after(self) -> Reentry:
+        if (self.rule == ReentryRule.after) != (self.after is not None):
+            raise ValueError("write reentry as once, always, or {after: 30d}")
+        return self
+
+    def describe(self) -> str:
+        return f"after {_duration_text(self.after)}" if self.after is not None else self.rule.value
+
+
+def _reentry(value: object) -> object:
+    if isinstance(value, str):
+        if value not in ("once", "always"):
+            raise ValueError(f"{_shown(value)} is not a reentry rule; write once, always, or {{after: 30d}}")
+        return {"rule": value}
+    if isinstance(value, dict):
+        if set(value) != {"after"}:
+            raise ValueError("write reentry as once, always, or {after: 30d}")
+        return {"rule": "after", "after": value["after"]}
+    return value
+
+
+def _duration_text(duration: timedelta) -> str:
+    if duration.seconds == 0:
+        return f"{duration.days}d"
+    return f"{int(duration.total_seconds() // 3600)}h" if duration.total_seconds() % 3600 == 0 else str(duration)
+
+
+DEFAULT_REENTRY = Reentry(rule=ReentryRule.after, after=timedelta(days=30))
+
+
 class Sequence(_Frozen):
-    """Emails sent to a lead after a transition; exited when the lead leaves the stage."""
+    """Emails a lead walks one step at a time after a transition; exited when the lead leaves the stage."""
 
     description: str = ""
     # When the frequency cap lets only some due emails out, lower numbers go first.
     priority: int = Field(default=100, ge=0)
     triggers: tuple[Trigger, ...] = Field(min_length=1)
     steps: tuple[Step, ...] = Field(min_length=1)
+    reentry: Annotated[Reentry, BeforeValidator(_reentry)] = DEFAULT_REENTRY
+    # None: the contact policy's send window (if any).
+    send_window: SendWindow | None = None
 
     @model_validator(mode="after")
     def _one_target_stage(self) -> Sequence:
         targets = {t.to for t in self.triggers}
         if len(targets) != 1:
             raise ValueError("all triggers of a sequence must lead to the same stage")
-        afters = [s.after for s in self.steps]
-        if afters != sorted(afters):
-            raise ValueError("steps must be in the order they are sent (after: ascending)")
         return self
+
+    @field_validator("steps")
+    @classmethod
+    def _unique_ids(cls, steps: tuple[Step, ...]) -> tuple[Step, ...]:
+        first: dict[str, int] = {}
+        for index, step in enumerate(steps):
+            if step.id in first:
+                raise ValueError(
+                    f"steps {first[step.id]} and {index} have the same id {step.id!r} (an id defaults to the "
+                    "template's name): give each step its own `id:`"
+                )
+            first[step.id] = index
+        return steps
 
     @property
     def stage(self) -> Stage:
         """The stage the lead is in while enrolled; leaving it exits the sequence."""
         return self.triggers[0].to
+
+    def position(self, step_id: str) -> int | None:
+        """Where the step with this id is in the sequence now (None: it was removed)."""
+        return next((i for i, step in enumerate(self.steps) if step.id == step_id), None)
 
 
 _CLOCK = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
@@ -470,11 +549,56 @@ class FrequencyCap(_Frozen):
     per: Duration
 
 
+class Weekday(StrEnum):
+    mon = "mon"
+    tue = "tue"
+    wed = "wed"
+    thu = "thu"
+    fri = "fri"
+    sat = "sat"
+    sun = "sun"
+
+    @property
+    def number(self) -> int:
+        """Monday is 0, as ``datetime.weekday()``."""
+        return list(Weekday).index(self)
+
+
+class SendWindow(_Frozen):
+    """Email goes out only on these weekdays between these times, in the lead's own time zone."""
+
+    days: tuple[Weekday, ...] = Field(min_length=1)
+    between: tuple[ClockTime, ClockTime]
+
+    @field_validator("days")
+    @classmethod
+    def _each_once(cls, days: tuple[Weekday, ...]) -> tuple[Weekday, ...]:
+        repeated = sorted({d.value for d in days if days.count(d) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(repeated)} given more than once")
+        return days
+
+    @field_validator("between")
+    @classmethod
+    def _start_before_end(cls, between: tuple[time, time]) -> tuple[time, time]:
+        if between[0] >= between[1]:
+            raise ValueError(
+                f"the window must open before it closes ({between[0]:%H:%M} is not before {between[1]:%H:%M}); "
+                "a send window cannot span midnight"
+            )
+        return between
+
+
 class ContactPolicy(_Frozen):
     """Checked when an email becomes due, not when it is queued."""
 
     quiet_hours: QuietHours | None = None
     frequency_cap: FrequencyCap | None = None
+    # The default for sequences without their own.
+    send_window: SendWindow | None = None
+
+
+Sequence.model_rebuild()
 
 
 class Brand(_Frozen):
@@ -522,6 +646,11 @@ class Playbook(_Frozen):
         return [
             name for name, seq in self.sequences.items() if any(t.matches(from_stage, to_stage) for t in seq.triggers)
         ]
+
+    def send_window_for(self, sequence: str) -> SendWindow | None:
+        """The sequence's own send window, else the contact policy's (None: any time but quiet hours)."""
+        own = self.sequences[sequence].send_window if sequence in self.sequences else None
+        return own or self.contact_policy.send_window
 
     def template_names(self) -> set[str]:
         return {step.template for seq in self.sequences.values() for step in seq.steps}
