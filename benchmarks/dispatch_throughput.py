@@ -31,7 +31,7 @@ from pathlib import Path
 from sendgrid import SendGridAPIClient
 from sqlalchemy import create_engine, insert, text
 
-from db.dispatch import Sender, dispatch_due
+from flows.sending import Sender, dispatch_due
 from db.engine import get_engine, upgrade_schema
 from db.models import Enrollment, Lead, Message, StageTransition
 from nurture.playbook import ContactPolicy, load_playbook

@@ -1,39 +1,31 @@
-"""Advance leads: score → transition → enroll, one chunk of leads per database transaction.
+"""The cycle's reads and writes: leads to advance, their snapshots, and the plans the core made for them.
 
 A cycle touches only leads that changed: new events up to ``now``, a profile
-that changed, or a ``next_review_at`` that decay alone has reached. Each chunk
-is a handful of set-based queries and bulk writes, whatever its size; the core
-modules make every decision.
+that changed, or a ``next_review_at`` that decay alone has reached; and only
+enrollments whose next step is due. Each chunk is a handful of set-based queries
+and bulk writes, whatever its size. Nothing here decides: the core's planners
+(``nurture.advancing``, ``nurture.sequences``) do, and ``flows/`` puts the two together.
 """
 
 from __future__ import annotations
 
-import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, time
+from datetime import UTC, date, datetime, time
 from typing import Any
 
 from sqlalchemy import func, insert, select, union, update
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from db.models import Enrollment, Event, Lead, Message, ScoreChange, StageTransition
-from nurture.errors import NurtureError
-from nurture.lifecycle import (
-    StageHolder,
-    TransitionNotAllowed,
-    move,
-    review_thresholds,
-    target_stage,
-    transition_reason,
-)
+from db.engine import dialect_insert
+from db.models import Enrollment, Event, Lead, Message, ScoreChange, SequencePause, StageTransition
+from nurture.advancing import ChunkPlan, LeadSnapshot, StageMove
+from nurture.delivery import MessageStatus
 from nurture.playbook import Playbook, Stage
-from nurture.scoring import ActivityEvent, LeadScoreState, next_review_at, rescore
-from nurture.sequences import enrollment_key, exits_on_transition, idempotency_key, plan_sequence
-
-logger = logging.getLogger(__name__)
+from nurture.scoring import ActivityEvent, LeadScoreState
+from nurture.sequences import EnrollmentChange, EnrollmentSnapshot, EnrollmentState, PlannedEnrollment, Transition
 
 # Keeps IN (...) lists and executemany batches well under every driver's limits.
 _IN_BATCH = 5000
@@ -86,21 +78,31 @@ class ChunkResult:
     score_changes: int = 0
     transitions: Counter[str] = field(default_factory=Counter)
     enrollments: int = 0
-    messages_queued: int = 0
+    enrollments_skipped: int = 0
     messages_cancelled: int = 0
     last_lead_id: int = 0
-    # (lead id, from, to, score) of each transition, for events and the run's artifact.
-    moved: list[tuple[int, str, str, float]] = field(default_factory=list)
+    # Each transition, for events and the run's artifact.
+    moved: list[StageMove] = field(default_factory=list)
 
     def add(self, other: ChunkResult) -> None:
         self.leads += other.leads
         self.score_changes += other.score_changes
         self.transitions.update(other.transitions)
         self.enrollments += other.enrollments
-        self.messages_queued += other.messages_queued
+        self.enrollments_skipped += other.enrollments_skipped
         self.messages_cancelled += other.messages_cancelled
         self.last_lead_id = max(self.last_lead_id, other.last_lead_id)
         self.moved.extend(other.moved)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkSnapshot:
+    """A chunk of leads locked for advancing, with their events not yet scored."""
+
+    leads: list[LeadSnapshot]
+    events: dict[int, list[ActivityEvent]]
+    counted: dict[int, Counter[tuple[str, date]]]
+    event_ids: list[int]
 
 
 def _load_leads(session: Session, lead_ids: Sequence[int]) -> list[Any]:
@@ -166,229 +168,314 @@ def _counted_per_day(
     return counted
 
 
-def advance_leads(
+def load_chunk(
+    *, session: Session, lead_ids: Sequence[int], playbook: Playbook, now: datetime, replay: bool = False
+) -> ChunkSnapshot:
+    """Lock the chunk's leads and read them with their events up to ``now`` not yet scored
+    (with ``replay``: all their events)."""
+    leads = _load_leads(session, lead_ids) if lead_ids else []
+    pending = _pending_events(session, lead_ids, now, replay=replay) if lead_ids else []
+    counted = {} if replay else _counted_per_day(session, pending, playbook)
+    events: dict[int, list[ActivityEvent]] = defaultdict(list)
+    for row in pending:
+        events[row.lead_id].append(ActivityEvent(kind=row.kind, occurred_at=row.occurred_at))
+    snapshots = [
+        LeadSnapshot(
+            id=lead.id,
+            stage=Stage(lead.stage),
+            score=LeadScoreState(lead.fit_score, lead.engagement, lead.scored_at, lead.score),
+            profile={c: getattr(lead, c) for c in PROFILE_COLUMNS},
+        )
+        for lead in leads
+    ]
+    return ChunkSnapshot(snapshots, dict(events), dict(counted), [row.id for row in pending])
+
+
+def save_scores(
     *,
     session: Session,
-    lead_ids: Sequence[int],
-    playbook: Playbook,
-    now: datetime,
-    flow_run_id: str | None = None,
-    replay: bool = False,
-) -> ChunkResult:
-    """Rescore a chunk of leads, apply the transitions their scores call for, enroll them.
-
-    Everything happens in the caller's transaction: a transition, its ledger
-    rows, its enrollments and their queued messages commit together or not at all.
-    With ``replay`` the scores are recomputed from every event under the current
-    playbook (after its scoring rules changed) instead of brought forward.
-    """
-    result = ChunkResult(leads=len(lead_ids), last_lead_id=max(lead_ids, default=0))
-    if not lead_ids:
-        return result
-    leads = _load_leads(session, lead_ids)
-    pending = _pending_events(session, lead_ids, now, replay=replay)
-    counted = {} if replay else _counted_per_day(session, pending, playbook)
-    events_by_lead: dict[int, list[ActivityEvent]] = defaultdict(list)
-    for row in pending:
-        events_by_lead[row.lead_id].append(ActivityEvent(kind=row.kind, occurred_at=row.occurred_at))
-
-    customer_kinds = set(playbook.stages.customer.on_events)
-    thresholds = review_thresholds(playbook.stages)
-    lead_updates: list[dict[str, Any]] = []
-    ledger: list[dict[str, Any]] = []
-    moves: list[tuple[int, Stage, Stage, float, str]] = []
-    for lead in leads:
-        profile = {c: getattr(lead, c) for c in PROFILE_COLUMNS}
-        if replay:
-            state = LeadScoreState(score=lead.score)
-        else:
-            state = LeadScoreState(lead.fit_score, lead.engagement, lead.scored_at, lead.score)
-        update_ = rescore(
-            state,
-            profile=profile,
-            new_events=events_by_lead.get(lead.id, ()),
-            scoring=playbook.scoring,
-            now=now,
-            already_counted=counted.get(lead.id),
-        )
-        current = Stage(lead.stage)
-        purchased = bool(update_.kinds_seen & customer_kinds)
-        target = target_stage(update_.score, current, playbook.stages, purchased=purchased)
-        review = None
-        if target != Stage.customer:
-            review = next_review_at(
-                fit=update_.fit,
-                engagement=update_.engagement,
-                now=now,
-                half_life=playbook.scoring.half_life,
-                thresholds=thresholds,
-            )
-        lead_updates.append(
-            {
-                "id": lead.id,
-                "fit_score": update_.fit,
-                "engagement": update_.engagement,
-                "score": update_.score,
-                "scored_at": now,
-                "next_review_at": review,
-                "needs_rescore": False,
-                "stage": target.value,
-                "updated_at": now,
-            }
-        )
-        # Every change to the stored score gets its ledger row, however small, so the
-        # ledger's last row is always the lead's score.
-        moved = abs(update_.score - update_.old_score) > 1e-9
-        if replay and moved:
-            contributions = {f"replay under playbook {playbook.version}": round(update_.score - update_.old_score, 4)}
-        else:
-            contributions = update_.contributions
-        if moved or (not replay and (lead.id in events_by_lead or state.scored_at is None)):
-            ledger.append(
-                {
-                    "lead_id": lead.id,
-                    "at": now,
-                    "old_score": update_.old_score,
-                    "new_score": update_.score,
-                    "contributions": contributions,
-                    "playbook_version": playbook.version,
-                    "flow_run_id": flow_run_id,
-                }
-            )
-        if target != current:
-            holder = StageHolder(stage=current.value)
-            try:
-                move(holder, target)
-            except TransitionNotAllowed as exc:  # a bug, but one that must name its lead
-                raise NurtureError(f"lead {lead.id}: {current} → {target} is not a legal transition") from exc
-            reason = transition_reason(update_.score, current, target, playbook.stages, purchased=purchased)
-            moves.append((lead.id, current, target, update_.score, reason))
-
-    if lead_updates:
-        session.execute(update(Lead), lead_updates)
-    if ledger:
-        session.execute(insert(ScoreChange), ledger)
-    result.score_changes = len(ledger)
-    for ids in batched([row.id for row in pending]):
-        session.execute(update(Event).where(col(Event.id).in_(ids)).values(applied=True))
-    if moves:
-        _record_transitions(session, moves, playbook, now, flow_run_id, result)
-    logger.info(
-        "advanced leads %d–%d: %d score changes, %d transitions, %d messages queued",
-        min(lead_ids),
-        max(lead_ids),
-        result.score_changes,
-        sum(result.transitions.values()),
-        result.messages_queued,
-    )
-    return result
-
-
-def _record_transitions(
-    session: Session,
-    moves: Sequence[tuple[int, Stage, Stage, float, str]],
-    playbook: Playbook,
+    plan: ChunkPlan,
+    event_ids: Sequence[int],
+    playbook_version: str,
     now: datetime,
     flow_run_id: str | None,
-    result: ChunkResult,
 ) -> None:
+    """Write the chunk's new scores and ledger rows, and mark its events as scored."""
+    if plan.scores:
+        session.execute(
+            update(Lead),
+            [
+                {
+                    "id": s.lead_id,
+                    "fit_score": s.fit,
+                    "engagement": s.engagement,
+                    "score": s.score,
+                    "scored_at": now,
+                    "next_review_at": s.next_review_at,
+                    "needs_rescore": False,
+                    "stage": s.stage.value,
+                    "updated_at": now,
+                }
+                for s in plan.scores
+            ],
+        )
+    if plan.ledger:
+        session.execute(
+            insert(ScoreChange),
+            [
+                {
+                    "lead_id": m.lead_id,
+                    "at": now,
+                    "old_score": m.old_score,
+                    "new_score": m.new_score,
+                    "contributions": dict(m.contributions),
+                    "playbook_version": playbook_version,
+                    "flow_run_id": flow_run_id,
+                }
+                for m in plan.ledger
+            ],
+        )
+    for ids in batched(list(event_ids)):
+        session.execute(update(Event).where(col(Event.id).in_(ids)).values(applied=True))
+
+
+def record_transitions(
+    *, session: Session, moves: Sequence[StageMove], playbook_version: str, now: datetime, flow_run_id: str | None
+) -> list[Transition]:
+    """Insert the stage transitions; returns them with their ids, in order."""
+    if not moves:
+        return []
     rows = [
         {
-            "lead_id": lead_id,
-            "from_stage": src.value,
-            "to_stage": dst.value,
+            "lead_id": m.lead_id,
+            "from_stage": m.from_stage.value,
+            "to_stage": m.to_stage.value,
             "at": now,
-            "score": score,
-            "reason": reason,
-            "playbook_version": playbook.version,
+            "score": m.score,
+            "reason": m.reason,
+            "playbook_version": playbook_version,
             "flow_run_id": flow_run_id,
         }
-        for lead_id, src, dst, score, reason in moves
+        for m in moves
     ]
     returned = session.execute(
         insert(StageTransition).returning(col(StageTransition.id), sort_by_parameter_order=True), rows
     )
-    transition_ids = [int(r.id) for r in returned]
-    for lead_id, src, dst, score, _reason in moves:
-        result.transitions[f"{src.value}→{dst.value}"] += 1
-        result.moved.append((lead_id, src.value, dst.value, score))
-
-    _exit_enrollments(session, moves, now, result)
-    enrollments: list[dict[str, Any]] = []
-    for (lead_id, src, dst, _score, _reason), transition_id in zip(moves, transition_ids, strict=True):
-        for sequence in playbook.sequences_for(src, dst):
-            enrollments.append(
-                {
-                    "key": enrollment_key(lead_id=lead_id, sequence=sequence, transition_id=transition_id),
-                    "lead_id": lead_id,
-                    "sequence": sequence,
-                    "stage": dst.value,
-                    "transition_id": transition_id,
-                    "started_at": now,
-                    "state": "active",
-                }
-            )
-    if not enrollments:
-        return
-    returned = session.execute(
-        insert(Enrollment).returning(col(Enrollment.id), sort_by_parameter_order=True), enrollments
-    )
-    messages: list[dict[str, Any]] = []
-    for enrollment, enrollment_id in zip(enrollments, [int(r.id) for r in returned], strict=True):
-        for planned in plan_sequence(playbook, enrollment["sequence"], started_at=now):
-            messages.append(
-                {
-                    "lead_id": enrollment["lead_id"],
-                    "enrollment_id": enrollment_id,
-                    "sequence": planned.sequence,
-                    "step": planned.step,
-                    "template": planned.template,
-                    "subject_template": planned.subject,
-                    "idempotency_key": idempotency_key(
-                        lead_id=enrollment["lead_id"],
-                        sequence=planned.sequence,
-                        transition_id=enrollment["transition_id"],
-                        step=planned.step,
-                    ),
-                    "status": "queued",
-                    "due_at": planned.due_at,
-                    "attempts": 0,
-                    "created_at": now,
-                    "updated_at": now,
-                }
-            )
-    session.execute(insert(Message), messages)
-    result.enrollments += len(enrollments)
-    result.messages_queued += len(messages)
+    return [Transition(m.lead_id, m.from_stage, m.to_stage, int(r.id)) for m, r in zip(moves, returned, strict=True)]
 
 
-def _exit_enrollments(
-    session: Session, moves: Sequence[tuple[int, Stage, Stage, float, str]], now: datetime, result: ChunkResult
-) -> None:
-    """End active enrollments whose stage the lead just left; cancel what they still had queued."""
-    new_stage = {lead_id: dst for lead_id, _src, dst, _s, _r in moves}
-    leaving: list[dict[str, Any]] = []
-    for ids in batched(sorted(new_stage)):
-        query = select(
-            col(Enrollment.id), col(Enrollment.lead_id), col(Enrollment.stage), col(Enrollment.sequence)
-        ).where(col(Enrollment.lead_id).in_(ids), col(Enrollment.state) == "active")
-        for row in session.execute(query):
-            if exits_on_transition(Stage(row.stage), new_stage[row.lead_id]):
-                leaving.append(
-                    {
-                        "id": row.id,
-                        "state": "exited",
-                        "ended_at": now,
-                        "exit_reason": f"lead left {row.stage} for {new_stage[row.lead_id].value}",
-                    }
-                )
-    if not leaving:
-        return
-    session.execute(update(Enrollment), leaving)
-    for batch in batched([row["id"] for row in leaving]):
-        cancelled = session.execute(
-            update(Message)
-            .where(col(Message.enrollment_id).in_(batch), col(Message.status) == "queued")
-            .values(status="cancelled", last_error="enrollment exited: lead changed stage", updated_at=now)
+@dataclass(frozen=True, slots=True)
+class ActiveEnrollment:
+    id: int
+    lead_id: int
+    stage: Stage
+
+
+def active_enrollments(*, session: Session, lead_ids: Sequence[int]) -> list[ActiveEnrollment]:
+    """The leads' active enrollments (to exit those whose stage they left)."""
+    found: list[ActiveEnrollment] = []
+    for ids in batched(sorted(set(lead_ids))):
+        query = select(col(Enrollment.id), col(Enrollment.lead_id), col(Enrollment.stage)).where(
+            col(Enrollment.lead_id).in_(ids), col(Enrollment.state) == EnrollmentState.active
         )
-        result.messages_cancelled += int(getattr(cancelled, "rowcount", 0) or 0)
+        found.extend(ActiveEnrollment(int(r.id), int(r.lead_id), Stage(r.stage)) for r in session.execute(query))
+    return found
+
+
+def end_enrollments(
+    *, session: Session, ended: Sequence[tuple[int, str]], state: EnrollmentState, now: datetime, cancel_why: str
+) -> int:
+    """End enrollments ((id, reason) each) and cancel their queued messages; returns how many were cancelled.
+
+    A message already claimed or sending is left to its dispatcher.
+    """
+    if not ended:
+        return 0
+    session.execute(
+        update(Enrollment),
+        [
+            {"id": ident, "state": state.value, "ended_at": now, "exit_reason": why, "next_due_at": None}
+            for ident, why in ended
+        ],
+    )
+    cancelled = 0
+    for batch in batched([ident for ident, _ in ended]):
+        result = session.execute(
+            update(Message)
+            .where(col(Message.enrollment_id).in_(batch), col(Message.status) == MessageStatus.queued)
+            .values(status=MessageStatus.cancelled, last_error=cancel_why, updated_at=now)
+        )
+        cancelled += int(getattr(result, "rowcount", 0) or 0)
+    return cancelled
+
+
+def last_enrollments(*, session: Session, lead_ids: Sequence[int]) -> dict[tuple[int, str], datetime]:
+    """When each (lead, sequence) last started an enrollment that was not skipped (for reentry rules)."""
+    found: dict[tuple[int, str], datetime] = {}
+    for ids in batched(sorted(set(lead_ids))):
+        query = (
+            select(col(Enrollment.lead_id), col(Enrollment.sequence), func.max(col(Enrollment.started_at)))
+            .where(col(Enrollment.lead_id).in_(ids), col(Enrollment.state) != EnrollmentState.skipped)
+            .group_by(col(Enrollment.lead_id), col(Enrollment.sequence))
+        )
+        for lead_id, sequence, started in session.execute(query):
+            found[(int(lead_id), str(sequence))] = _aware(started)
+    return found
+
+
+def _aware(value: Any) -> datetime:
+    """func.max() loses the column's type on SQLite: read it back as aware UTC."""
+    when: datetime = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def insert_enrollments(*, session: Session, planned: Sequence[PlannedEnrollment], now: datetime) -> None:
+    if not planned:
+        return
+    session.execute(
+        insert(Enrollment),
+        [
+            {
+                "key": p.key,
+                "lead_id": p.lead_id,
+                "sequence": p.sequence,
+                "stage": p.stage.value,
+                "transition_id": p.transition_id,
+                "started_at": now,
+                "state": p.state.value,
+                "exit_reason": p.reason,
+                "ended_at": None if p.state == EnrollmentState.active else now,
+                "steps_done": [],
+                "last_step_at": now,
+                "next_due_at": p.next_due_at,
+            }
+            for p in planned
+        ],
+    )
+
+
+def paused_sequences(*, session: Session) -> set[str]:
+    return {str(name) for name in session.scalars(select(col(SequencePause.sequence)))}
+
+
+def _snapshot(row: Any) -> EnrollmentSnapshot:
+    return EnrollmentSnapshot(
+        id=int(row.id),
+        lead_id=int(row.lead_id),
+        sequence=row.sequence,
+        transition_id=int(row.transition_id),
+        steps_done=tuple(row.steps_done or ()),
+        last_step_at=row.last_step_at or row.started_at,
+    )
+
+
+_SNAPSHOT_COLUMNS = (
+    col(Enrollment.id),
+    col(Enrollment.lead_id),
+    col(Enrollment.sequence),
+    col(Enrollment.transition_id),
+    col(Enrollment.steps_done),
+    col(Enrollment.last_step_at),
+    col(Enrollment.started_at),
+)
+
+
+def due_enrollments(
+    *, session: Session, now: datetime, limit: int, paused: Iterable[str] = ()
+) -> list[EnrollmentSnapshot]:
+    """Lock up to ``limit`` active enrollments whose next step is due by ``now`` (paused sequences aside).
+
+    ``SKIP LOCKED`` on PostgreSQL: two cycles never decide the same enrollment's step.
+    """
+    query = (
+        select(*_SNAPSHOT_COLUMNS)
+        .where(
+            col(Enrollment.next_due_at) <= now,
+            col(Enrollment.state) == EnrollmentState.active,
+        )
+        .order_by(col(Enrollment.next_due_at), col(Enrollment.id))
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    paused = sorted(paused)
+    if paused:
+        query = query.where(col(Enrollment.sequence).not_in(paused))
+    return [_snapshot(row) for row in session.execute(query)]
+
+
+def settling_enrollments(*, session: Session, message_ids: Sequence[int]) -> list[tuple[EnrollmentSnapshot, str]]:
+    """Active enrollments whose step in flight is one of these messages and has settled, with its status.
+
+    A message is the step in flight of its enrollment when the enrollment waits
+    (``next_due_at`` is NULL) and the message is its last step taken.
+    """
+    found: list[tuple[EnrollmentSnapshot, str]] = []
+    for ids in batched(sorted(set(message_ids))):
+        query: Any = (
+            select(*_SNAPSHOT_COLUMNS, col(Message.step_id), col(Message.status).label("message_status"))
+            .join(Message, col(Message.enrollment_id) == col(Enrollment.id))
+            .where(
+                col(Message.id).in_(ids),
+                col(Message.status).not_in([MessageStatus.queued, MessageStatus.claimed, MessageStatus.sending]),
+                col(Enrollment.state) == EnrollmentState.active,
+                col(Enrollment.next_due_at).is_(None),
+            )
+            .with_for_update(of=Enrollment)
+        )
+        for row in session.execute(query):
+            steps = tuple(row.steps_done or ())
+            if steps and steps[-1] == row.step_id:
+                found.append((_snapshot(row), str(row.message_status)))
+    return found
+
+
+def save_enrollment_changes(*, session: Session, changes: Sequence[EnrollmentChange], now: datetime) -> int:
+    """Write where each enrollment goes, and queue the steps decided, in the caller's transaction.
+
+    Returns how many messages were queued. A step already queued for its enrollment
+    (its idempotency key exists) is not queued twice.
+    """
+    if not changes:
+        return 0
+    session.execute(
+        update(Enrollment),
+        [
+            {
+                "id": c.enrollment_id,
+                "state": c.state.value,
+                "steps_done": list(c.steps_done),
+                "last_step_at": c.last_step_at,
+                "next_due_at": c.next_due_at,
+                "exit_reason": c.reason,
+                "ended_at": None if c.state == EnrollmentState.active else now,
+            }
+            for c in changes
+        ],
+    )
+    sends = [c.send for c in changes if c.send is not None]
+    if not sends:
+        return 0
+    rows = [
+        {
+            "lead_id": s.lead_id,
+            "enrollment_id": s.enrollment_id,
+            "sequence": s.sequence,
+            "step_id": s.step_id,
+            "step": s.position,
+            "template": s.template,
+            "subject_template": s.subject,
+            "playbook_version": s.playbook_version,
+            "idempotency_key": s.idempotency_key,
+            "status": MessageStatus.queued.value,
+            "due_at": s.due_at,
+            "attempts": 0,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for s in sends
+    ]
+    table = Message.__table__  # type: ignore[attr-defined]
+    statement = (
+        dialect_insert(session, table).on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(table.c.id)
+    )
+    return len(session.execute(statement, rows).all())

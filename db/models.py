@@ -145,10 +145,23 @@ class StageTransition(SQLModel, table=True):
 
 
 class Enrollment(SQLModel, table=True):
+    """A lead walking a sequence: the steps it took, and when its next step is due.
+
+    ``next_due_at`` is None while a step is in flight (its message not yet settled)
+    and once the enrollment has ended.
+    """
+
     __tablename__ = "enrollment"
     __table_args__ = (
-        # Exits on transition: a lead's active enrollments.
+        # Exits on transition: a lead's active enrollments. Reentry: a lead's past enrollments.
         Index("ix_enrollment_lead_state", "lead_id", "state"),
+        # Cycle: enrollments whose next step is due.
+        Index(
+            "ix_enrollment_next_due",
+            "next_due_at",
+            postgresql_where=text("next_due_at IS NOT NULL"),
+            sqlite_where=text("next_due_at IS NOT NULL"),
+        ),
     )
 
     id: int | None = _pk()
@@ -161,6 +174,21 @@ class Enrollment(SQLModel, table=True):
     state: str = Field(default="active", sa_type=String(16))
     exit_reason: str | None = Field(default=None, sa_type=String(300))
     ended_at: datetime | None = _utc(default=None)
+    # Ids of the steps taken, in order (the last one may be in flight).
+    steps_done: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    # When the last step settled (sent, skipped, failed or in doubt); started_at before the first.
+    last_step_at: datetime | None = _utc(default=None)
+    next_due_at: datetime | None = _utc(default=None)
+
+
+class SequencePause(SQLModel, table=True):
+    """A sequence an operator paused: nothing new is decided or sent for it until resumed."""
+
+    __tablename__ = "sequence_pause"
+
+    sequence: str = Field(sa_type=String(100), primary_key=True)
+    paused_at: datetime = _utc()
+    reason: str | None = Field(default=None, sa_type=String(300))
 
 
 class Message(SQLModel, table=True):
@@ -180,9 +208,14 @@ class Message(SQLModel, table=True):
     lead_id: int = _fk("lead.id", index=False)
     enrollment_id: int = _fk("enrollment.id")
     sequence: str = Field(sa_type=String(100))
+    # The step's id, and its position in the sequence when it was decided (for display).
+    step_id: str = Field(sa_type=String(100))
     step: int
+    # What the message sends: the step's template and subject under ``playbook_version``
+    # (decided when the step was due, taken again from the playbook when it is sent).
     template: str = Field(sa_type=String(200))
     subject_template: str = Field(sa_type=String(500))
+    playbook_version: str = Field(default="", sa_type=String(32))
     idempotency_key: str = Field(sa_type=String(320), unique=True)
     status: str = Field(default="queued", sa_type=String(16))
     due_at: datetime = _utc()

@@ -1,7 +1,8 @@
-"""The nurture cycle: score changed leads → transitions → enrollments → dispatch due messages.
+"""The nurture cycle: score changed leads → transitions → enrollments → next steps → dispatch due messages.
 
 A handful of batch tasks per run, whatever the number of leads: one per chunk
-of leads to advance, one to dispatch. The rules live in the core; this module
+of leads to advance, one per chunk of enrollments whose next step is due, one
+to dispatch. The rules live in the core; this module
 only orders the steps and reports them (artifacts, events, logs).
 """
 
@@ -20,12 +21,13 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run
 from prefect.states import Failed
 
-from db.cycle import ChunkResult, advance_leads, all_lead_ids, count_leads_to_advance, next_lead_ids
-from db.dispatch import DispatchResult, dispatch_due
+from db.cycle import ChunkResult, all_lead_ids, count_leads_to_advance, next_lead_ids
 from db.engine import session_scope
 from db.reports import STAGE_ORDER, funnel
+from flows.advancing import WalkResult, advance_leads, walk_sequences
 from flows.pacing import send_pacer
 from flows.runtime import current_runtime
+from flows.sending import DispatchResult, dispatch_due
 
 # Rows shown in a run's per-lead tables; the counts above them are always complete.
 ARTIFACT_ROWS = 500
@@ -50,15 +52,20 @@ def emit_transition_events(result: ChunkResult, playbook_version: str) -> None:
     ``emit_event`` only queues the event for Prefect's background worker, so a
     chunk with thousands of transitions is not slowed by round trips.
     """
-    for lead_id, source, target, score in result.moved:
+    for move in result.moved:
         emit_event(
             event="nurture.lead.transitioned",
             resource={
-                "prefect.resource.id": f"nurture.lead.{lead_id}",
-                "nurture.stage": target,
-                "nurture.stage.from": source,
+                "prefect.resource.id": f"nurture.lead.{move.lead_id}",
+                "nurture.stage": move.to_stage.value,
+                "nurture.stage.from": move.from_stage.value,
             },
-            payload={"from": source, "to": target, "score": round(score, 2), "playbook_version": playbook_version},
+            payload={
+                "from": move.from_stage.value,
+                "to": move.to_stage.value,
+                "score": round(move.score, 2),
+                "playbook_version": playbook_version,
+            },
         )
 
 
@@ -113,6 +120,36 @@ def advance_all(
         after_id = result.last_lead_id
 
 
+# Safe to retry: a failed chunk rolled back, and a committed one left no enrollment due.
+@task(
+    name="walk-sequences",
+    task_run_name="walk-sequences-{chunk}",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=10,
+)
+def walk_sequences_task(now: datetime, batch_size: int, chunk: int, dry_run: bool = False) -> WalkResult:
+    """Decide the next step of a chunk of enrollments that are due, and queue it (one transaction)."""
+    runtime = current_runtime()
+    with session_scope(runtime.engine, commit=not dry_run) as session:
+        return walk_sequences(session=session, playbook=runtime.playbook, now=now, limit=batch_size)
+
+
+def walk_all(at: datetime, batch_size: int, *, dry_run: bool = False) -> WalkResult:
+    """Walk every enrollment that is due, a chunk per task, once each in this cycle.
+
+    A dry run rolls each chunk back, so it walks the first chunk only (the next would find the same).
+    """
+    walked = WalkResult()
+    chunk = 0
+    while True:
+        chunk += 1
+        result = walk_sequences_task(at, batch_size, chunk, dry_run)
+        walked.add(result)
+        if result.enrollments < batch_size or dry_run:
+            return walked
+
+
 # Safe to retry: only `queued` messages are claimed, so nothing sent or in doubt is sent again.
 @task(name="dispatch-due-messages", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=30)
 def dispatch_task(now: datetime, batch_size: int) -> DispatchResult:
@@ -143,7 +180,7 @@ def dispatch_task(now: datetime, batch_size: int) -> DispatchResult:
             "message %s to lead %s (%s) %s: %s",
             problem.message_id,
             problem.lead_id,
-            problem.template,
+            problem.step_id,
             problem.status,
             problem.reason,
         )
@@ -186,14 +223,14 @@ def publish_report(advanced: ChunkResult, dispatched: DispatchResult, *, dry_run
     with session_scope(current_runtime().engine) as session:
         totals = funnel(session=session)
     change: Counter[str] = Counter()
-    for _, source, target, _ in advanced.moved:
-        change[source] -= 1
-        change[target] += 1
+    for move in advanced.moved:
+        change[move.from_stage.value] -= 1
+        change[move.to_stage.value] += 1
     create_table_artifact(
         key="nurture-cycle-transitions",
         table=[
-            {"lead": lead_id, "from": source, "to": target, "score": round(score, 1)}
-            for lead_id, source, target, score in advanced.moved[:ARTIFACT_ROWS]
+            {"lead": m.lead_id, "from": m.from_stage.value, "to": m.to_stage.value, "score": round(m.score, 1)}
+            for m in advanced.moved[:ARTIFACT_ROWS]
         ]
         or [{"lead": "(none)", "from": "", "to": "", "score": ""}],
         description=f"{label}Stage transitions of this run: "
@@ -243,7 +280,7 @@ def publish_messages(dispatched: DispatchResult, *, key: str) -> None:
 def nurture_cycle(
     now: datetime | None = None, batch_size: int = 2000, dispatch: bool = True, dry_run: bool = False
 ) -> dict[str, Any] | State[Any]:
-    """Rescore leads that changed, move them between stages, enroll them, send what is due.
+    """Rescore leads that changed, move them between stages, enroll them, take due steps, send what is due.
 
     Args:
         now: Run as of this time (default: now); pass a time to replay or simulate.
@@ -258,6 +295,7 @@ def nurture_cycle(
     with session_scope(current_runtime().engine) as session:
         to_advance = count_leads_to_advance(session=session, now=at)
     advanced = advance_all(at, batch_size, to_advance, dry_run=dry_run)
+    walked = walk_all(at, batch_size, dry_run=dry_run)
     dispatched = dispatch_task(at, batch_size) if dispatch and not dry_run else DispatchResult()
     totals = publish_report(advanced, dispatched, dry_run=dry_run)
     logger.info(
@@ -265,7 +303,7 @@ def nurture_cycle(
         at.isoformat(),
         advanced.leads,
         sum(advanced.transitions.values()),
-        advanced.messages_queued,
+        walked.messages_queued,
         dispatched.by_status.get("sent", 0),
         dispatched.by_status.get("failed", 0),
     )
@@ -276,7 +314,9 @@ def nurture_cycle(
         "score_changes": advanced.score_changes,
         "transitions": dict(advanced.transitions),
         "enrollments": advanced.enrollments,
-        "messages_queued": advanced.messages_queued,
+        "enrollments_not_reentered": advanced.enrollments_skipped,
+        "enrollments_ended": walked.ended,
+        "messages_queued": walked.messages_queued,
         "messages_cancelled": advanced.messages_cancelled,
         "messages": {str(k): v for k, v in dispatched.by_status.items()},
         "messages_in_doubt_from_stopped_dispatchers": dispatched.found_in_doubt,

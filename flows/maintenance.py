@@ -12,12 +12,12 @@ from prefect.cache_policies import NO_CACHE
 from sqlalchemy import func, select
 from sqlmodel import col
 
-from db.dispatch import DispatchResult
 from db.engine import session_scope
 from db.imports import import_file
 from db.models import Lead
 from flows.cycle import ARTIFACT_ROWS, advance_all, as_utc, publish_report, run_name
 from flows.runtime import current_runtime
+from flows.sending import DispatchResult
 
 
 @flow(name="rescore-all", flow_run_name=lambda: run_name("rescore-all"))

@@ -13,8 +13,8 @@ from typing import cast
 
 from sqlalchemy import Engine
 
-from db.dispatch import Sender
 from db.engine import ensure_current_schema, get_engine
+from flows.sending import Sender
 from nurture.playbook import Playbook, load_playbook
 from nurture.rendering import EmailRenderer
 from nurture.settings import Settings, get_settings

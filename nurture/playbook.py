@@ -456,7 +456,7 @@ def _reentry(value: object) -> object:
         if value not in ("once", "always"):
             raise ValueError(f"{_shown(value)} is not a reentry rule; write once, always, or {{after: 30d}}")
         return {"rule": value}
-    if isinstance(value, dict):
+    if isinstance(value, dict) and "rule" not in value:  # "rule": a Reentry dumped and read back
         if set(value) != {"after"}:
             raise ValueError("write reentry as once, always, or {after: 30d}")
         return {"rule": "after", "after": value["after"]}

@@ -1,34 +1,188 @@
-"""Sequence timing and the keys that make a queued message impossible to duplicate."""
+"""Walking a sequence one step at a time under the playbook as it is now; reentry; the keys that stop duplicates."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 
-from nurture.playbook import Playbook, Stage
-from nurture.sequences import exits_on_transition, idempotency_key, plan_sequence
-from tests.conftest import T0
+import pytest
+
+from nurture.errors import PlaybookError
+from nurture.playbook import Playbook, Stage, parse_playbook
+from nurture.sequences import (
+    EnrollmentSnapshot,
+    EnrollmentState,
+    SettledStep,
+    Transition,
+    after_steps_settled,
+    decide_due_steps,
+    exits_on_transition,
+    idempotency_key,
+    next_step,
+    plan_enrollments,
+)
+from tests.conftest import PLAYBOOK_PATH, T0
 
 
-def test_steps_are_due_after_their_delay_from_enrollment(playbook: Playbook) -> None:
-    planned = plan_sequence(playbook, "welcome", started_at=T0)
-    assert [(p.step, p.template, p.due_at - T0) for p in planned] == [
-        (0, "welcome", timedelta(0)),
-        (1, "case_study", timedelta(days=3)),
-        (2, "webinar_invite", timedelta(days=7)),
-    ]
+def edited(playbook_text: str, old: str, new: str) -> Playbook:
+    assert old in playbook_text
+    return parse_playbook(playbook_text.replace(old, new))
 
 
-def test_idempotency_keys_differ_per_step_transition_and_lead() -> None:
+@pytest.fixture
+def text() -> str:
+    return PLAYBOOK_PATH.read_text()
+
+
+def snapshot(*done: str, sequence: str = "welcome", last: timedelta = timedelta(0)) -> EnrollmentSnapshot:
+    return EnrollmentSnapshot(
+        id=7, lead_id=3, sequence=sequence, transition_id=11, steps_done=done, last_step_at=T0 + last
+    )
+
+
+def test_step_ids_default_to_the_template_and_must_be_unique(playbook: Playbook, text: str) -> None:
+    assert [s.id for s in playbook.sequences["welcome"].steps] == ["welcome", "case_study", "webinar_invite"]
+    twice = text.replace("        template: case_study", "        template: welcome", 1)
+    with pytest.raises(PlaybookError) as error:
+        parse_playbook(twice, source="nurture.yaml")
+    problem = error.value.problems[0]
+    assert "sequences.welcome.steps" in problem
+    assert "same id 'welcome'" in problem
+    assert problem.startswith("nurture.yaml:")
+
+
+def test_the_next_step_is_the_one_after_the_last_taken_that_still_exists(playbook: Playbook, text: str) -> None:
+    welcome = playbook.sequences["welcome"]
+    assert next_step(welcome, ()) == (0, welcome.steps[0])
+    assert next_step(welcome, ("welcome",)) == (1, welcome.steps[1])
+    assert next_step(welcome, ("welcome", "case_study", "webinar_invite")) is None
+    # The next step was removed: the one after it.
+    removed = parse_playbook(_without_step(text, "case_study"))
+    seq = removed.sequences["welcome"]
+    assert next_step(seq, ("welcome",)) == (1, seq.steps[1])
+    assert seq.steps[1].id == "webinar_invite"
+    # The last step taken was removed too: the first step not taken.
+    assert next_step(seq, ("case_study",)) == (0, seq.steps[0])
+
+
+def _without_step(text: str, template: str) -> str:
+    """The playbook text without the step that sends ``template`` (its three lines and a comment above)."""
+    lines = text.splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if line.strip() == f"template: {template}")
+    start = at - 1
+    while lines[start - 1].strip().startswith("#"):
+        start -= 1
+    return "".join(lines[:start] + lines[at + 2 :])
+
+
+def test_a_reordered_sequence_walks_on_from_where_the_lead_is_and_never_repeats_a_step(playbook: Playbook) -> None:
+    welcome = playbook.sequences["welcome"]
+    reordered = welcome.model_copy(update={"steps": (welcome.steps[2], welcome.steps[0], welcome.steps[1])})
+    # welcome and case_study taken; webinar_invite moved before them: the lead has walked past it.
+    assert next_step(reordered, ("welcome", "case_study")) is None
+    # Only welcome taken: case_study comes after it, and welcome is not sent again.
+    found = next_step(reordered, ("welcome",))
+    assert found is not None and found[1].id == "case_study"
+
+
+def test_a_due_step_is_queued_with_its_id_and_the_playbook_version(playbook: Playbook) -> None:
+    [change] = decide_due_steps([snapshot("welcome", last=timedelta(days=-3))], playbook=playbook, now=T0)
+    assert change.state == EnrollmentState.active
+    assert change.next_due_at is None  # waits for this step to settle
+    assert change.steps_done == ("welcome", "case_study")
+    send = change.send
+    assert send is not None
+    assert (send.step_id, send.position, send.template) == ("case_study", 1, "case_study")
+    assert send.playbook_version == playbook.version
+    assert send.idempotency_key == "lead-3/welcome/transition-11/step:case_study"
+    assert send.due_at == T0
+
+
+def test_a_step_whose_after_grew_waits_and_a_finished_or_removed_sequence_ends(
+    playbook: Playbook, text: str
+) -> None:
+    longer = edited(text, "      - after: 3d\n        template: case_study", "      - after: 5d\n        template: case_study")
+    [change] = decide_due_steps([snapshot("welcome", last=timedelta(days=-3))], playbook=longer, now=T0)
+    assert change.send is None
+    assert change.next_due_at == T0 + timedelta(days=2)
+    [done] = decide_due_steps(
+        [snapshot("welcome", "case_study", "webinar_invite")], playbook=playbook, now=T0
+    )
+    assert (done.state, done.send) == (EnrollmentState.completed, None)
+    [gone] = decide_due_steps([snapshot("welcome", sequence="retired")], playbook=playbook, now=T0)
+    assert gone.state == EnrollmentState.exited
+    assert gone.reason == "sequence removed from the playbook"
+
+
+def test_after_counts_from_when_the_previous_step_settled(playbook: Playbook) -> None:
+    settled_at = T0 + timedelta(days=9)  # sent late, after downtime
+    [moved, suppressed, last] = after_steps_settled(
+        [
+            SettledStep(snapshot("welcome")),
+            SettledStep(snapshot("welcome"), suppressed=True),
+            SettledStep(snapshot("welcome", "case_study", "webinar_invite")),
+        ],
+        playbook=playbook,
+        at=settled_at,
+    )
+    assert moved.next_due_at == settled_at + timedelta(days=3)
+    assert moved.last_step_at == settled_at
+    assert (suppressed.state, suppressed.reason) == (EnrollmentState.exited, "address suppressed")
+    assert last.state == EnrollmentState.completed
+
+
+def _transition(lead: int = 3, tid: int = 20) -> Transition:
+    return Transition(lead_id=lead, from_stage=Stage.cold, to_stage=Stage.warm, transition_id=tid)
+
+
+@pytest.mark.parametrize(
+    ("rule", "last", "enters"),
+    [
+        ("once", None, True),
+        ("once", T0 - timedelta(days=400), False),
+        ("always", T0 - timedelta(hours=1), True),
+        ("{after: 30d}", T0 - timedelta(days=29), False),
+        ("{after: 30d}", T0 - timedelta(days=31), True),
+    ],
+)
+def test_reentry_rules(text: str, rule: str, last: object, enters: bool) -> None:
+    playbook = edited(text, "    reentry: once\n    steps:", f"    reentry: {rule}\n    steps:")
+    last_enrolled = {} if last is None else {(3, "welcome"): last}
+    [planned] = plan_enrollments([_transition()], playbook=playbook, now=T0, last_enrolled=last_enrolled)  # type: ignore[dict-item]
+    assert planned.state == (EnrollmentState.active if enters else EnrollmentState.skipped)
+    if enters:
+        assert planned.next_due_at == T0  # the first step's after (0h) counts from the stage change
+    else:
+        assert planned.reason is not None and planned.reason.startswith("reentry:")
+
+
+def test_the_default_reentry_is_once_per_30_days(text: str) -> None:
+    playbook = parse_playbook(text.replace("    reentry: once\n    steps:", "    steps:"))
+    assert playbook.sequences["welcome"].reentry.describe() == "after 30d"
+    # Two transitions of one chunk count too: the second is refused.
+    planned = plan_enrollments([_transition(tid=1), _transition(tid=2)], playbook=playbook, now=T0, last_enrolled={})
+    assert [p.state for p in planned] == [EnrollmentState.active, EnrollmentState.skipped]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["reentry: twice", "reentry: {after: soon}", "reentry: {every: 3d}"],
+)
+def test_a_bad_reentry_rule_names_its_line(text: str, bad: str) -> None:
+    with pytest.raises(PlaybookError) as error:
+        parse_playbook(text.replace("    reentry: once\n    steps:", f"    {bad}\n    steps:", 1), source="nurture.yaml")
+    assert any("sequences.welcome.reentry" in p and p.startswith("nurture.yaml:") for p in error.value.problems)
+
+
+def test_idempotency_keys_use_the_step_id() -> None:
     keys = {
-        idempotency_key(lead_id=lead, sequence="welcome", transition_id=t, step=s)
+        idempotency_key(lead_id=lead, sequence="welcome", transition_id=t, step_id=s)
         for lead in (1, 2)
         for t in (10, 11)
-        for s in (0, 1, 2)
+        for s in ("welcome", "case_study", "0")
     }
     assert len(keys) == 12
-    assert idempotency_key(lead_id=1, sequence="welcome", transition_id=10, step=0) == idempotency_key(
-        lead_id=1, sequence="welcome", transition_id=10, step=0
-    )
+    # Never equal to a key of the positional scheme used before step ids.
+    assert not any(key.endswith("/step-0") for key in keys)
 
 
 def test_leaving_the_stage_exits_the_sequence() -> None:

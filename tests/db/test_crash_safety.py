@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from db.dispatch import DispatchResult, claim_due_messages, dispatch_due, mark_sending
+from db.dispatch import claim_due_messages, mark_sending
+from flows.sending import DispatchResult, dispatch_due
 from db.engine import session_scope
 from db.inbound import ingest_provider_events
 from db.messages import MessageSelection, retry_messages

@@ -8,7 +8,8 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import Engine
 
-from db.cycle import advance_leads, count_leads_to_advance, next_lead_ids
+from db.cycle import count_leads_to_advance, next_lead_ids
+from flows.advancing import advance_leads
 from db.engine import session_scope
 from db.models import StageTransition
 from nurture.playbook import Playbook

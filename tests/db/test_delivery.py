@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import Engine, insert
 
-from db.dispatch import dispatch_due
+from flows.sending import dispatch_due
 from db.engine import session_scope
 from db.models import Message
 from nurture.delivery import RetryPolicy

@@ -10,8 +10,9 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlmodel import col
 
-from db.cycle import ChunkResult, advance_leads, next_lead_ids
-from db.dispatch import DispatchResult, Sender, dispatch_due
+from db.cycle import ChunkResult, next_lead_ids
+from flows.advancing import WalkResult, advance_leads, walk_sequences
+from flows.sending import DispatchResult, Sender, dispatch_due
 from db.engine import session_scope
 from db.imports import add_events, upsert_leads
 from db.models import Enrollment, Lead, Message, ScoreChange, StageTransition
@@ -40,6 +41,7 @@ class World:
     playbook: Playbook
     transport: EmailTransport = field(default_factory=InMemoryTransport)
     templates: Path = TEMPLATES_DIR
+    walked: WalkResult = field(default_factory=WalkResult)
 
     def lead(self, email: str, *, at: datetime, **profile: Any) -> None:
         attributes = profile.pop("attributes", {})
@@ -52,6 +54,7 @@ class World:
             add_events(session=session, records=records, now=received or events[0][1])
 
     def advance(self, now: datetime, *, batch_size: int = 1000) -> ChunkResult:
+        """What a cycle does before it dispatches: advance the leads that changed, then take due steps."""
         total, after = ChunkResult(), 0
         while True:
             with session_scope(self.engine) as session:
@@ -59,8 +62,25 @@ class World:
                 chunk = advance_leads(session=session, lead_ids=ids, playbook=self.playbook, now=now)
             total.add(chunk)
             if len(ids) < batch_size:
-                return total
+                break
             after = chunk.last_lead_id
+        self.walked = self.walk(now, batch_size=batch_size)
+        return total
+
+    def walk(self, now: datetime, *, batch_size: int = 1000) -> WalkResult:
+        """Decide the next step of every enrollment due by ``now`` (once each, as a cycle does)."""
+        total = WalkResult()
+        while True:
+            with session_scope(self.engine) as session:
+                walked = walk_sequences(session=session, playbook=self.playbook, now=now, limit=batch_size)
+            total.add(walked)
+            if walked.enrollments < batch_size:
+                return total
+
+    def cycle(self, now: datetime) -> DispatchResult:
+        """One whole cycle at ``now``: advance, take due steps, dispatch."""
+        self.advance(now)
+        return self.dispatch(now)
 
     def dispatch(
         self, now: datetime, *, batch_size: int = 500, concurrency: int = 1, policy: RetryPolicy = FAST_RETRIES

@@ -48,7 +48,7 @@ from nurture.playbook import Playbook, Stage, load_playbook
 from nurture.privacy import email_hash
 from nurture.rendering import EmailRenderer
 from nurture.scoring import ActivityEvent, LeadScoreState, next_review_at, rescore
-from nurture.sequences import plan_sequence
+from nurture.sequences import EnrollmentSnapshot, decide_due_steps
 from tests.api.conftest import TOKEN, sign
 from tests.conftest import PLAYBOOK_PATH, T0, TEMPLATES_DIR
 from tests.db.world import World
@@ -981,8 +981,8 @@ def _usable(playbook: Playbook) -> None:
         thresholds=review_thresholds(playbook.stages),
     )
     target_stage(update.score, Stage.cold, playbook.stages, purchased=True)
-    for name in playbook.sequences:
-        plan_sequence(playbook, name, started_at=NOW)
+    walking = [EnrollmentSnapshot(i, 1, name, 1, (), NOW) for i, name in enumerate(playbook.sequences)]
+    decide_due_steps(walking, playbook=playbook, now=NOW + timedelta(days=3650))
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -1,0 +1,184 @@
+"""Advancing leads and walking sequences: load a snapshot (``db``), plan (the core), persist (``db``).
+
+Each function works in the caller's transaction, so a chunk's scores,
+transitions, enrollments and the steps they decide commit together or not at
+all. No Prefect here: the flows call these in tasks, and tests and the CLI call
+them directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy.orm import Session
+
+from db.cycle import (
+    ChunkResult,
+    active_enrollments,
+    due_enrollments,
+    end_enrollments,
+    insert_enrollments,
+    last_enrollments,
+    load_chunk,
+    paused_sequences,
+    record_transitions,
+    save_enrollment_changes,
+    save_scores,
+    settling_enrollments,
+)
+from nurture.advancing import StageMove, plan_chunk
+from nurture.delivery import MessageStatus
+from nurture.playbook import Playbook
+from nurture.sequences import (
+    EnrollmentState,
+    SettledStep,
+    Transition,
+    after_steps_settled,
+    decide_due_steps,
+    exits_on_transition,
+    plan_enrollments,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def advance_leads(
+    *,
+    session: Session,
+    lead_ids: Sequence[int],
+    playbook: Playbook,
+    now: datetime,
+    flow_run_id: str | None = None,
+    replay: bool = False,
+) -> ChunkResult:
+    """Rescore a chunk of leads, apply the transitions their scores call for, enroll them.
+
+    With ``replay`` the scores are recomputed from every event under the current
+    playbook (after its scoring rules changed) instead of brought forward.
+    """
+    result = ChunkResult(leads=len(lead_ids), last_lead_id=max(lead_ids, default=0))
+    if not lead_ids:
+        return result
+    snapshot = load_chunk(session=session, lead_ids=lead_ids, playbook=playbook, now=now, replay=replay)
+    plan = plan_chunk(
+        snapshot.leads, events=snapshot.events, counted=snapshot.counted, playbook=playbook, now=now, replay=replay
+    )
+    save_scores(
+        session=session,
+        plan=plan,
+        event_ids=snapshot.event_ids,
+        playbook_version=playbook.version,
+        now=now,
+        flow_run_id=flow_run_id,
+    )
+    result.score_changes = len(plan.ledger)
+    apply_moves(session=session, moves=plan.moves, playbook=playbook, now=now, flow_run_id=flow_run_id, result=result)
+    logger.info(
+        "advanced leads %d–%d: %d score changes, %d transitions, %d enrollments",
+        min(lead_ids),
+        max(lead_ids),
+        result.score_changes,
+        sum(result.transitions.values()),
+        result.enrollments,
+    )
+    return result
+
+
+def apply_moves(
+    *,
+    session: Session,
+    moves: Sequence[StageMove],
+    playbook: Playbook,
+    now: datetime,
+    flow_run_id: str | None,
+    result: ChunkResult,
+) -> list[Transition]:
+    """Record stage changes, end the enrollments whose stage the leads left, start the new ones.
+
+    A new enrollment's first step is decided by the next walk of the sequences
+    (:func:`walk_sequences`), in the same cycle when it is due at once.
+    """
+    transitions = record_transitions(
+        session=session, moves=moves, playbook_version=playbook.version, now=now, flow_run_id=flow_run_id
+    )
+    if not transitions:
+        return transitions
+    for move in moves:
+        result.transitions[f"{move.from_stage.value}→{move.to_stage.value}"] += 1
+        result.moved.append(move)
+    new_stage = {t.lead_id: t.to_stage for t in transitions}
+    leaving = [
+        (e.id, f"lead left {e.stage.value} for {new_stage[e.lead_id].value}")
+        for e in active_enrollments(session=session, lead_ids=list(new_stage))
+        if exits_on_transition(e.stage, new_stage[e.lead_id])
+    ]
+    result.messages_cancelled += end_enrollments(
+        session=session,
+        ended=leaving,
+        state=EnrollmentState.exited,
+        now=now,
+        cancel_why="enrollment exited: lead changed stage",
+    )
+    planned = plan_enrollments(
+        transitions,
+        playbook=playbook,
+        now=now,
+        last_enrolled=last_enrollments(session=session, lead_ids=list(new_stage)),
+    )
+    insert_enrollments(session=session, planned=planned, now=now)
+    result.enrollments += sum(p.state == EnrollmentState.active for p in planned)
+    result.enrollments_skipped += sum(p.state == EnrollmentState.skipped for p in planned)
+    return transitions
+
+
+@dataclass
+class WalkResult:
+    """What one walk of the sequences decided."""
+
+    enrollments: int = 0
+    messages_queued: int = 0
+    waiting_longer: int = 0
+    ended: dict[str, int] = field(default_factory=dict)
+
+    def add(self, other: WalkResult) -> None:
+        self.enrollments += other.enrollments
+        self.messages_queued += other.messages_queued
+        self.waiting_longer += other.waiting_longer
+        for state, n in other.ended.items():
+            self.ended[state] = self.ended.get(state, 0) + n
+
+
+def walk_sequences(*, session: Session, playbook: Playbook, now: datetime, limit: int) -> WalkResult:
+    """Decide the next step of up to ``limit`` enrollments that are due, and queue it.
+
+    Called once per cycle until it finds nothing: a decided step waits for its
+    message to settle, so an enrollment takes at most one step per cycle.
+    """
+    snapshots = due_enrollments(session=session, now=now, limit=limit, paused=paused_sequences(session=session))
+    changes = decide_due_steps(snapshots, playbook=playbook, now=now)
+    result = WalkResult(enrollments=len(snapshots))
+    result.messages_queued = save_enrollment_changes(session=session, changes=changes, now=now)
+    for change in changes:
+        if change.state != EnrollmentState.active:
+            result.ended[change.state.value] = result.ended.get(change.state.value, 0) + 1
+        elif change.send is None:
+            result.waiting_longer += 1
+    return result
+
+
+def settle_steps(*, session: Session, message_ids: Sequence[int], playbook: Playbook, at: datetime) -> int:
+    """Move on the enrollments whose step in flight is among these messages and has settled.
+
+    Called in the transaction that settles the messages, so an enrollment never
+    waits for a message that is already done. Returns how many moved on.
+    """
+    settled = [
+        SettledStep(snapshot, suppressed=status == MessageStatus.suppressed)
+        for snapshot, status in settling_enrollments(session=session, message_ids=message_ids)
+    ]
+    changes = after_steps_settled(settled, playbook=playbook, at=at)
+    save_enrollment_changes(session=session, changes=changes, now=at)
+    return len(changes)

@@ -1,0 +1,373 @@
+"""The send loop: claim due messages, judge them (the core), render, send through the transport, record.
+
+Every database step is one short transaction of ``db/dispatch.py``, so a
+dispatcher killed at any instant leaves nothing half-done (docs/delivery.md):
+claims go back to the queue, a send whose request may have left becomes
+``in_doubt`` and is never resent blindly. A crash can leave in doubt at most
+one group: the requests actually in flight.
+
+When a message settles (sent, failed, suppressed, cancelled, in doubt), its
+enrollment moves on in the same transaction: the next step's due time is set,
+counted from now (``flows/advancing.py``).
+
+No Prefect here: the dispatch task calls :func:`dispatch_due`, and so do tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from sqlalchemy import Engine
+
+from db.cycle import batched, paused_sequences
+from db.dispatch import (
+    LEASE,
+    LoadedMessage,
+    MessageUpdate,
+    claim_due_messages,
+    load_claimed,
+    mark_sending,
+    recent_sends,
+    record_outcomes,
+    release_expired_leases,
+)
+from db.engine import session_scope
+from flows.advancing import settle_steps
+from nurture.delivery import MessageStatus, RetryPolicy, SendOutcome, backoff_seconds
+from nurture.dispatching import Triage, Verdict, triage
+from nurture.errors import AmbiguousDeliveryError, PermanentDeliveryError, TemplateError, TransientDeliveryError
+from nurture.playbook import Playbook
+from nurture.rendering import EmailRenderer, email_context
+from nurture.transports.base import EmailTransport, OutgoingEmail
+from nurture.unsubscribe import unsubscribe_url
+
+logger = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+class Pacer(Protocol):
+    """Blocks until ``count`` more sends fit a shared send rate."""
+
+    max_batch: int
+
+    def __call__(self, count: int) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Sender:
+    """Who the emails come from and where their links point."""
+
+    from_email: str
+    postal_address: str
+    public_url: str
+    secret_key: str
+    unsubscribe_mailto: str | None = None
+    asm_group_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageProblem:
+    """A message this dispatch failed, suppressed, cancelled or left in doubt, and why (for logs and artifacts)."""
+
+    message_id: int
+    lead_id: int
+    step_id: str
+    status: str
+    reason: str
+
+
+@dataclass
+class DispatchResult:
+    by_status: Counter[str] = field(default_factory=Counter)
+    deferred: Counter[str] = field(default_factory=Counter)
+    problems: list[MessageProblem] = field(default_factory=list)
+    # Found at the start: claims of a stopped dispatcher put back, and its sends now in doubt.
+    released: int = 0
+    found_in_doubt: int = 0
+
+    def add(self, other: DispatchResult) -> None:
+        self.by_status.update(other.by_status)
+        self.deferred.update(other.deferred)
+        self.problems.extend(other.problems)
+        self.released += other.released
+        self.found_in_doubt += other.found_in_doubt
+
+    @property
+    def claimed(self) -> int:
+        return sum(self.by_status.values())
+
+    @property
+    def failed(self) -> int:
+        return self.by_status.get(MessageStatus.failed, 0)
+
+    @property
+    def in_doubt(self) -> int:
+        """Messages whose outcome nobody knows: left by this dispatch or found from a stopped one."""
+        return self.by_status.get(MessageStatus.in_doubt, 0) + self.found_in_doubt
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    loaded: LoadedMessage
+    verdict: Triage
+    email: OutgoingEmail
+
+
+def _render(
+    loaded: LoadedMessage, verdict: Triage, playbook: Playbook, renderer: EmailRenderer, sender: Sender, now: datetime
+) -> OutgoingEmail | str:
+    """The email for a message judged ``send``, or the template error as text."""
+    message = loaded.message
+    link = unsubscribe_url(sender.public_url, message.lead_id, email=message.email, now=now, secret=sender.secret_key)
+    try:
+        rendered = renderer.render(
+            template=verdict.template,
+            subject=verdict.subject,
+            context=email_context(
+                playbook,
+                lead=loaded.lead,
+                unsubscribe_url=link,
+                postal_address=sender.postal_address,
+                sequence=message.sequence,
+                step=loaded.position,
+            ),
+        )
+    except TemplateError as exc:
+        return f"template error: {exc}"
+    return OutgoingEmail(
+        message_id=message.id,
+        idempotency_key=loaded.idempotency_key,
+        to_email=message.email,
+        from_email=sender.from_email,
+        subject=rendered.subject,
+        html=rendered.html,
+        text=rendered.text,
+        unsubscribe_url=link,
+        unsubscribe_mailto=sender.unsubscribe_mailto,
+        asm_group_id=sender.asm_group_id,
+        category=message.sequence,
+        date=now,
+        custom_args={"nurture_message_id": str(message.id)},
+    )
+
+
+def send_with_retries(
+    email: OutgoingEmail, transport: EmailTransport, policy: RetryPolicy, rng: random.Random, *, attempts_before: int
+) -> SendOutcome:
+    """Try one email until it is accepted, rejected, in doubt, or out of tries for this dispatch."""
+    tries = 0
+    last: TransientDeliveryError | None = None
+    for tries in range(1, policy.attempts_per_dispatch + 1):
+        try:
+            provider_id = transport.send(email)
+        except TransientDeliveryError as exc:
+            last = exc
+            wait = exc.retry_after_seconds
+            if wait is None:
+                wait = backoff_seconds(policy, tries - 1, rng)
+            if wait > policy.max_rate_limit_wait_seconds or tries == policy.attempts_per_dispatch:
+                break
+            time.sleep(wait)
+            continue
+        except PermanentDeliveryError as exc:
+            return SendOutcome(MessageStatus.failed, tries, error=str(exc))
+        except AmbiguousDeliveryError as exc:
+            return SendOutcome(MessageStatus.in_doubt, tries, error=f"outcome unknown, not resent: {exc}")
+        return SendOutcome(MessageStatus.sent, tries, provider_message_id=provider_id)
+    total = attempts_before + tries
+    if total >= policy.max_attempts:
+        return SendOutcome(MessageStatus.failed, tries, error=f"gave up after {total} attempts: {last}")
+    return SendOutcome(MessageStatus.queued, tries, error=str(last))
+
+
+_SETTLED_AS = {
+    Verdict.suppress: MessageStatus.suppressed,
+    Verdict.cancel: MessageStatus.cancelled,
+}
+
+
+def _problem(loaded: LoadedMessage, status: str, reason: str) -> MessageProblem:
+    m = loaded.message
+    return MessageProblem(message_id=m.id, lead_id=m.lead_id, step_id=m.step_id, status=status, reason=reason)
+
+
+def _judge(
+    loaded: list[LoadedMessage],
+    recent: dict[int, list[datetime]],
+    *,
+    playbook: Playbook,
+    renderer: EmailRenderer,
+    sender: Sender,
+    now: datetime,
+    result: DispatchResult,
+) -> tuple[list[MessageUpdate], list[_Attempt]]:
+    """The core's verdicts, rendered: what to write now, and what to send."""
+    by_id = {item.message.id: item for item in loaded}
+    settled: list[MessageUpdate] = []
+    attempts: list[_Attempt] = []
+    for verdict in triage([item.message for item in loaded], playbook=playbook, recent_sends=recent, now=now):
+        item = by_id[verdict.message.id]
+        message = verdict.message
+        if verdict.verdict == Verdict.wait:
+            assert verdict.until is not None
+            settled.append(
+                MessageUpdate(message.id, MessageStatus.queued, verdict.until, message.attempts, verdict.reason)
+            )
+            result.deferred[(verdict.reason or "").removeprefix("waiting for ")] += 1
+        elif verdict.verdict in _SETTLED_AS:
+            status = _SETTLED_AS[verdict.verdict]
+            settled.append(MessageUpdate(message.id, status, message.due_at, message.attempts, verdict.reason))
+            result.by_status[status] += 1
+            result.problems.append(_problem(item, status, verdict.reason or ""))
+        else:
+            email = _render(item, verdict, playbook, renderer, sender, now)
+            if isinstance(email, str):
+                settled.append(MessageUpdate(message.id, MessageStatus.failed, message.due_at, message.attempts, email))
+                result.by_status[MessageStatus.failed] += 1
+                result.problems.append(_problem(item, MessageStatus.failed, email))
+            else:
+                attempts.append(_Attempt(item, verdict, email))
+    return settled, attempts
+
+
+def _outcome_update(
+    attempt: _Attempt, outcome: SendOutcome, now: datetime, policy: RetryPolicy, version: str
+) -> MessageUpdate:
+    message = attempt.loaded.message
+    due_at = now + policy.requeue_after if outcome.status == MessageStatus.queued else message.due_at
+    return MessageUpdate(
+        id=message.id,
+        status=outcome.status,
+        due_at=due_at,
+        attempts=message.attempts + outcome.tries,
+        last_error=outcome.error,
+        provider_message_id=outcome.provider_message_id,
+        sent_at=now if outcome.status == MessageStatus.sent else None,
+        subject=attempt.email.subject,
+        template=attempt.verdict.template,
+        subject_template=attempt.verdict.subject,
+        playbook_version=version,
+    )
+
+
+def _record(
+    engine: Engine, owner: str, updates: Sequence[MessageUpdate], playbook: Playbook, now: datetime, at: datetime
+) -> None:
+    """Write outcomes and move the enrollments whose step settled, in one transaction."""
+    if not updates:
+        return
+    with session_scope(engine) as session:
+        record_outcomes(session=session, owner=owner, updates=updates, at=at)
+        settle_steps(session=session, message_ids=[u.id for u in updates], playbook=playbook, at=now)
+
+
+def dispatch_due(
+    *,
+    engine: Engine,
+    playbook: Playbook,
+    renderer: EmailRenderer,
+    transport: EmailTransport,
+    sender: Sender,
+    now: datetime,
+    clock: Clock,
+    batch_size: int = 500,
+    max_batches: int | None = None,
+    policy: RetryPolicy | None = None,
+    concurrency: int = 1,
+    pace: Pacer | None = None,
+    lease: timedelta = LEASE,
+) -> DispatchResult:
+    """Send every message due by ``now``, a claimed batch at a time, recording each group as it goes.
+
+    ``now`` decides what is due and is when a step counts as settled (a replay may
+    pass another time); ``clock`` is the real time, which leases are measured in.
+    """
+    policy = policy or RetryPolicy()
+    owner = uuid.uuid4().hex
+    rng = random.Random()  # noqa: S311  (jitter, not a secret)
+    total = DispatchResult()
+    with session_scope(engine) as session:
+        total.released, doubtful = release_expired_leases(session=session, clock=clock())
+        total.found_in_doubt = len(doubtful)
+        # A stopped dispatcher's sends are settled as far as their enrollments go: they move on.
+        settle_steps(session=session, message_ids=doubtful, playbook=playbook, at=now)
+    cap = playbook.contact_policy.frequency_cap
+    batches = 0
+    group_size = max(concurrency, 1) if pace is None else max(min(concurrency, pace.max_batch), 1)
+    with ThreadPoolExecutor(max_workers=max(concurrency, 1), thread_name_prefix="nurture-send") as pool:
+        while max_batches is None or batches < max_batches:
+            with session_scope(engine) as session:
+                ids = claim_due_messages(
+                    session=session,
+                    now=now,
+                    limit=batch_size,
+                    owner=owner,
+                    claimed_at=clock(),
+                    lease=lease,
+                    paused=paused_sequences(session=session),
+                )
+                loaded = load_claimed(session=session, ids=ids) if ids else []
+                lead_ids = [item.message.lead_id for item in loaded]
+                recent = recent_sends(session=session, lead_ids=lead_ids, since=now - cap.per) if cap and loaded else {}
+            if not ids:
+                break
+            result = DispatchResult()
+            settled, attempts = _judge(
+                loaded, recent, playbook=playbook, renderer=renderer, sender=sender, now=now, result=result
+            )
+            _record(engine, owner, settled, playbook, now, clock())
+            for group in batched(attempts, group_size):
+                if pace is not None:
+                    pace(len(group))
+                started = clock()
+                with session_scope(engine) as session:
+                    mine = mark_sending(
+                        session=session,
+                        ids=[a.loaded.message.id for a in group],
+                        owner=owner,
+                        started_at=started,
+                        lease_until=started + lease,
+                    )
+                group = [a for a in group if a.loaded.message.id in mine]
+                outcomes = list(
+                    pool.map(
+                        lambda a: send_with_retries(
+                            a.email, transport, policy, rng, attempts_before=a.loaded.message.attempts
+                        ),
+                        group,
+                    )
+                )
+                updates = [
+                    _outcome_update(a, o, now, policy, playbook.version) for a, o in zip(group, outcomes, strict=True)
+                ]
+                _record(engine, owner, updates, playbook, now, clock())
+                for attempt, outcome in zip(group, outcomes, strict=True):
+                    result.by_status[outcome.status] += 1
+                    if outcome.status in (MessageStatus.failed, MessageStatus.in_doubt):
+                        result.problems.append(_problem(attempt.loaded, outcome.status, outcome.error or ""))
+            total.add(result)
+            batches += 1
+            logger.info(
+                "dispatch batch %d: %d claimed, %s; %d waiting for the contact policy",
+                batches,
+                len(ids),
+                dict(result.by_status) or "nothing sent",
+                sum(result.deferred.values()),
+            )
+    if total.released or total.found_in_doubt:
+        logger.warning(
+            "a stopped dispatcher left %d claimed messages (queued again) and %d sends in doubt (not resent)",
+            total.released,
+            total.found_in_doubt,
+        )
+    return total
