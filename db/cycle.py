@@ -479,3 +479,29 @@ def save_enrollment_changes(*, session: Session, changes: Sequence[EnrollmentCha
         dialect_insert(session, table).on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(table.c.id)
     )
     return len(session.execute(statement, rows).all())
+
+
+@dataclass(frozen=True, slots=True)
+class LeadStanding:
+    id: int
+    email: str
+    stage: Stage
+    score: float
+
+
+def lock_lead(*, session: Session, email: str) -> LeadStanding | None:
+    """The lead with this address, locked until the transaction ends (a manual stage change)."""
+    row = session.execute(
+        select(col(Lead.id), col(Lead.email), col(Lead.stage), col(Lead.score))
+        .where(col(Lead.email) == email)
+        .with_for_update(key_share=True)
+    ).first()
+    return None if row is None else LeadStanding(int(row.id), row.email, Stage(row.stage), float(row.score))
+
+
+def set_lead_stage(*, session: Session, lead_id: int, stage: Stage, now: datetime) -> None:
+    """Write a stage an operator chose. Decay alone will not review it (``next_review_at`` cleared):
+    the lead's next event or profile change rescores it under the thresholds again."""
+    session.execute(
+        update(Lead).where(col(Lead.id) == lead_id).values(stage=stage.value, next_review_at=None, updated_at=now)
+    )

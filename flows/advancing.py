@@ -23,15 +23,19 @@ from db.cycle import (
     insert_enrollments,
     last_enrollments,
     load_chunk,
+    lock_lead,
     paused_sequences,
     record_transitions,
     save_enrollment_changes,
     save_scores,
+    set_lead_stage,
     settling_enrollments,
 )
-from nurture.advancing import StageMove, plan_chunk
+from nurture.advancing import StageMove, check_move, plan_chunk
 from nurture.delivery import MessageStatus
-from nurture.playbook import Playbook
+from nurture.errors import NurtureError
+from nurture.importing import canonical_address
+from nurture.playbook import Playbook, Stage
 from nurture.sequences import (
     EnrollmentState,
     SettledStep,
@@ -182,3 +186,25 @@ def settle_steps(*, session: Session, message_ids: Sequence[int], playbook: Play
     changes = after_steps_settled(settled, playbook=playbook, at=at)
     save_enrollment_changes(session=session, changes=changes, now=at)
     return len(changes)
+
+
+def set_stage(
+    *, session: Session, email: str, stage: Stage, reason: str, playbook: Playbook, now: datetime
+) -> Transition:
+    """Move a lead to ``stage`` by hand: a transition recorded as manual with the operator's reason,
+    which ends and starts sequences like any other. Raises NurtureError for an unknown lead, the
+    stage it is already in, or a move the lifecycle forbids (customers stay customers)."""
+    lead = lock_lead(session=session, email=canonical_address(email.strip()))
+    if lead is None:
+        raise NurtureError(f"no lead with the address {email!r}")
+    if lead.stage == stage:
+        raise NurtureError(f"{lead.email} is already {stage.value}")
+    if not reason.strip():
+        raise NurtureError("say why with --reason: it is recorded with the transition")
+    check_move(lead.id, lead.stage, stage)
+    move = StageMove(lead.id, lead.stage, stage, lead.score, f"manual: {reason.strip()}")
+    set_lead_stage(session=session, lead_id=lead.id, stage=stage, now=now)
+    [transition] = apply_moves(
+        session=session, moves=[move], playbook=playbook, now=now, flow_run_id=None, result=ChunkResult()
+    )
+    return transition
