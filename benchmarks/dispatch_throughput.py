@@ -31,9 +31,9 @@ from pathlib import Path
 from sendgrid import SendGridAPIClient
 from sqlalchemy import create_engine, insert, text
 
-from flows.sending import Sender, dispatch_due
 from db.engine import get_engine, upgrade_schema
 from db.models import Enrollment, Lead, Message, StageTransition
+from flows.sending import Sender, dispatch_due
 from nurture.playbook import ContactPolicy, load_playbook
 from nurture.rendering import EmailRenderer, sample_context
 from nurture.transports.base import OutgoingEmail

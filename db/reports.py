@@ -16,6 +16,7 @@ from nurture.importing import normalise_email
 from nurture.playbook import Playbook, Stage
 from nurture.privacy import email_hash
 from nurture.scoring import ActivityEvent, engagement_at, event_points, fit_breakdown
+from nurture.sequences import next_step
 
 STAGE_ORDER = [s.value for s in Stage]
 MESSAGE_STATUSES = [s.value for s in MessageStatus]
@@ -157,6 +158,9 @@ def explain_lead(*, session: Session, email: str, playbook: Playbook, now: datet
                 "started_at": _iso(e.started_at),
                 "state": e.state,
                 "exit_reason": e.exit_reason,
+                "steps_done": list(e.steps_done),
+                "next_step": _next_step_id(playbook, e.sequence, e.steps_done) if e.state == "active" else None,
+                "next_due_at": _iso(e.next_due_at),
             }
             for e in enrollments
         ],
@@ -165,7 +169,9 @@ def explain_lead(*, session: Session, email: str, playbook: Playbook, now: datet
                 "id": m.id,
                 "sequence": m.sequence,
                 "step": m.step,
+                "step_id": m.step_id,
                 "template": m.template,
+                "playbook_version": m.playbook_version,
                 "status": m.status,
                 "subject": m.subject,
                 "due_at": _iso(m.due_at),
@@ -178,6 +184,13 @@ def explain_lead(*, session: Session, email: str, playbook: Playbook, now: datet
             for m in messages
         ],
     }
+
+
+def _next_step_id(playbook: Playbook, sequence: str, steps_done: list[str]) -> str | None:
+    """The step an active enrollment takes next under the playbook as it is now (None: none left)."""
+    found = playbook.sequences.get(sequence)
+    step = None if found is None else next_step(found, steps_done)
+    return None if step is None else step[1].id
 
 
 def story_lead(*, session: Session) -> str | None:

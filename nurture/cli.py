@@ -358,6 +358,12 @@ def _print_explanation(report: dict[str, Any]) -> None:
             why += f"; {m['last_error']}"
         table.add_row(m["due_at"][:16], m["sequence"], str(m["step"] + 1), m["template"], m["status"], why)
     console.print(table)
+    for e in report["enrollments"]:
+        if e["state"] == "active" and e["next_due_at"]:
+            upcoming = f"next step {e['next_step']} due {e['next_due_at'][:16]}" if e["next_step"] else "ends"
+            console.print(f"{e['sequence']}: {upcoming}", highlight=False)
+        elif e["state"] == "skipped":
+            console.print(f"{e['sequence']}: not entered ({e['exit_reason']})", highlight=False)
 
 
 STATUS_HELP = "queued, claimed, sending, sent, failed, in_doubt, suppressed or cancelled (repeatable)"

@@ -28,10 +28,7 @@ SPELLINGS = [
 
 
 def _hot(world: World, email: str) -> None:
-    world.lead(email, at=T0, first_name="Ann", job_title="CTO", company_size=500)
-    world.events(email, ("demo_request", T0), ("webinar_attended", T0), ("pricing_view", T0))
-    world.advance(NOW)
-    world.dispatch(NOW)
+    world.mailed_hot_lead(email, at=T0, now=NOW)
     assert [m.status for m in world.messages(email)] == ["sent", "queued"]
 
 

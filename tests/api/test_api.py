@@ -28,10 +28,7 @@ from tests.db.world import SENDER, World
 
 
 def _hot(world: World, email: str = ANN) -> list[Message]:
-    world.lead(email, at=T0, first_name="Ann", job_title="CTO", company_size=500)
-    world.events(email, ("demo_request", T0), ("webinar_attended", T0), ("pricing_view", T0))
-    world.advance(NOW)
-    world.dispatch(NOW)
+    world.mailed_hot_lead(email, at=T0, now=NOW)
     return world.messages(email)
 
 
@@ -312,7 +309,7 @@ def test_the_demo_population_driven_over_http_moves_on_the_next_cycle(client: Te
     assert result.leads == 40
     assert result.transitions["cold→warm"] > 0
     assert result.transitions["cold→hot"] > 0
-    assert result.messages_queued > 0
+    assert world.walked.messages_queued > 0
 
 
 def test_the_api_and_the_cycle_write_at_the_same_time(client: TestClient, world: World) -> None:

@@ -125,10 +125,7 @@ def test_json_with_a_charset_or_without_a_content_type_is_read(client: TestClien
 
 
 def _hot(world: World) -> list[Message]:
-    world.lead(ANN, at=T0, first_name="Ann", job_title="CTO", company_size=500)
-    world.events(ANN, ("demo_request", T0), ("webinar_attended", T0), ("pricing_view", T0))
-    world.advance(NOW)
-    world.dispatch(NOW)
+    world.mailed_hot_lead(ANN, at=T0, now=NOW)
     return world.messages(ANN)
 
 

@@ -81,7 +81,8 @@ def test_a_reordered_sequence_walks_on_from_where_the_lead_is_and_never_repeats_
     assert next_step(reordered, ("welcome", "case_study")) is None
     # Only welcome taken: case_study comes after it, and welcome is not sent again.
     found = next_step(reordered, ("welcome",))
-    assert found is not None and found[1].id == "case_study"
+    assert found is not None
+    assert found[1].id == "case_study"
 
 
 def test_a_due_step_is_queued_with_its_id_and_the_playbook_version(playbook: Playbook) -> None:
@@ -97,16 +98,14 @@ def test_a_due_step_is_queued_with_its_id_and_the_playbook_version(playbook: Pla
     assert send.due_at == T0
 
 
-def test_a_step_whose_after_grew_waits_and_a_finished_or_removed_sequence_ends(
-    playbook: Playbook, text: str
-) -> None:
-    longer = edited(text, "      - after: 3d\n        template: case_study", "      - after: 5d\n        template: case_study")
+def test_a_step_whose_after_grew_waits_and_a_finished_or_removed_sequence_ends(playbook: Playbook, text: str) -> None:
+    longer = edited(
+        text, "      - after: 3d\n        template: case_study", "      - after: 5d\n        template: case_study"
+    )
     [change] = decide_due_steps([snapshot("welcome", last=timedelta(days=-3))], playbook=longer, now=T0)
     assert change.send is None
     assert change.next_due_at == T0 + timedelta(days=2)
-    [done] = decide_due_steps(
-        [snapshot("welcome", "case_study", "webinar_invite")], playbook=playbook, now=T0
-    )
+    [done] = decide_due_steps([snapshot("welcome", "case_study", "webinar_invite")], playbook=playbook, now=T0)
     assert (done.state, done.send) == (EnrollmentState.completed, None)
     [gone] = decide_due_steps([snapshot("welcome", sequence="retired")], playbook=playbook, now=T0)
     assert gone.state == EnrollmentState.exited
@@ -152,7 +151,7 @@ def test_reentry_rules(text: str, rule: str, last: object, enters: bool) -> None
     if enters:
         assert planned.next_due_at == T0  # the first step's after (0h) counts from the stage change
     else:
-        assert planned.reason is not None and planned.reason.startswith("reentry:")
+        assert (planned.reason or "").startswith("reentry:")
 
 
 def test_the_default_reentry_is_once_per_30_days(text: str) -> None:
@@ -169,7 +168,9 @@ def test_the_default_reentry_is_once_per_30_days(text: str) -> None:
 )
 def test_a_bad_reentry_rule_names_its_line(text: str, bad: str) -> None:
     with pytest.raises(PlaybookError) as error:
-        parse_playbook(text.replace("    reentry: once\n    steps:", f"    {bad}\n    steps:", 1), source="nurture.yaml")
+        parse_playbook(
+            text.replace("    reentry: once\n    steps:", f"    {bad}\n    steps:", 1), source="nurture.yaml"
+        )
     assert any("sequences.welcome.reentry" in p and p.startswith("nurture.yaml:") for p in error.value.problems)
 
 

@@ -15,11 +15,11 @@ import pytest
 from sqlalchemy import Engine
 
 from db.dispatch import claim_due_messages, mark_sending
-from flows.sending import DispatchResult, dispatch_due
 from db.engine import session_scope
 from db.inbound import ingest_provider_events
 from db.messages import MessageSelection, retry_messages
 from db.models import Message
+from flows.sending import DispatchResult, dispatch_due
 from nurture.delivery import MessageStatus
 from nurture.inbound import ProviderEvent
 from nurture.playbook import Playbook

@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import Engine, insert
 
-from flows.sending import dispatch_due
 from db.engine import session_scope
 from db.models import Message
+from flows.sending import dispatch_due
 from nurture.delivery import RetryPolicy
 from nurture.playbook import Playbook
 from nurture.rendering import EmailRenderer
@@ -69,7 +69,7 @@ def test_a_permanent_rejection_is_recorded_with_sendgrids_reason_and_not_retried
         assert message.status == "failed"
         assert message.last_error == "SendGrid answered 400: request: Does not contain a valid address."
         assert message.attempts == 1
-        assert world.dispatch(NOW + timedelta(days=2)).by_status == {"sent": 1}  # only the next step
+        assert world.cycle(NOW + timedelta(days=2)).by_status == {"sent": 1}  # only the next step
         assert len(fake.accepted) == 1
 
 
@@ -89,7 +89,9 @@ def test_a_dropped_connection_after_sending_is_never_resent(engine: Engine, play
 
 def test_quiet_hours_hold_an_email_until_the_leads_morning(engine: Engine, playbook: Playbook) -> None:
     transport = InMemoryTransport()
-    world = World(engine, playbook, transport=transport)
+    # Quiet hours alone: the shipped send window (08:00–20:00) would hold this email as well.
+    policy = playbook.contact_policy.model_copy(update={"send_window": None})
+    world = World(engine, playbook.model_copy(update={"contact_policy": policy}), transport=transport)
     tokyo_night = T0.replace(hour=22)  # 07:00 in Tokyo
     world.lead("kenji@tokyo.example", at=T0, job_title="CTO", company_size=500, timezone="Asia/Tokyo")
     world.events(

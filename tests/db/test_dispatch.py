@@ -39,8 +39,8 @@ def test_due_messages_are_sent_once_to_the_outbox(engine: Engine, playbook: Play
     assert first.by_status == {"sent": 1}
     assert world.dispatch(now).claimed == 0
     later = T0 + timedelta(days=2, minutes=10)
-    assert world.dispatch(later).by_status == {"sent": 1}
-    assert world.dispatch(later).claimed == 0
+    assert world.cycle(later).by_status == {"sent": 1}
+    assert world.cycle(later).claimed == 0
     files = sorted(tmp_path.glob("*.eml"))
     assert len(files) == 2
     messages = world.messages(ANN)
@@ -65,8 +65,10 @@ def test_messages_are_not_sent_before_they_are_due(engine: Engine, playbook: Pla
     world = World(engine, playbook)
     _hot_lead(world)
     world.dispatch(T0 + timedelta(minutes=10))
-    assert world.dispatch(T0 + timedelta(days=1)).claimed == 0
-    assert {m.template: m.status for m in world.messages(ANN)}["sales_handoff"] == "queued"
+    assert world.cycle(T0 + timedelta(days=1)).claimed == 0
+    # Not even decided yet: the enrollment knows when the hand-off is due.
+    assert [m.template for m in world.messages(ANN)] == ["demo_offer"]
+    assert world.enrollments(ANN)[0].next_due_at == T0 + timedelta(days=2, minutes=10)
 
 
 def test_a_suppressed_address_is_never_mailed(engine: Engine, playbook: Playbook) -> None:
@@ -81,8 +83,12 @@ def test_a_suppressed_address_is_never_mailed(engine: Engine, playbook: Playbook
     result = world.dispatch(T0 + timedelta(minutes=10))
     assert result.by_status == {"suppressed": 1}
     assert transport.sent == []
-    (message, _) = world.messages(ANN)
+    (message,) = world.messages(ANN)
     assert (message.status, message.last_error) == ("suppressed", "address suppressed: unsubscribe")
+    # Nothing more is decided for a suppressed address: its enrollment ends.
+    (enrollment,) = world.enrollments(ANN)
+    assert (enrollment.state, enrollment.exit_reason, enrollment.next_due_at) == ("exited", "address suppressed", None)
+    assert world.cycle(T0 + timedelta(days=5)).claimed == 0
 
 
 def test_a_broken_template_fails_its_message_with_the_reason(
@@ -129,7 +135,7 @@ def test_an_ambiguous_send_is_never_resent(engine: Engine, playbook: Playbook) -
         now = T0 + timedelta(minutes=10)
         assert world.dispatch(now).by_status == {"in_doubt": 1}
         assert world.dispatch(now + timedelta(hours=1)).claimed == 0
-        (message, _) = world.messages(ANN)
+        (message,) = world.messages(ANN)
         assert message.status == "in_doubt"
         assert message.last_error is not None
         assert message.last_error.startswith("outcome unknown, not resent")

@@ -110,7 +110,38 @@ def test_upgrading_an_existing_sqlite_database_keeps_every_row_and_child(tmp_pat
         config.attributes["connection"] = connection
         command.upgrade(config, "0003")
     world = World(engine, playbook)
-    world.hot_leads(3, at=T0, advance_to=NOW)
+    for i in range(3):  # leads and events as imports write them; the rest as the 0003 schema had it
+        email = f"lead{i}@northwind.example"
+        world.lead(email, at=T0, job_title="CTO", company_size=500)
+        world.events(email, ("demo_request", T0), ("pricing_view", T0))
+    with engine.begin() as connection:
+        for lead_id in (1, 2, 3):
+            connection.execute(
+                text(
+                    "INSERT INTO stage_transition (lead_id, from_stage, to_stage, at, score, reason, playbook_version) "
+                    "VALUES (:l, 'cold', 'hot', :at, 80, 'test', 'v0')"
+                ),
+                {"l": lead_id, "at": NOW.replace(tzinfo=None)},
+            )
+            connection.execute(
+                text(
+                    "INSERT INTO enrollment (key, lead_id, sequence, stage, transition_id, started_at, state) "
+                    "VALUES (:k, :l, 'demo_offer', 'hot', :l, :at, 'active')"
+                ),
+                {"k": f"lead-{lead_id}/demo_offer/transition-{lead_id}", "l": lead_id, "at": NOW.replace(tzinfo=None)},
+            )
+            connection.execute(
+                text(
+                    "INSERT INTO message (lead_id, enrollment_id, sequence, step, template, subject_template, "
+                    "idempotency_key, status, due_at, attempts, created_at, updated_at) VALUES "
+                    "(:l, :l, 'demo_offer', 0, 'demo_offer', 'Hi', :k, 'queued', :at, 0, :at, :at)"
+                ),
+                {
+                    "l": lead_id,
+                    "k": f"lead-{lead_id}/demo_offer/transition-{lead_id}/step-0",
+                    "at": NOW.replace(tzinfo=None),
+                },
+            )
 
     def counts() -> dict[str, int]:
         with session_scope(engine) as session:
@@ -121,7 +152,7 @@ def test_upgrading_an_existing_sqlite_database_keeps_every_row_and_child(tmp_pat
 
     before = counts()
     assert before["Message"] > 0
-    assert upgrade_schema(engine) == ("0003", "0005")
+    assert upgrade_schema(engine) == ("0003", "0006")
     assert counts() == before
     with engine.connect() as connection:
         tables = dict(connection.execute(text("SELECT name, sql FROM sqlite_master WHERE type = 'table'")).all())
@@ -165,7 +196,7 @@ def test_upgrading_moves_stored_addresses_to_the_one_spelling(database_url: str)
                 }
             ],
         )
-    assert upgrade_schema(engine) == ("0004", "0005")
+    assert upgrade_schema(engine) == ("0004", "0006")
     with session_scope(engine) as session:
         emails = set(session.scalars(select(col(Lead.email))))
         suppressions = session.execute(select(col(Suppression.email), col(Suppression.email_hash))).all()

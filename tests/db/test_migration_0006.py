@@ -1,4 +1,6 @@
-"""Migration 0006 on a database the demo filled before it (SQLite and PostgreSQL): nothing sent twice, no due step dropped.
+"""Migration 0006 on a database the demo filled before it (SQLite and PostgreSQL).
+
+Nothing is sent twice and no due step is dropped.
 
 The database is the one `make demo` left at schema 0005 (tests/db/fixtures/README.md):
 every step of a sequence was queued at enrollment. After the upgrade the new
@@ -58,7 +60,7 @@ def old_demo(database_url: str, tmp_path: Path) -> Iterator[Engine]:
     meta.reflect(bind=engine, only=list(TABLES))
     with source.connect() as reading, engine.begin() as writing:
         for name in TABLES:
-            rows = [dict(r._mapping) for r in reading.execute(text(f"SELECT * FROM {name}"))]  # noqa: S608
+            rows = [dict(r._mapping) for r in reading.execute(text(f"SELECT * FROM {name}"))]
             if rows:
                 writing.execute(meta.tables[name].insert(), _typed(rows, meta.tables[name]))
                 writing.execute(
@@ -132,9 +134,7 @@ def test_upgrading_a_demo_database_sends_nothing_twice_and_drops_no_due_step(
         assert enrollment.next_due_at is None  # waiting for the message in flight
         assert enrollment.steps_done[-1] == in_flight[ident].template
     # What every active enrollment still had to send, by template.
-    owed = {
-        (m.enrollment_id, m.template) for m in before if m.status == "queued" and m.enrollment_id in active
-    }
+    owed = {(m.enrollment_id, m.template) for m in before if m.status == "queued" and m.enrollment_id in active}
 
     # Three weeks of cycles under the new engine.
     at = end + timedelta(hours=12)

@@ -23,11 +23,8 @@ NOW = T0 + timedelta(minutes=10)
 
 
 def _hot(world: World, email: str = ANN) -> None:
-    """A hot lead: its demo offer sent, the sales hand-off queued for two days later."""
-    world.lead(email, at=T0, first_name="Ann", job_title="CTO", company_size=500)
-    world.events(email, ("demo_request", T0), ("webinar_attended", T0), ("pricing_view", T0))
-    world.advance(NOW)
-    world.dispatch(NOW)
+    """A hot lead: its demo offer sent, the sales hand-off decided and queued for two days later."""
+    world.mailed_hot_lead(email, at=T0, now=NOW)
 
 
 @pytest.mark.parametrize("kind", ["unsubscribe", "spamreport", "bounce"])

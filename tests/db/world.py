@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +11,11 @@ from sqlalchemy import Engine, select
 from sqlmodel import col
 
 from db.cycle import ChunkResult, next_lead_ids
-from flows.advancing import WalkResult, advance_leads, walk_sequences
-from flows.sending import DispatchResult, Sender, dispatch_due
 from db.engine import session_scope
 from db.imports import add_events, upsert_leads
 from db.models import Enrollment, Lead, Message, ScoreChange, StageTransition
+from flows.advancing import WalkResult, advance_leads, walk_sequences
+from flows.sending import DispatchResult, Sender, dispatch_due
 from nurture.delivery import RetryPolicy
 from nurture.importing import EventRecord, LeadRecord
 from nurture.playbook import Playbook
@@ -109,11 +109,12 @@ class World:
 
     def mailed_hot_lead(self, email: str, *, at: datetime, now: datetime) -> int:
         """A lead who asks for a demo at ``at``: hot after a cycle at ``now``, its first email sent and the next
-        one queued; returns its id."""
+        one (the sales hand-off, two days later) decided and queued; returns its id."""
         self.lead(email, at=at, first_name="Ann", job_title="CTO", company_size=500)
         self.events(email, ("demo_request", at), ("webinar_attended", at), ("pricing_view", at))
         self.advance(now)
         self.dispatch(now)
+        self.walk(now + timedelta(days=2))
         lead_id = self.row(email).id
         assert lead_id is not None
         return lead_id
