@@ -10,7 +10,7 @@ and bulk writes, whatever its size. Nothing here decides: the core's planners
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time
 from typing import Any
@@ -307,6 +307,30 @@ def end_enrollments(
         )
         cancelled += int(getattr(result, "rowcount", 0) or 0)
     return cancelled
+
+
+def cancel_leftovers(*, session: Session, new_stage: Mapping[int, Stage], now: datetime, why: str) -> int:
+    """Cancel queued messages of the leads' finished enrollments for another stage (a retried email
+    of a completed sequence): a lead who left the stage must not get it."""
+    stale: list[int] = []
+    for ids in batched(sorted(new_stage)):
+        query = (
+            select(col(Message.id), col(Message.lead_id), col(Enrollment.stage))
+            .join(Enrollment, col(Enrollment.id) == col(Message.enrollment_id))
+            .where(
+                col(Message.lead_id).in_(ids),
+                col(Message.status) == MessageStatus.queued,
+                col(Enrollment.state) != EnrollmentState.active,
+            )
+        )
+        stale.extend(int(r.id) for r in session.execute(query) if r.stage != new_stage[int(r.lead_id)].value)
+    for batch in batched(stale):
+        session.execute(
+            update(Message)
+            .where(col(Message.id).in_(batch), col(Message.status) == MessageStatus.queued)
+            .values(status=MessageStatus.cancelled, last_error=why, updated_at=now)
+        )
+    return len(stale)
 
 
 def last_enrollments(*, session: Session, lead_ids: Sequence[int]) -> dict[tuple[int, str], datetime]:

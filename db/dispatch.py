@@ -31,8 +31,7 @@ from sqlmodel import col
 
 from db.cycle import PROFILE_COLUMNS, batched
 from db.models import Lead, Message, Suppression
-from nurture.delivery import MAYBE_DELIVERED, MessageStatus
-from nurture.dispatching import ClaimedMessage
+from nurture.delivery import MAYBE_DELIVERED, ClaimedMessage, MessageStatus
 from nurture.privacy import email_hash
 
 # Long enough for the slowest group of sends (retries and 429 waits included).

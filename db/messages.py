@@ -19,6 +19,7 @@ from sqlmodel import col
 
 from db.models import Enrollment, Lead, Message
 from nurture.delivery import RETRYABLE, MessageStatus
+from nurture.sequences import EnrollmentState
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +91,7 @@ class RetryPlan:
 
 
 def _exited() -> Any:
-    return select(col(Enrollment.id)).where(col(Enrollment.state) == "exited")
+    return select(col(Enrollment.id)).where(col(Enrollment.state) == EnrollmentState.exited)
 
 
 def plan_retry(*, session: Session, selection: MessageSelection) -> RetryPlan:
@@ -112,8 +113,9 @@ def retry_messages(*, session: Session, selection: MessageSelection, now: dateti
     """Queue the selected messages again, due ``now``; returns how many.
 
     Messages of an enrollment that ended because the lead left its stage stay as
-    they are: that email is no longer the right one. A completed enrollment is
-    active again until its retried message is sent, so a stage change still stops it.
+    they are: that email is no longer the right one. The enrollment walks on as it
+    was (a retried email resends a step it already took), and a stage change still
+    cancels a retried email that has not gone out yet.
     """
     conditions = [*selection.conditions(), ~col(Message.enrollment_id).in_(_exited())]
     ids = [int(i) for i in session.scalars(select(col(Message.id)).where(*conditions)) if i is not None]
@@ -133,11 +135,5 @@ def retry_messages(*, session: Session, selection: MessageSelection, now: dateti
             last_error="queued again by an operator (`nurture messages retry`)",
             updated_at=now,
         )
-    )
-    enrollments = select(col(Message.enrollment_id)).where(col(Message.id).in_(ids))
-    session.execute(
-        update(Enrollment)
-        .where(col(Enrollment.id).in_(enrollments), col(Enrollment.state) == "completed")
-        .values(state="active", ended_at=None)
     )
     return len(ids)

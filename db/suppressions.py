@@ -22,6 +22,7 @@ from db.engine import dialect_insert
 from db.models import Enrollment, Lead, Message, Suppression
 from nurture.delivery import MessageStatus
 from nurture.privacy import email_hash
+from nurture.sequences import EnrollmentState
 from nurture.suppression import AddressSuppression
 
 
@@ -44,8 +45,8 @@ def stop_mailing(*, session: Session, lead_ids: Sequence[int], reason: str, now:
     for ids in batched(sorted(set(lead_ids))):
         session.execute(
             update(Enrollment)
-            .where(col(Enrollment.lead_id).in_(ids), col(Enrollment.state) == "active")
-            .values(state="exited", exit_reason=reason, ended_at=now)
+            .where(col(Enrollment.lead_id).in_(ids), col(Enrollment.state) == EnrollmentState.active)
+            .values(state=EnrollmentState.exited, exit_reason=reason, ended_at=now, next_due_at=None)
         )
         cancelled += _rowcount(
             session.execute(

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from db.cycle import (
     ChunkResult,
     active_enrollments,
+    cancel_leftovers,
     due_enrollments,
     end_enrollments,
     insert_enrollments,
@@ -125,6 +126,9 @@ def apply_moves(
         state=EnrollmentState.exited,
         now=now,
         cancel_why="enrollment exited: lead changed stage",
+    )
+    result.messages_cancelled += cancel_leftovers(
+        session=session, new_stage=new_stage, now=now, why="enrollment exited: lead changed stage"
     )
     planned = plan_enrollments(
         transitions,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 
@@ -71,3 +71,19 @@ class RetryPolicy:
 def backoff_seconds(policy: RetryPolicy, attempt: int, rng: random.Random) -> float:
     """Full jitter: a random wait up to ``base · 2^attempt``, capped (AWS architecture blog's advice)."""
     return rng.uniform(0, min(policy.cap_seconds, policy.base_seconds * 2**attempt))
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedMessage:
+    """A due message this dispatcher holds, with what is needed to judge and address it."""
+
+    id: int
+    lead_id: int
+    sequence: str
+    step_id: str
+    attempts: int
+    due_at: datetime
+    email: str
+    timezone: str
+    # Why the lead must not be mailed (its own flag or the suppression list), or None.
+    suppressed: str | None

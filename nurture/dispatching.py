@@ -17,24 +17,9 @@ from datetime import datetime
 from enum import StrEnum
 
 from nurture.contact import DueEmail, decide
+from nurture.delivery import ClaimedMessage
 from nurture.playbook import Playbook
 from nurture.sequences import step_now
-
-
-@dataclass(frozen=True, slots=True)
-class ClaimedMessage:
-    """A due message this dispatcher holds, with what is needed to judge and address it."""
-
-    id: int
-    lead_id: int
-    sequence: str
-    step_id: str
-    attempts: int
-    due_at: datetime
-    email: str
-    timezone: str
-    # Why the lead must not be mailed (its own flag or the suppression list), or None.
-    suppressed: str | None
 
 
 class Verdict(StrEnum):

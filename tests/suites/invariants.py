@@ -132,21 +132,40 @@ def _check_history(session: Session, playbook: Playbook, verdict: Verdict) -> No
         verdict.violations.append(f"a lead transitioned twice at one moment: {doubled[:5]}")
     enrolled: dict[int, set[str]] = defaultdict(set)
     enrollment_rows = session.execute(
-        select(col(Enrollment.id), col(Enrollment.transition_id), col(Enrollment.sequence))
+        select(
+            col(Enrollment.id),
+            col(Enrollment.transition_id),
+            col(Enrollment.sequence),
+            col(Enrollment.state),
+            col(Enrollment.steps_done),
+            col(Enrollment.next_due_at),
+        )
     ).all()
     for row in enrollment_rows:
         enrolled[int(row.transition_id)].add(row.sequence)
-    per_enrollment = dict(
-        session.execute(select(col(Message.enrollment_id), func.count()).group_by(col(Message.enrollment_id))).all()
-    )
     for t in transitions:
         expected = set(playbook.sequences_for(Stage(t.from_stage), Stage(t.to_stage)))
         if enrolled.get(int(t.id), set()) != expected:
             verdict.violations.append(f"transition {t.id} has enrollments {enrolled.get(int(t.id))}, not {expected}")
+    step_messages = session.execute(select(col(Message.enrollment_id), col(Message.step_id), col(Message.status))).all()
+    per_step = Counter((int(m.enrollment_id), m.step_id) for m in step_messages)
+    twice = [key for key, n in per_step.items() if n > 1]
+    if twice:
+        verdict.violations.append(f"a step decided twice in one enrollment: {twice[:5]}")
+    status_of_step = {(int(m.enrollment_id), m.step_id): m.status for m in step_messages}
+    unsettled = (MessageStatus.queued, MessageStatus.claimed, MessageStatus.sending)
     for row in enrollment_rows:
-        steps = len(playbook.sequences[row.sequence].steps)
-        if per_enrollment.get(row.id, 0) != steps:
-            verdict.violations.append(f"enrollment {row.id} has {per_enrollment.get(row.id, 0)} of {steps} messages")
+        if row.state != "active":
+            if row.next_due_at is not None:
+                verdict.violations.append(f"enrollment {row.id} ended ({row.state}) but has a next step due")
+            continue
+        if row.next_due_at is None:
+            # Waiting for its step in flight: that message must still be on its way.
+            in_flight = status_of_step.get((int(row.id), (row.steps_done or [None])[-1]))
+            if in_flight not in unsettled:
+                verdict.violations.append(
+                    f"enrollment {row.id} is stuck: it waits for a step whose message is {in_flight}"
+                )
     last_stage: dict[int, str] = {}
     for t in transitions:
         last_stage[int(t.lead_id)] = t.to_stage
