@@ -55,6 +55,20 @@ def funnel(*, session: Session) -> dict[str, Any]:
     }
 
 
+def emails_sent_twice(*, session: Session) -> dict[str, int]:
+    """Per sequence, how many leads were sent one of its steps more than once (the demo's promise:
+    none, unless the sequence's reentry rule allows a lead back in)."""
+    sent = (
+        select(col(Message.sequence), col(Message.lead_id), col(Message.step_id))
+        .where(col(Message.status) == MessageStatus.sent)
+        .group_by(col(Message.sequence), col(Message.lead_id), col(Message.step_id))
+        .having(func.count() > 1)
+        .subquery()
+    )
+    rows = session.execute(select(sent.c.sequence, func.count()).group_by(sent.c.sequence))
+    return {str(sequence): int(n) for sequence, n in rows}
+
+
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 

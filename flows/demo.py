@@ -21,7 +21,7 @@ from db.cycle import batched
 from db.engine import get_engine, session_scope, upgrade_schema
 from db.imports import add_events, upsert_leads
 from db.maintenance import delete_everything, row_counts
-from db.reports import funnel, story_lead
+from db.reports import emails_sent_twice, funnel, story_lead
 from nurture.errors import NurtureError
 from nurture.playbook import load_playbook
 from nurture.population import generate_population
@@ -32,6 +32,8 @@ from nurture.settings import Settings
 class DemoResult:
     totals: dict[str, Any]
     example_email: str | None
+    # Per sequence, leads sent one of its emails twice (reentry: always allows it).
+    sent_twice: dict[str, int]
     seconds: float
 
 
@@ -121,4 +123,5 @@ def run_demo(
     with session_scope(engine) as session:
         totals = funnel(session=session)
         example = story_lead(session=session)
-    return DemoResult(totals=totals, example_email=example, seconds=time.monotonic() - started)
+        twice = emails_sent_twice(session=session)
+    return DemoResult(totals=totals, example_email=example, sent_twice=twice, seconds=time.monotonic() - started)

@@ -662,6 +662,14 @@ def demo(
             console=console,
         )
     _print_funnel(result.totals)
+    if result.sent_twice:
+        console.print(
+            "Leads sent the same email twice (their sequence lets them back in): "
+            + ", ".join(f"{sequence} {n}" for sequence, n in sorted(result.sent_twice.items())),
+            highlight=False,
+        )
+    else:
+        console.print("No lead was sent the same email twice.", highlight=False)
     console.print(
         f"\nDone in {result.seconds:.0f} s. Where to look next:\n"
         f"  • the emails:       {settings.nurture_outbox_dir.resolve()}/  (open any .eml in a mail client)\n"

@@ -131,6 +131,8 @@ def test_demo_reaches_every_stage_and_sends_multi_step_sequences(prefect_api: st
     env = {"PREFECT_API_URL": prefect_api}
     result = nurture("demo", "--leads", "150", "--weeks", "4", "--tick-hours", "24", env=env)
     assert "Funnel" in result.stdout
+    # Every shipped sequence has a reentry rule that keeps a returning lead from the same email.
+    assert "No lead was sent the same email twice." in result.stdout
     status = json.loads(nurture("status", "--json").stdout)
     assert all(n > 0 for n in status["leads_by_stage"].values()), status
     assert status["messages_by_status"]["sent"] > 0
@@ -139,7 +141,7 @@ def test_demo_reaches_every_stage_and_sends_multi_step_sequences(prefect_api: st
     assert len(files) == status["messages_by_status"]["sent"]
     steps_by_enrollment: dict[str, set[str]] = {}
     for path in files:
-        enrollment, _, step = path.stem.split("_", 1)[1].rpartition("_step-")
+        enrollment, _, step = path.stem.split("_", 1)[1].rpartition("_step_")
         steps_by_enrollment.setdefault(enrollment, set()).add(step)
     assert max(len(steps) for steps in steps_by_enrollment.values()) >= 2
     message = BytesParser(policy=policy.default).parse(files[0].open("rb"))
