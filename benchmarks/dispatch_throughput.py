@@ -117,6 +117,7 @@ def _queue(url: str, count: int) -> None:
                     "transition_id": i + 1,
                     "started_at": NOW,
                     "state": "active",
+                    "steps_done": ["demo_offer"],
                 }
                 for i in range(count)
             ],
@@ -128,6 +129,7 @@ def _queue(url: str, count: int) -> None:
                     "lead_id": i + 1,
                     "enrollment_id": i + 1,
                     "sequence": "demo_offer",
+                    "step_id": "demo_offer",
                     "step": 0,
                     "template": "demo_offer",
                     "subject_template": "See {{ brand.name }} on your own data",
