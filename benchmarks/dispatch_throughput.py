@@ -186,6 +186,7 @@ def _dispatch(fake: FakeInAProcess, url: str, threads: int) -> tuple[float, int]
         transport=SendGridTransport(api_key=fake.api_key, host=fake.url),
         sender=Sender("Acme <hello@acme.example>", "Acme Inc., 1 Bench Street", "https://nurture.example", "k"),
         now=NOW + timedelta(minutes=1),
+        clock=lambda: datetime.now(UTC),
         batch_size=1000,
         concurrency=threads,
     )
