@@ -37,8 +37,18 @@ import_app = typer.Typer(help="Load leads or events from CSV or JSON Lines files
 run_app = typer.Typer(help="Run a flow once, now.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 messages_app = typer.Typer(help="The outbox: list messages; send failed or in-doubt ones again.", no_args_is_help=True)
+enrollments_app = typer.Typer(
+    help="Who walks which sequence: list enrollments, end some by hand.", no_args_is_help=True
+)
+sequences_app = typer.Typer(
+    help="The playbook's sequences and their enrollments: pause one, resume it.", no_args_is_help=True
+)
+lead_app = typer.Typer(help="One lead by hand: set its stage, recorded as a manual transition.", no_args_is_help=True)
 app.add_typer(import_app, name="import")
 app.add_typer(messages_app, name="messages")
+app.add_typer(enrollments_app, name="enrollments")
+app.add_typer(sequences_app, name="sequences")
+app.add_typer(lead_app, name="lead")
 app.add_typer(run_app, name="run")
 app.add_typer(db_app, name="db")
 
@@ -481,6 +491,424 @@ def messages_retry(
     with session_scope(engine) as session:
         queued = retry_messages(session=session, selection=selection, now=datetime.now(UTC))
     console.print(f"[green]ok[/] {queued} messages queued again; the next cycle or dispatch sends them")
+
+
+# Reasons are stored with the enrollment, pause or transition (columns of 300 characters and more).
+MAX_REASON = 200
+ENROLLMENT_STATES_HELP = "active (the default), completed, exited or skipped (repeatable)"
+
+
+def _address(value: str, option: str) -> str:
+    from nurture.importing import normalise_email
+
+    try:
+        return normalise_email(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=option) from exc
+
+
+def _reason(value: str | None, *, required: bool) -> str | None:
+    """An operator's reason, kept with what they did; one line, short enough to store."""
+    text = " ".join((value or "").split())
+    if not text:
+        if required:
+            raise typer.BadParameter("say why: it is recorded with what you do", param_hint="--reason")
+        return None
+    if len(text) > MAX_REASON:
+        raise typer.BadParameter(f"{len(text)} characters; at most {MAX_REASON}", param_hint="--reason")
+    return text
+
+
+def _enrollment_states(values: list[str] | None) -> tuple[Any, ...]:
+    from nurture.sequences import EnrollmentState
+
+    if not values:
+        return (EnrollmentState.active,)
+    try:
+        return tuple(EnrollmentState(v.strip().lower()) for v in values)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{exc}; a state is one of: active, completed, exited, skipped") from exc
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _when(value: datetime | None) -> str:
+    return "" if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def _steps_taken(row: Any) -> str:
+    return f"{len(row.steps_done)}: {', '.join(row.steps_done)}" if row.steps_done else "0"
+
+
+def _next_step(row: Any, paused: set[str]) -> str:
+    """When the enrollment moves next, in words: a due time, a step in flight, or ended."""
+    if row.state != "active":
+        return f"ended {_when(row.ended_at)}".strip()
+    if row.next_due_at is None:
+        shown = "step in flight" + (f" ({row.in_flight.status})" if row.in_flight else "")
+    else:
+        shown = _when(row.next_due_at)
+    return f"{shown} (paused)" if row.sequence in paused else shown
+
+
+def _enrollment_json(row: Any, paused: set[str]) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "email": row.email,
+        "sequence": row.sequence,
+        "stage": row.stage,
+        "state": row.state,
+        "started_at": row.started_at.isoformat(),
+        "steps_done": list(row.steps_done),
+        "next_due_at": row.next_due_at.isoformat() if row.next_due_at else None,
+        "step_in_flight": (
+            {"step_id": row.in_flight.step_id, "message_id": row.in_flight.message_id, "status": row.in_flight.status}
+            if row.in_flight
+            else None
+        ),
+        "exit_reason": row.exit_reason,
+        "ended_at": row.ended_at.isoformat() if row.ended_at else None,
+        "paused": row.sequence in paused,
+    }
+
+
+def _enrollment_table(rows: list[Any], paused: set[str]) -> Table:
+    table = Table(show_edge=False)
+    for column in ("id", "lead", "sequence", "state", "started", "steps taken", "next", "why"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(
+            str(row.id),
+            escape(row.email),
+            row.sequence,
+            row.state,
+            _when(row.started_at),
+            _steps_taken(row),
+            _next_step(row, paused),
+            escape(row.exit_reason or ""),
+        )
+    return table
+
+
+@enrollments_app.command("list")
+def enrollments_list(
+    lead: Annotated[str | None, typer.Option(metavar="EMAIL", help="Only this lead's enrollments")] = None,
+    sequence: Annotated[str | None, typer.Option(help="Only this sequence")] = None,
+    state: Annotated[list[str] | None, typer.Option(help=ENROLLMENT_STATES_HELP)] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many rows")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Enrollments (default: active), most recently started first: steps taken, next step, why ended."""
+    from db.cycle import paused_sequences
+    from db.engine import session_scope
+    from db.enrollments import EnrollmentSelection, lead_exists, list_enrollments
+
+    email = _address(lead, "--lead") if lead is not None else None
+    selection = EnrollmentSelection(states=_enrollment_states(state), email=email, sequence=sequence)
+    with session_scope(_engine()) as session:
+        if email is not None and not lead_exists(session=session, email=email):
+            raise NurtureError(f"no lead with the address {email}")
+        rows = list_enrollments(session=session, selection=selection, limit=limit)
+        paused = paused_sequences(session=session)
+    if as_json:
+        console.print_json(json.dumps([_enrollment_json(row, paused) for row in rows]))
+    elif not rows:
+        console.print("no enrollments match", highlight=False)
+    else:
+        console.print(_enrollment_table(rows, paused))
+
+
+@enrollments_app.command("exit")
+def enrollments_exit(
+    reason: Annotated[str, typer.Option(help="Why: recorded as the exit reason, `operator: REASON`")],
+    enrollment_id: Annotated[list[int] | None, typer.Option("--id", help="This enrollment (repeatable)")] = None,
+    lead: Annotated[str | None, typer.Option(metavar="EMAIL", help="Every active enrollment of this lead")] = None,
+    sequence: Annotated[str | None, typer.Option(help="With --lead: only this sequence")] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation")] = False,
+) -> None:
+    """End active enrollments by hand: their queued messages are cancelled and nothing more is sent for them."""
+    from db.engine import session_scope
+    from db.enrollments import (
+        EnrollmentSelection,
+        existing_enrollment_ids,
+        exit_enrollments,
+        lead_exists,
+        list_enrollments,
+        queued_messages,
+    )
+    from nurture.sequences import EnrollmentState
+
+    why = _reason(reason, required=True)
+    assert why is not None
+    if sequence is not None and lead is None:
+        raise typer.BadParameter("--sequence narrows --lead; give --lead EMAIL too", param_hint="--sequence")
+    if bool(enrollment_id) == (lead is not None):
+        raise typer.BadParameter("say which enrollments: --id N (repeatable), or --lead EMAIL [--sequence S]")
+    ids = tuple(sorted(set(enrollment_id or ())))
+    email = _address(lead, "--lead") if lead is not None else None
+    engine = _engine()
+    with session_scope(engine) as session:
+        if ids:
+            unknown = sorted(set(ids) - existing_enrollment_ids(session=session, ids=ids))
+            if unknown:
+                raise NurtureError(f"no enrollment with the id {', '.join(map(str, unknown))}; nothing was changed")
+            selection = EnrollmentSelection(states=(), ids=ids)
+        else:
+            assert email is not None
+            if not lead_exists(session=session, email=email):
+                raise NurtureError(f"no lead with the address {email}")
+            selection = EnrollmentSelection(email=email, sequence=sequence)
+        rows = list_enrollments(session=session, selection=selection)
+        active = [row for row in rows if row.state == EnrollmentState.active]
+        queued = queued_messages(session=session, enrollment_ids=[row.id for row in active])
+    for row in rows:
+        if row.state != EnrollmentState.active:
+            console.print(f"enrollment {row.id} is {row.state} already: left alone", highlight=False)
+    if not active:
+        console.print("no active enrollment matches: nothing to exit", highlight=False)
+        return
+    console.print(
+        f"{_plural(len(active), 'active enrollment')} to exit as `operator: {escape(why)}`; "
+        f"{_plural(queued, 'queued message')} of theirs will be cancelled:",
+        highlight=False,
+    )
+    shown = active[:MAX_PROBLEMS_SHOWN]
+    console.print(_enrollment_table(shown, set()))
+    if len(active) > len(shown):
+        console.print(f"... and {len(active) - len(shown)} more", highlight=False)
+    if not yes and not typer.confirm(f"Exit {_plural(len(active), 'enrollment')}?"):
+        raise typer.Exit(1)
+    with session_scope(engine) as session:
+        result = exit_enrollments(session=session, ids=[row.id for row in active], reason=why, now=datetime.now(UTC))
+    console.print(
+        f"[green]ok[/] {_plural(len(result.exited), 'enrollment')} exited (operator: {escape(why)}); "
+        f"{_plural(result.messages_cancelled, 'queued message')} cancelled",
+        highlight=False,
+    )
+    if len(result.exited) < len(active):
+        console.print(f"{len(active) - len(result.exited)} had ended meanwhile: left as they were", highlight=False)
+    if result.with_dispatcher:
+        console.print(
+            f"[yellow]note:[/] {result.with_dispatcher} messages were already with a dispatcher (claimed or sending) "
+            "and may still go out; nothing follows them"
+        )
+
+
+def _triggers(sequence: Any) -> str:
+    return ", ".join(
+        f"{'/'.join(s.value for s in t.from_) if t.from_ else 'any'} → {t.to.value}" for t in sequence.triggers
+    )
+
+
+def _unknown_sequence(name: str, known: list[str]) -> NurtureError:
+    import difflib
+
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return NurtureError(
+        f"no sequence {name!r} in {_settings().nurture_playbook}: {hint}the sequences are {', '.join(known)}"
+    )
+
+
+def _sequences_playbook() -> Playbook:
+    """The playbook as sequences commands need it: read and valid, templates unchecked, so an operator can
+    pause a sequence whose template broke."""
+    from nurture.playbook import load_playbook
+
+    return load_playbook(_settings().nurture_playbook)
+
+
+@sequences_app.command("list")
+def sequences_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False) -> None:
+    """Each sequence: its trigger, steps, reentry rule, active enrollments, and whether it is paused."""
+    from db.engine import session_scope
+    from db.enrollments import SequenceLoad, list_pauses, sequence_loads
+
+    playbook = _sequences_playbook()
+    now = datetime.now(UTC)
+    with session_scope(_engine()) as session:
+        pauses = {p.sequence: p for p in list_pauses(session=session)}
+        loads = sequence_loads(session=session, now=now)
+    names = [*playbook.sequences, *sorted((set(pauses) | set(loads)) - set(playbook.sequences))]
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        sequence = playbook.sequences.get(name)
+        load, pause = loads.get(name, SequenceLoad()), pauses.get(name)
+        rows.append(
+            {
+                "name": name,
+                "in_playbook": sequence is not None,
+                "triggers": _triggers(sequence) if sequence else None,
+                "steps": len(sequence.steps) if sequence else None,
+                "reentry": sequence.reentry.describe() if sequence else None,
+                "active_enrollments": load.active,
+                "due_now": load.due,
+                "queued_messages": load.queued_messages,
+                "paused": pause is not None,
+                "paused_at": pause.paused_at.isoformat() if pause else None,
+                "pause_reason": pause.reason if pause else None,
+            }
+        )
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table(show_edge=False)
+    for column in ("sequence", "trigger", "steps", "reentry", "active", "paused"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        paused = ""
+        if row["paused"]:
+            pause = pauses[row["name"]]
+            paused = f"since {_when(pause.paused_at)}" + (f": {pause.reason}" if pause.reason else "")
+        table.add_row(
+            row["name"],
+            row["triggers"] or "(not in the playbook)",
+            "" if row["steps"] is None else str(row["steps"]),
+            row["reentry"] or "",
+            str(row["active_enrollments"]),
+            escape(paused),
+        )
+    console.print(table)
+
+
+@sequences_app.command("pause")
+def sequences_pause(
+    name: Annotated[str, typer.Argument(help="The sequence, as named in the playbook")],
+    reason: Annotated[str | None, typer.Option(help="Why, kept with the pause")] = None,
+) -> None:
+    """Stop a sequence: nothing new is decided or sent for it (queued messages wait) until resumed."""
+    from db.engine import session_scope
+    from db.enrollments import SequenceLoad, pause_sequence, sequence_loads
+
+    why = _reason(reason, required=False)
+    playbook = _sequences_playbook()
+    if name not in playbook.sequences:
+        raise _unknown_sequence(name, list(playbook.sequences))
+    now = datetime.now(UTC)
+    with session_scope(_engine()) as session:
+        result = pause_sequence(session=session, name=name, reason=why, now=now)
+        load = sequence_loads(session=session, now=now, names=[name]).get(name, SequenceLoad())
+    pause = result.pause
+    if not result.created:
+        because = f" ({escape(pause.reason)})" if pause.reason else ""
+        console.print(
+            f"{name} was already paused, since {_when(pause.paused_at)} UTC{because}: nothing changed", highlight=False
+        )
+        return
+    console.print(
+        f"[green]ok[/] {name} paused: nothing new is decided or sent for it until `nurture sequences resume {name}`; "
+        f"its {_plural(load.active, 'active enrollment')} and {_plural(load.queued_messages, 'queued message')} wait",
+        highlight=False,
+    )
+
+
+@sequences_app.command("resume")
+def sequences_resume(name: Annotated[str, typer.Argument(help="The paused sequence")]) -> None:
+    """Let a paused sequence go on: each enrollment that came due meanwhile takes one step at the next cycle."""
+    from db.engine import session_scope
+    from db.enrollments import SequenceLoad, resume_sequence, sequence_loads
+
+    playbook = _sequences_playbook()
+    now = datetime.now(UTC)
+    with session_scope(_engine()) as session:
+        pause = resume_sequence(session=session, name=name)
+        load = sequence_loads(session=session, now=now, names=[name]).get(name, SequenceLoad())
+    if pause is None:
+        if name not in playbook.sequences:
+            raise _unknown_sequence(name, list(playbook.sequences))
+        console.print(f"{name} is not paused: nothing changed", highlight=False)
+        return
+    console.print(
+        f"[green]ok[/] {name} resumed (paused since {_when(pause.paused_at)} UTC). Enrollments due now: {load.due}; "
+        "each takes one step at the next cycle, then the rest of its steps are spaced by their `after` again "
+        f"(the catch-up rule). Queued messages: {load.queued_messages}, sent by the next dispatch",
+        highlight=False,
+    )
+    if name not in playbook.sequences:
+        console.print(
+            f"[yellow]note:[/] {name} is not in the playbook: its {load.active} active enrollments end "
+            "as their next step comes due",
+            highlight=False,
+        )
+
+
+STAGES = ("cold", "warm", "hot", "customer")
+
+
+def _first_step(row: Any, now: datetime, paused: set[str]) -> str:
+    if row.sequence in paused:
+        return f"paused: its first step waits for `nurture sequences resume {row.sequence}`"
+    if row.next_due_at is None or row.next_due_at <= now:
+        return "the next cycle sends its first step"
+    return f"its first step is due {_when(row.next_due_at)} UTC"
+
+
+@lead_app.command("set-stage")
+def lead_set_stage(
+    email: Annotated[str, typer.Argument(metavar="EMAIL", help="The lead's email address")],
+    stage: Annotated[str, typer.Argument(metavar="STAGE", help="cold, warm, hot or customer")],
+    reason: Annotated[str, typer.Option(help="Why: recorded with the transition as `manual: REASON`")],
+) -> None:
+    """Move a lead to a stage by hand: a manual transition that ends and starts sequences like any other.
+
+    The stage holds until the lead's next event or profile change; then the thresholds apply again.
+    """
+    from db.cycle import lock_lead, paused_sequences
+    from db.engine import session_scope
+    from db.enrollments import EnrollmentSelection, list_enrollments, unscored_changes
+    from flows.advancing import set_stage
+    from nurture.importing import canonical_address
+    from nurture.playbook import Stage
+    from nurture.sequences import EnrollmentState
+
+    if stage.strip().lower() not in STAGES:
+        raise typer.BadParameter(f"{stage!r} is not a stage; one of {', '.join(STAGES)}", param_hint="STAGE")
+    target = Stage(stage.strip().lower())
+    why = _reason(reason, required=False) or ""
+    playbook = _checked_playbook()
+    address = canonical_address(email)
+    now = datetime.now(UTC)
+    with session_scope(_engine()) as session:
+        before = list_enrollments(session=session, selection=EnrollmentSelection(email=address))
+        try:
+            transition = set_stage(session=session, email=address, stage=target, reason=why, playbook=playbook, now=now)
+        except NurtureError as exc:
+            standing = lock_lead(session=session, email=address)
+            if why and target != Stage.customer and standing is not None and standing.stage == Stage.customer:
+                raise NurtureError(f"{address} is a customer, and customer is final: no move leaves it") from exc
+            raise
+        started = list_enrollments(
+            session=session, selection=EnrollmentSelection(states=(), transition_id=transition.transition_id)
+        )
+        exited = (
+            list_enrollments(
+                session=session,
+                selection=EnrollmentSelection(states=(EnrollmentState.exited,), ids=tuple(r.id for r in before)),
+            )
+            if before
+            else []
+        )
+        paused = paused_sequences(session=session)
+        unscored = unscored_changes(session=session, email=address, now=now)
+    parts = [f"{escape(address)}: {transition.from_stage.value} → {transition.to_stage.value} (manual: {escape(why)})"]
+    if exited:
+        parts.append(f"exited {', '.join(row.sequence for row in exited)}")
+    for row in reversed(started):
+        if row.state == EnrollmentState.active:
+            parts.append(f"enrolled in {row.sequence}; {_first_step(row, now, paused)}")
+        else:
+            parts.append(f"not enrolled in {row.sequence}: {escape(row.exit_reason or row.state)}")
+    if not started:
+        parts.append(f"no sequence starts on {transition.from_stage.value} → {transition.to_stage.value}")
+    console.print("; ".join(parts), highlight=False)
+    if unscored:
+        console.print(
+            f"[yellow]note:[/] {escape(address)} has {_plural(unscored, 'change')} not yet scored (events or a "
+            "profile change): the next cycle rescores the lead and applies the thresholds, which may move it again",
+            highlight=False,
+        )
 
 
 def _serve_duration(value: str, option: str) -> timedelta:
