@@ -103,6 +103,8 @@ class ChunkSnapshot:
     events: dict[int, list[ActivityEvent]]
     counted: dict[int, Counter[tuple[str, date]]]
     event_ids: list[int]
+    # Leads whose stage an operator set and who did nothing since (a replay keeps their stage).
+    held: frozenset[int] = frozenset()
 
 
 def _load_leads(session: Session, lead_ids: Sequence[int]) -> list[Any]:
@@ -188,7 +190,36 @@ def load_chunk(
         )
         for lead in leads
     ]
-    return ChunkSnapshot(snapshots, dict(events), dict(counted), [row.id for row in pending])
+    held = _held_by_hand(session, lead_ids) if replay and lead_ids else frozenset()
+    return ChunkSnapshot(snapshots, dict(events), dict(counted), [row.id for row in pending], held)
+
+
+def _held_by_hand(session: Session, lead_ids: Sequence[int]) -> frozenset[int]:
+    """Leads whose last transition an operator made (``manual:``) and with no event since it."""
+    last = (
+        select(func.max(col(StageTransition.id)))
+        .where(col(StageTransition.lead_id).in_(lead_ids))
+        .group_by(col(StageTransition.lead_id))
+    )
+    manual = {
+        int(lead_id): at
+        for lead_id, at in session.execute(
+            select(col(StageTransition.lead_id), col(StageTransition.at)).where(
+                col(StageTransition.id).in_(last), col(StageTransition.reason).startswith("manual:")
+            )
+        )
+    }
+    if not manual:
+        return frozenset()
+    latest: dict[int, Any] = {
+        int(lead_id): at
+        for lead_id, at in session.execute(
+            select(col(Event.lead_id), func.max(col(Event.occurred_at)))
+            .where(col(Event.lead_id).in_(list(manual)))
+            .group_by(col(Event.lead_id))
+        )
+    }
+    return frozenset(i for i, at in manual.items() if i not in latest or _aware(latest[i]) <= at)
 
 
 def save_scores(

@@ -154,7 +154,7 @@ def existing_enrollment_ids(*, session: Session, ids: Iterable[int]) -> set[int]
 def unscored_changes(*, session: Session, email: str, now: datetime) -> int:
     """Events up to ``now`` not yet in the lead's score, plus one for a profile change not yet scored.
 
-    The next cycle rescores a lead with any, so a stage set by hand lasts only until then.
+    A manual stage change scores them first, so that the next cycle does not undo it.
     """
     lead = session.execute(select(col(Lead.id), col(Lead.needs_rescore)).where(col(Lead.email) == email)).first()
     if lead is None:

@@ -32,6 +32,7 @@ from db.cycle import (
     set_lead_stage,
     settling_enrollments,
 )
+from db.enrollments import unscored_changes
 from nurture.advancing import StageMove, check_move, plan_chunk
 from nurture.delivery import MessageStatus
 from nurture.errors import NurtureError
@@ -69,7 +70,13 @@ def advance_leads(
         return result
     snapshot = load_chunk(session=session, lead_ids=lead_ids, playbook=playbook, now=now, replay=replay)
     plan = plan_chunk(
-        snapshot.leads, events=snapshot.events, counted=snapshot.counted, playbook=playbook, now=now, replay=replay
+        snapshot.leads,
+        events=snapshot.events,
+        counted=snapshot.counted,
+        playbook=playbook,
+        now=now,
+        replay=replay,
+        held=snapshot.held,
     )
     save_scores(
         session=session,
@@ -192,21 +199,39 @@ def settle_steps(*, session: Session, message_ids: Sequence[int], playbook: Play
     return len(changes)
 
 
+# Kept with the transition (its reason column holds 500 characters, "manual: " included).
+MAX_MANUAL_REASON = 200
+
+
 def set_stage(
     *, session: Session, email: str, stage: Stage, reason: str, playbook: Playbook, now: datetime
 ) -> Transition:
     """Move a lead to ``stage`` by hand: a transition recorded as manual with the operator's reason,
-    which ends and starts sequences like any other. Raises NurtureError for an unknown lead, the
-    stage it is already in, or a move the lifecycle forbids (customers stay customers)."""
-    lead = lock_lead(session=session, email=canonical_address(email.strip()))
+    which ends and starts sequences like any other.
+
+    The lead's activity up to ``now`` is scored first (as a cycle would), so the manual stage
+    holds until its next event or profile change, and through rescore-all until then. Raises
+    NurtureError for an unknown lead, the stage it is already in, a reason that is empty or too
+    long, or a move the lifecycle forbids (customers stay customers).
+    """
+    reason = reason.strip()
+    if not reason:
+        raise NurtureError("say why with --reason: it is recorded with the transition")
+    if len(reason) > MAX_MANUAL_REASON:
+        raise NurtureError(f"the reason is {len(reason)} characters long; at most {MAX_MANUAL_REASON}")
+    address = canonical_address(email.strip())
+    lead = lock_lead(session=session, email=address)
     if lead is None:
         raise NurtureError(f"no lead with the address {email!r}")
+    if unscored_changes(session=session, email=address, now=now):
+        # Score what it did first, as a cycle would: the next cycle then finds nothing to undo.
+        advance_leads(session=session, lead_ids=[lead.id], playbook=playbook, now=now)
+        lead = lock_lead(session=session, email=address)
+        assert lead is not None
     if lead.stage == stage:
         raise NurtureError(f"{lead.email} is already {stage.value}")
-    if not reason.strip():
-        raise NurtureError("say why with --reason: it is recorded with the transition")
     check_move(lead.id, lead.stage, stage)
-    move = StageMove(lead.id, lead.stage, stage, lead.score, f"manual: {reason.strip()}")
+    move = StageMove(lead.id, lead.stage, stage, lead.score, f"manual: {reason}")
     set_lead_stage(session=session, lead_id=lead.id, stage=stage, now=now)
     [transition] = apply_moves(
         session=session, moves=[move], playbook=playbook, now=now, flow_run_id=None, result=ChunkResult()

@@ -87,12 +87,14 @@ def plan_chunk(
     playbook: Playbook,
     now: datetime,
     replay: bool = False,
+    held: frozenset[int] = frozenset(),
 ) -> ChunkPlan:
     """Rescore each lead with its new ``events`` and decide its stage.
 
     ``counted`` are events already in each score, per kind and day (for daily caps).
     With ``replay`` every event is passed and scores start from zero under the current
-    playbook; the ledger then holds one row per moved score.
+    playbook; the ledger then holds one row per moved score. ``held`` leads keep their stage (an
+    operator set it and they did nothing since), and decay alone will not review them.
     """
     plan = ChunkPlan()
     customer_kinds = set(playbook.stages.customer.on_events)
@@ -109,8 +111,10 @@ def plan_chunk(
         )
         purchased = bool(update.kinds_seen & customer_kinds)
         target = target_stage(update.score, lead.stage, playbook.stages, purchased=purchased)
+        if lead.id in held:
+            target = lead.stage
         review = None
-        if target != Stage.customer:
+        if target != Stage.customer and lead.id not in held:
             review = next_review_at(
                 fit=update.fit,
                 engagement=update.engagement,

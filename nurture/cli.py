@@ -456,7 +456,8 @@ def messages_retry(
 ) -> None:
     """Queue failed (or in-doubt) messages again, due now: after fixing a template or an outage.
 
-    Messages of enrollments that ended because the lead changed stage are left alone.
+    Messages of exited enrollments (the lead left the stage, an operator ended it, the address was
+    suppressed) are left alone.
     """
     from db.engine import session_scope
     from db.messages import MessageSelection, plan_retry, retry_messages
@@ -471,7 +472,8 @@ def messages_retry(
         plan = plan_retry(session=session, selection=selection)
     if plan.skipped_exited:
         console.print(
-            f"{plan.skipped_exited} selected messages are left alone: the lead left the stage their sequence was for",
+            f"{plan.skipped_exited} selected messages are left alone: their enrollment was exited (the lead left "
+            "its stage, an operator ended it, or the address was suppressed)",
             highlight=False,
         )
     if not plan.total:
@@ -857,7 +859,7 @@ def lead_set_stage(
     """
     from db.cycle import lock_lead, paused_sequences
     from db.engine import session_scope
-    from db.enrollments import EnrollmentSelection, list_enrollments, unscored_changes
+    from db.enrollments import EnrollmentSelection, list_enrollments
     from flows.advancing import set_stage
     from nurture.importing import canonical_address
     from nurture.playbook import Stage
@@ -891,7 +893,6 @@ def lead_set_stage(
             else []
         )
         paused = paused_sequences(session=session)
-        unscored = unscored_changes(session=session, email=address, now=now)
     parts = [f"{escape(address)}: {transition.from_stage.value} → {transition.to_stage.value} (manual: {escape(why)})"]
     if exited:
         parts.append(f"exited {', '.join(row.sequence for row in exited)}")
@@ -903,12 +904,6 @@ def lead_set_stage(
     if not started:
         parts.append(f"no sequence starts on {transition.from_stage.value} → {transition.to_stage.value}")
     console.print("; ".join(parts), highlight=False)
-    if unscored:
-        console.print(
-            f"[yellow]note:[/] {escape(address)} has {_plural(unscored, 'change')} not yet scored (events or a "
-            "profile change): the next cycle rescores the lead and applies the thresholds, which may move it again",
-            highlight=False,
-        )
 
 
 def _serve_duration(value: str, option: str) -> timedelta:

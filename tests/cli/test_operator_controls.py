@@ -338,7 +338,7 @@ def test_set_stage_says_which_sequences_wait_or_were_refused(cli: Cli, world: Wo
     assert "enrolled in demo_offer; paused: its first step waits for `nurture sequences resume demo_offer`" in hot
 
 
-def test_set_stage_refuses_unknown_leads_and_stages_and_warns_of_changes_not_yet_scored(cli: Cli, world: World) -> None:
+def test_set_stage_refuses_unknown_leads_and_stages_and_scores_changes_first(cli: Cli, world: World) -> None:
     cli("db", "upgrade")
     assert "no lead with the address 'nobody@northwind.example'" in (
         cli("lead", "set-stage", "nobody@northwind.example", "hot", "--reason", "x", expect=1).stderr
@@ -350,9 +350,11 @@ def test_set_stage_refuses_unknown_leads_and_stages_and_warns_of_changes_not_yet
     assert "at most 200" in cli("lead", "set-stage", CARA, "hot", "--reason", "x" * 201, expect=2).stderr
     assert "say why with --reason" in cli("lead", "set-stage", CARA, "hot", "--reason", "  ", expect=1).stderr
     assert world.transitions(CARA) == []
-    moved = cli("lead", "set-stage", CARA, "hot", "--reason", "x").stdout
-    assert "has 1 change not yet scored" in moved
-    assert "the next cycle rescores the lead and applies the thresholds, which may move it again" in moved
+    # Cara's import is scored as part of the move, so the next cycle has nothing to undo.
+    assert "cold → hot (manual: x)" in cli("lead", "set-stage", CARA, "hot", "--reason", "x").stdout
+    world.cycle(datetime.now(UTC) + timedelta(minutes=1))
+    assert world.row(CARA).stage == "hot"
+    assert world.transitions(CARA) == [("cold", "hot")]
 
 
 def test_operator_commands_leave_prefect_unimported(cli: Cli, database_url: str) -> None:
