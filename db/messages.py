@@ -48,6 +48,7 @@ class MessageRow:
     email: str
     sequence: str
     step: int
+    step_id: str
     template: str
     status: str
     due_at: datetime
@@ -63,6 +64,7 @@ def list_messages(*, session: Session, selection: MessageSelection, limit: int) 
             col(Lead.email),
             col(Message.sequence),
             col(Message.step),
+            col(Message.step_id),
             col(Message.template),
             col(Message.status),
             col(Message.due_at),

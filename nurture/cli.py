@@ -366,7 +366,7 @@ def _print_explanation(report: dict[str, Any]) -> None:
         why = f"{t.get('from')} → {t.get('to')} on {str(t.get('at'))[:10]}" if t else ""
         if m["last_error"]:
             why += f"; {m['last_error']}"
-        table.add_row(m["due_at"][:16], m["sequence"], str(m["step"] + 1), m["template"], m["status"], why)
+        table.add_row(m["due_at"][:16], m["sequence"], m["step_id"], m["template"], m["status"], why)
     console.print(table)
     for e in report["enrollments"]:
         if e["state"] == "active" and e["next_due_at"]:
@@ -420,7 +420,7 @@ def messages_list(
             str(row.id),
             escape(row.email),
             row.sequence,
-            str(row.step + 1),
+            row.step_id,
             row.template,
             row.status,
             row.due_at.isoformat()[:16],
@@ -436,6 +436,7 @@ def _row(row: Any) -> dict[str, Any]:
         "email": row.email,
         "sequence": row.sequence,
         "step": row.step,
+        "step_id": row.step_id,
         "template": row.template,
         "status": row.status,
         "due_at": row.due_at.isoformat(),

@@ -10,7 +10,8 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, update
+from sqlmodel import col
 
 from db.engine import session_scope
 from db.models import Message, SequencePause
@@ -257,3 +258,25 @@ def test_a_paused_sequence_decides_and_sends_nothing_until_resumed(world: World)
     assert sent_steps(world) == ["welcome"]
     hourly(world, resumed + HOUR, 24 * 3)
     assert sent_steps(world) == ["welcome", "case_study"]
+
+
+def test_a_retried_email_of_a_finished_sequence_is_cancelled_when_the_lead_leaves_its_stage(world: World) -> None:
+    from db.messages import MessageSelection, retry_messages
+
+    world.lead(ANN, at=T0, first_name="Ann", job_title="CTO", company_size=500)
+    world.events(ANN, ("demo_request", T0), ("webinar_attended", T0), ("pricing_view", T0))
+    hourly(world, T0 + HOUR, 24 * 3)
+    assert sent_steps(world) == ["demo_offer", "sales_handoff"]
+    [demo_offer] = world.enrollments(ANN)
+    assert demo_offer.state == "completed"
+    first = world.messages(ANN)[0].id
+    with session_scope(world.engine) as session:
+        session.execute(update(Message).where(col(Message.id) == first).values(status="failed"))
+        assert retry_messages(session=session, selection=MessageSelection(ids=(first,)), now=T0) == 1
+    # Before it goes out, Ann buys: the demo offer is no longer the right email.
+    world.events(ANN, ("purchase", T0 + timedelta(days=3, hours=1)))
+    world.advance(T0 + timedelta(days=3, hours=2))
+    retried = world.messages(ANN)[0]
+    assert (retried.status, retried.last_error) == ("cancelled", "enrollment exited: lead changed stage")
+    world.dispatch(T0 + timedelta(days=3, hours=2))
+    assert "See Acme Analytics on your own data" not in sent(world)[1:]
