@@ -25,7 +25,15 @@ from nurture.advancing import ChunkPlan, LeadSnapshot, StageMove
 from nurture.delivery import MessageStatus
 from nurture.playbook import Playbook, Stage
 from nurture.scoring import ActivityEvent, LeadScoreState
-from nurture.sequences import EnrollmentChange, EnrollmentSnapshot, EnrollmentState, PlannedEnrollment, Transition
+from nurture.sequences import (
+    Conversion,
+    EnrollmentChange,
+    EnrollmentSnapshot,
+    EnrollmentState,
+    GoalCandidate,
+    PlannedEnrollment,
+    Transition,
+)
 
 # Keeps IN (...) lists and executemany batches well under every driver's limits.
 _IN_BATCH = 5000
@@ -79,6 +87,7 @@ class ChunkResult:
     transitions: Counter[str] = field(default_factory=Counter)
     enrollments: int = 0
     enrollments_skipped: int = 0
+    conversions: int = 0
     messages_cancelled: int = 0
     last_lead_id: int = 0
     # Each transition, for events and the run's artifact.
@@ -90,6 +99,7 @@ class ChunkResult:
         self.transitions.update(other.transitions)
         self.enrollments += other.enrollments
         self.enrollments_skipped += other.enrollments_skipped
+        self.conversions += other.conversions
         self.messages_cancelled += other.messages_cancelled
         self.last_lead_id = max(self.last_lead_id, other.last_lead_id)
         self.moved.extend(other.moved)
@@ -560,3 +570,56 @@ def set_lead_stage(*, session: Session, lead_id: int, stage: Stage, now: datetim
     session.execute(
         update(Lead).where(col(Lead.id) == lead_id).values(stage=stage.value, next_review_at=None, updated_at=now)
     )
+
+
+def goal_candidates(*, session: Session, lead_ids: Sequence[int], sequences: Iterable[str]) -> list[GoalCandidate]:
+    """The leads' active enrollments in sequences that have a goal, locked (a conversion ends them)."""
+    names = sorted(sequences)
+    found: list[GoalCandidate] = []
+    if not names:
+        return found
+    for ids in batched(sorted(set(lead_ids))):
+        query = (
+            select(*_SNAPSHOT_COLUMNS, col(Enrollment.next_due_at))
+            .where(
+                col(Enrollment.lead_id).in_(ids),
+                col(Enrollment.state) == EnrollmentState.active,
+                col(Enrollment.sequence).in_(names),
+            )
+            .order_by(col(Enrollment.id))
+            .with_for_update()
+        )
+        found.extend(
+            GoalCandidate(_snapshot(r), r.started_at, in_flight=r.next_due_at is None) for r in session.execute(query)
+        )
+    return found
+
+
+def record_conversions(*, session: Session, conversions: Sequence[Conversion], now: datetime) -> int:
+    """End converted enrollments and cancel what they still had queued; returns how many were cancelled."""
+    if not conversions:
+        return 0
+    session.execute(
+        update(Enrollment),
+        [
+            {
+                "id": c.enrollment_id,
+                "state": EnrollmentState.converted.value,
+                "ended_at": now,
+                "exit_reason": c.reason,
+                "next_due_at": None,
+                "converted_at": c.at,
+                "converted_after_step": c.after_step,
+            }
+            for c in conversions
+        ],
+    )
+    cancelled = 0
+    for batch in batched([c.enrollment_id for c in conversions]):
+        result = session.execute(
+            update(Message)
+            .where(col(Message.enrollment_id).in_(batch), col(Message.status) == MessageStatus.queued)
+            .values(status=MessageStatus.cancelled, last_error="enrollment converted: goal reached", updated_at=now)
+        )
+        cancelled += int(getattr(result, "rowcount", 0) or 0)
+    return cancelled

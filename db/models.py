@@ -179,6 +179,9 @@ class Enrollment(SQLModel, table=True):
     # When the last step settled (sent, skipped, failed or in doubt); started_at before the first.
     last_step_at: datetime | None = _utc(default=None)
     next_due_at: datetime | None = _utc(default=None)
+    # A converted enrollment: when the lead reached the goal, and the last step settled before it.
+    converted_at: datetime | None = _utc(default=None)
+    converted_after_step: str | None = Field(default=None, sa_type=String(100))
 
 
 class SequencePause(SQLModel, table=True):

@@ -9,7 +9,7 @@ them directly.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -21,11 +21,13 @@ from db.cycle import (
     cancel_leftovers,
     due_enrollments,
     end_enrollments,
+    goal_candidates,
     insert_enrollments,
     last_enrollments,
     load_chunk,
     lock_lead,
     paused_sequences,
+    record_conversions,
     record_transitions,
     save_enrollment_changes,
     save_scores,
@@ -38,6 +40,7 @@ from nurture.delivery import MessageStatus
 from nurture.errors import NurtureError
 from nurture.importing import canonical_address
 from nurture.playbook import Playbook, Stage
+from nurture.scoring import ActivityEvent
 from nurture.sequences import (
     EnrollmentState,
     SettledStep,
@@ -45,7 +48,9 @@ from nurture.sequences import (
     after_steps_settled,
     decide_due_steps,
     exits_on_transition,
+    goal_kinds,
     plan_enrollments,
+    reached_goals,
 )
 
 logger = logging.getLogger(__name__)
@@ -87,6 +92,8 @@ def advance_leads(
         flow_run_id=flow_run_id,
     )
     result.score_changes = len(plan.ledger)
+    # Before the moves: a goal event that also changes the stage converts the enrollment, not exits it.
+    convert_on_goals(session=session, events=snapshot.events, playbook=playbook, now=now, result=result)
     apply_moves(session=session, moves=plan.moves, playbook=playbook, now=now, flow_run_id=flow_run_id, result=result)
     logger.info(
         "advanced leads %d–%d: %d score changes, %d transitions, %d enrollments",
@@ -147,6 +154,26 @@ def apply_moves(
     result.enrollments += sum(p.state == EnrollmentState.active for p in planned)
     result.enrollments_skipped += sum(p.state == EnrollmentState.skipped for p in planned)
     return transitions
+
+
+def convert_on_goals(
+    *,
+    session: Session,
+    events: Mapping[int, Sequence[ActivityEvent]],
+    playbook: Playbook,
+    now: datetime,
+    result: ChunkResult,
+) -> None:
+    """End as converted the enrollments whose lead just did one of their sequence's goal events."""
+    kinds = goal_kinds(playbook)
+    leads = [lead_id for lead_id, done in events.items() if any(e.kind in kinds for e in done)]
+    if not leads:
+        return
+    with_goal = [name for name, seq in playbook.sequences.items() if seq.goal is not None]
+    candidates = goal_candidates(session=session, lead_ids=leads, sequences=with_goal)
+    conversions = reached_goals(candidates, events=events, playbook=playbook)
+    result.messages_cancelled += record_conversions(session=session, conversions=conversions, now=now)
+    result.conversions += len(conversions)
 
 
 @dataclass

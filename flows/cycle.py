@@ -315,6 +315,7 @@ def nurture_cycle(
         "transitions": dict(advanced.transitions),
         "enrollments": advanced.enrollments,
         "enrollments_not_reentered": advanced.enrollments_skipped,
+        "enrollments_converted": advanced.conversions,
         "enrollments_ended": walked.ended,
         "messages_queued": walked.messages_queued,
         "messages_cancelled": advanced.messages_cancelled,

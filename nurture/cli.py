@@ -498,7 +498,7 @@ def messages_retry(
 
 # Reasons are stored with the enrollment, pause or transition (columns of 300 characters and more).
 MAX_REASON = 200
-ENROLLMENT_STATES_HELP = "active (the default), completed, exited or skipped (repeatable)"
+ENROLLMENT_STATES_HELP = "active (the default), completed, converted, exited or skipped (repeatable)"
 
 
 def _address(value: str, option: str) -> str:
@@ -530,7 +530,7 @@ def _enrollment_states(values: list[str] | None) -> tuple[Any, ...]:
     try:
         return tuple(EnrollmentState(v.strip().lower()) for v in values)
     except ValueError as exc:
-        raise typer.BadParameter(f"{exc}; a state is one of: active, completed, exited, skipped") from exc
+        raise typer.BadParameter(f"{exc}; a state is one of: active, completed, converted, exited, skipped") from exc
 
 
 def _plural(n: int, noun: str) -> str:

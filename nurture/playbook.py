@@ -472,6 +472,13 @@ def _duration_text(duration: timedelta) -> str:
 DEFAULT_REENTRY = Reentry(rule=ReentryRule.after, after=timedelta(days=30))
 
 
+class Goal(_Frozen):
+    """What the sequence is for: when the lead does one of these events after enrolling, the
+    enrollment ends as ``converted`` and its remaining steps are not sent."""
+
+    events: tuple[Annotated[str, Field(min_length=1, max_length=64)], ...] = Field(min_length=1)
+
+
 class Sequence(_Frozen):
     """Emails a lead walks one step at a time after a transition; exited when the lead leaves the stage."""
 
@@ -483,6 +490,7 @@ class Sequence(_Frozen):
     reentry: Annotated[Reentry, BeforeValidator(_reentry)] = DEFAULT_REENTRY
     # None: the contact policy's send window (if any).
     send_window: SendWindow | None = None
+    goal: Goal | None = None
 
     @model_validator(mode="after")
     def _one_target_stage(self) -> Sequence:

@@ -28,6 +28,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from nurture.playbook import Playbook, Reentry, ReentryRule, Sequence, Stage, Step
+from nurture.scoring import ActivityEvent
 
 
 class EnrollmentState(StrEnum):
@@ -38,6 +39,8 @@ class EnrollmentState(StrEnum):
     exited = "exited"
     # Never started: the sequence's reentry rule refused it (kept, so "why no welcome email?" has an answer).
     skipped = "skipped"
+    # Ended because the lead reached the sequence's goal.
+    converted = "converted"
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,3 +300,58 @@ def step_now(playbook: Playbook, sequence: str, step_id: str) -> Step | None:
         return None
     position = found.position(step_id)
     return None if position is None else found.steps[position]
+
+
+@dataclass(frozen=True, slots=True)
+class Conversion:
+    """An enrollment whose lead reached its sequence's goal: by which event, when, after which step."""
+
+    enrollment_id: int
+    kind: str
+    at: datetime
+    # The last step the enrollment had taken (None: the goal came before its first step).
+    after_step: str | None
+
+    @property
+    def reason(self) -> str:
+        return f"goal reached: {self.kind} on {self.at:%Y-%m-%d %H:%M} UTC"
+
+
+def goal_kinds(playbook: Playbook) -> frozenset[str]:
+    """Every event kind that is some sequence's goal (leads with one of these are checked)."""
+    return frozenset(kind for seq in playbook.sequences.values() if seq.goal for kind in seq.goal.events)
+
+
+@dataclass(frozen=True, slots=True)
+class GoalCandidate:
+    """An active enrollment of a lead with a new goal event: where it is, and since when."""
+
+    enrollment: EnrollmentSnapshot
+    started_at: datetime
+    # Its last step taken is not settled yet (a queued one is cancelled by the conversion).
+    in_flight: bool
+
+
+def reached_goals(
+    candidates: Iterable[GoalCandidate], *, events: Mapping[int, Seq[ActivityEvent]], playbook: Playbook
+) -> list[Conversion]:
+    """The enrollments whose lead did one of their goal's events since enrolling.
+
+    The earliest such event counts; the conversion is credited to the last step settled before it.
+    """
+    conversions: list[Conversion] = []
+    for candidate in candidates:
+        snapshot = candidate.enrollment
+        sequence = playbook.sequences.get(snapshot.sequence)
+        if sequence is None or sequence.goal is None:
+            continue
+        reached = sorted(
+            (e.occurred_at, e.kind)
+            for e in events.get(snapshot.lead_id, ())
+            if e.kind in sequence.goal.events and e.occurred_at >= candidate.started_at
+        )
+        if reached:
+            at, kind = reached[0]
+            settled = snapshot.steps_done[:-1] if candidate.in_flight else snapshot.steps_done
+            conversions.append(Conversion(snapshot.id, kind, at, settled[-1] if settled else None))
+    return conversions

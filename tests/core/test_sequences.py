@@ -144,7 +144,7 @@ def _transition(lead: int = 3, tid: int = 20) -> Transition:
     ],
 )
 def test_reentry_rules(text: str, rule: str, last: object, enters: bool) -> None:
-    playbook = edited(text, "    reentry: once\n    steps:", f"    reentry: {rule}\n    steps:")
+    playbook = edited(text, "    reentry: once\n    # The welcome", f"    reentry: {rule}\n    # The welcome")
     last_enrolled = {} if last is None else {(3, "welcome"): last}
     [planned] = plan_enrollments([_transition()], playbook=playbook, now=T0, last_enrolled=last_enrolled)  # type: ignore[dict-item]
     assert planned.state == (EnrollmentState.active if enters else EnrollmentState.skipped)
@@ -155,7 +155,7 @@ def test_reentry_rules(text: str, rule: str, last: object, enters: bool) -> None
 
 
 def test_the_default_reentry_is_once_per_30_days(text: str) -> None:
-    playbook = parse_playbook(text.replace("    reentry: once\n    steps:", "    steps:"))
+    playbook = parse_playbook(text.replace("    reentry: once\n    # The welcome", "    # The welcome"))
     assert playbook.sequences["welcome"].reentry.describe() == "after 30d"
     # Two transitions of one chunk count too: the second is refused.
     planned = plan_enrollments([_transition(tid=1), _transition(tid=2)], playbook=playbook, now=T0, last_enrolled={})
@@ -169,7 +169,8 @@ def test_the_default_reentry_is_once_per_30_days(text: str) -> None:
 def test_a_bad_reentry_rule_names_its_line(text: str, bad: str) -> None:
     with pytest.raises(PlaybookError) as error:
         parse_playbook(
-            text.replace("    reentry: once\n    steps:", f"    {bad}\n    steps:", 1), source="nurture.yaml"
+            text.replace("    reentry: once\n    # The welcome", f"    {bad}\n    # The welcome", 1),
+            source="nurture.yaml",
         )
     assert any("sequences.welcome.reentry" in p and p.startswith("nurture.yaml:") for p in error.value.problems)
 
@@ -190,3 +191,30 @@ def test_leaving_the_stage_exits_the_sequence() -> None:
     assert exits_on_transition(Stage.warm, Stage.hot)
     assert exits_on_transition(Stage.hot, Stage.customer)
     assert not exits_on_transition(Stage.hot, Stage.hot)
+
+
+def test_a_goal_event_since_enrolling_converts_and_credits_the_last_settled_step(playbook: Playbook) -> None:
+    from nurture.scoring import ActivityEvent
+    from nurture.sequences import GoalCandidate, goal_kinds, reached_goals
+
+    assert goal_kinds(playbook) == {"demo_request", "purchase"}
+    waiting = GoalCandidate(snapshot("welcome", "case_study"), started_at=T0, in_flight=False)
+    in_flight = GoalCandidate(snapshot("welcome", "case_study"), started_at=T0, in_flight=True)
+    events = {
+        3: [
+            ActivityEvent("demo_request", T0 - timedelta(days=1)),  # before enrolling: does not count
+            ActivityEvent("page_view", T0 + timedelta(days=2)),
+            ActivityEvent("demo_request", T0 + timedelta(days=5)),
+            ActivityEvent("demo_request", T0 + timedelta(days=4)),
+        ]
+    }
+    [converted] = reached_goals([waiting], events=events, playbook=playbook)
+    assert (converted.kind, converted.at, converted.after_step) == (
+        "demo_request",
+        T0 + timedelta(days=4),
+        "case_study",
+    )
+    assert converted.reason == "goal reached: demo_request on 2026-03-06 09:00 UTC"
+    # The step in flight is cancelled by the conversion: the credit goes to the one before.
+    assert reached_goals([in_flight], events=events, playbook=playbook)[0].after_step == "welcome"
+    assert reached_goals([waiting], events={3: events[3][:2]}, playbook=playbook) == []

@@ -196,7 +196,8 @@ def test_reentry_once_skips_a_lead_who_comes_back(engine: Engine) -> None:
 @pytest.mark.parametrize(("rule", "welcomes"), [("always", 2), ("{after: 30d}", 1), ("{after: 5d}", 2)])
 def test_reentry_always_and_after(engine: Engine, rule: str, welcomes: int) -> None:
     world = World(
-        engine, playbook_with(OPEN_POLICY, ("    reentry: once\n    steps:", f"    reentry: {rule}\n    steps:"))
+        engine,
+        playbook_with(OPEN_POLICY, ("    reentry: once\n    # The welcome", f"    reentry: {rule}\n    # The welcome")),
     )
     _warm_cool_warm(world)
     assert Counter(sent_steps(world))["welcome"] == welcomes
@@ -280,3 +281,23 @@ def test_a_retried_email_of_a_finished_sequence_is_cancelled_when_the_lead_leave
     assert (retried.status, retried.last_error) == ("cancelled", "enrollment exited: lead changed stage")
     world.dispatch(T0 + timedelta(days=3, hours=2))
     assert "See Acme Analytics on your own data" not in sent(world)[1:]
+
+
+def test_a_goal_event_converts_the_enrollment_and_cancels_the_rest(world: World) -> None:
+    warm_lead(world)
+    world.cycle(T0 + HOUR)
+    due = T0 + HOUR + timedelta(days=3)
+    world.advance(due)  # case_study decided and queued
+    # Ann asks for a demo before it goes out: the welcome has done its job.
+    world.events(ANN, ("demo_request", due + timedelta(minutes=5)))
+    result = world.advance(due + timedelta(minutes=10))
+    assert result.conversions == 1
+    welcome = next(e for e in world.enrollments(ANN) if e.sequence == "welcome")
+    assert (welcome.state, welcome.converted_after_step, welcome.next_due_at) == ("converted", "welcome", None)
+    assert welcome.converted_at == due + timedelta(minutes=5)
+    assert welcome.exit_reason == f"goal reached: demo_request on {due + timedelta(minutes=5):%Y-%m-%d %H:%M} UTC"
+    case_study = next(m for m in world.messages(ANN) if m.step_id == "case_study")
+    assert (case_study.status, case_study.last_error) == ("cancelled", "enrollment converted: goal reached")
+    hourly(world, due + timedelta(minutes=15), 24 * 8)
+    assert "case_study" not in sent_steps(world)
+    assert "webinar_invite" not in sent_steps(world)
