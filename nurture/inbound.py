@@ -41,7 +41,10 @@ SUPPRESSING = {
 DELIVERY = {"processed", "delivered", "deferred", "dropped", "bounce"}
 KNOWN = set(SCORED) | set(SUPPRESSING) | DELIVERY | {"group_resubscribe"}
 # Event fields kept as the stored event's properties.
-PROPERTY_KEYS = ("url", "useragent", "ip", "category", "status", "type")
+PROPERTY_KEYS = ("url", "useragent", "ip", "category", "status", "type", "sg_machine_open")
+# An open by a machine (Apple Mail Privacy Protection prefetching the images) is stored under
+# its own kind: no scoring rule names it, so it is worth nothing, and it is not an open.
+MACHINE_OPEN = "email_machine_open"
 # Dropped for one of these reasons means the address itself is the problem.
 INVALID_ADDRESS_DROPS = ("invalid", "bounced address", "unsubscribed address", "spam reporting address")
 
@@ -61,6 +64,8 @@ class ProviderEvent:
 
     @property
     def scoring_kind(self) -> str | None:
+        if self.event_type == "open" and self.properties.get("sg_machine_open") is True:
+            return MACHINE_OPEN
         return SCORED.get(self.event_type)
 
     @property
@@ -177,13 +182,17 @@ def parse_sendgrid_batch(payload: Any) -> ParsedBatch:
         except ValueError:
             email = None
         properties = {key: cleaned(item[key]) for key in PROPERTY_KEYS if key in item}
+        message_id = _message_id(item)
+        if message_id is not None:
+            # Which email was opened or clicked: sequences react to a step's opens and clicks.
+            properties["nurture_message_id"] = message_id
         batch.events.append(
             ProviderEvent(
                 event_type=event_type,
                 email=email,
                 occurred_at=occurred_at,
                 external_id=_event_id(item),
-                message_id=_message_id(item),
+                message_id=message_id,
                 provider_message_id=_provider_message_id(item.get("sg_message_id")),
                 reason=_reason(item),
                 properties=properties,

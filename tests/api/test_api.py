@@ -343,3 +343,27 @@ def test_the_api_and_the_cycle_write_at_the_same_time(client: TestClient, world:
     worker.join()
     assert failures == []
     assert _count(world.engine, Event) == 750
+
+
+def test_opens_and_clicks_name_their_email_and_a_machine_open_scores_nothing(client: TestClient, world: World) -> None:
+    first = _hot(world)[0]
+    events = [
+        {**_event("open"), "sg_event_id": "o1", "nurture_message_id": str(first.id)},
+        {**_event("click", url="https://acme.example/demo"), "sg_event_id": "c1", "nurture_message_id": str(first.id)},
+        # Apple Mail Privacy Protection fetched the images: not a person opening the email.
+        {**_event("open"), "sg_event_id": "m1", "nurture_message_id": str(first.id), "sg_machine_open": True},
+    ]
+    body = json.dumps(events).encode()
+    assert client.post("/webhooks/sendgrid", content=body, headers=sign(body)).json()["events_stored"] == 3
+    with session_scope(world.engine) as session:
+        stored = {e.external_id: e for e in session.scalars(select(Event).where(col(Event.source) == "sendgrid"))}
+    assert {k: e.kind for k, e in stored.items()} == {
+        "o1": "email_open",
+        "c1": "email_click",
+        "m1": "email_machine_open",
+    }
+    assert {e.properties["nurture_message_id"] for e in stored.values()} == {first.id}
+    world.advance(NOW + timedelta(hours=1))
+    (change, *_) = reversed(world.ledger(ANN))
+    assert set(change.contributions) >= {"event: email_open", "event: email_click"}
+    assert "event: email_machine_open" not in change.contributions
