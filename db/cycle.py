@@ -26,6 +26,7 @@ from nurture.delivery import MessageStatus
 from nurture.playbook import Playbook, Stage
 from nurture.scoring import ActivityEvent, LeadScoreState
 from nurture.sequences import (
+    Activity,
     Conversion,
     EnrollmentChange,
     EnrollmentSnapshot,
@@ -531,7 +532,8 @@ def save_enrollment_changes(*, session: Session, changes: Sequence[EnrollmentCha
             "subject_template": s.subject,
             "playbook_version": s.playbook_version,
             "idempotency_key": s.idempotency_key,
-            "status": MessageStatus.queued.value,
+            "status": (MessageStatus.queued if s.skipped is None else MessageStatus.skipped).value,
+            "last_error": s.skipped,
             "due_at": s.due_at,
             "attempts": 0,
             "created_at": now,
@@ -623,3 +625,60 @@ def record_conversions(*, session: Session, conversions: Sequence[Conversion], n
         )
         cancelled += int(getattr(result, "rowcount", 0) or 0)
     return cancelled
+
+
+# Stored event kinds of a person opening and clicking an email (a machine open is another kind).
+OPEN, CLICK = "email_open", "email_click"
+
+
+def lead_activity(*, session: Session, enrollment_ids: Sequence[int], now: datetime) -> dict[int, Activity]:
+    """What each enrollment's lead did since it enrolled, up to ``now``: event kinds, and the
+    steps of this enrollment whose email it opened or clicked (matched by message id)."""
+    activity: dict[int, Activity] = {}
+    if not enrollment_ids:
+        return activity
+    enrollments: list[Any] = []
+    step_of: dict[int, tuple[int, str]] = {}
+    for ids in batched(sorted(set(enrollment_ids))):
+        enrollments.extend(
+            session.execute(
+                select(col(Enrollment.id), col(Enrollment.lead_id), col(Enrollment.started_at)).where(
+                    col(Enrollment.id).in_(ids)
+                )
+            )
+        )
+        for mid, enrollment_id, step_id in session.execute(
+            select(col(Message.id), col(Message.enrollment_id), col(Message.step_id)).where(
+                col(Message.enrollment_id).in_(ids)
+            )
+        ):
+            step_of[int(mid)] = (int(enrollment_id), step_id)
+    since = min(e.started_at for e in enrollments)
+    events: dict[int, list[Any]] = defaultdict(list)
+    for ids in batched(sorted({int(e.lead_id) for e in enrollments})):
+        query = select(col(Event.lead_id), col(Event.kind), col(Event.occurred_at), col(Event.properties)).where(
+            col(Event.lead_id).in_(ids), col(Event.occurred_at) >= since, col(Event.occurred_at) <= now
+        )
+        for row in session.execute(query):
+            events[int(row.lead_id)].append(row)
+    for enrollment in enrollments:
+        kinds: set[str] = set()
+        opened: set[str] = set()
+        clicked: set[str] = set()
+        for event in events.get(int(enrollment.lead_id), ()):
+            if event.occurred_at < enrollment.started_at:
+                continue
+            kinds.add(event.kind)
+            if event.kind in (OPEN, CLICK):
+                found = step_of.get(_message_id((event.properties or {}).get("nurture_message_id")))
+                if found is not None and found[0] == enrollment.id:
+                    (opened if event.kind == OPEN else clicked).add(found[1])
+        activity[int(enrollment.id)] = Activity(frozenset(opened), frozenset(clicked), frozenset(kinds))
+    return activity
+
+
+def _message_id(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return -1

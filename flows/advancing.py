@@ -24,6 +24,7 @@ from db.cycle import (
     goal_candidates,
     insert_enrollments,
     last_enrollments,
+    lead_activity,
     load_chunk,
     lock_lead,
     paused_sequences,
@@ -49,6 +50,7 @@ from nurture.sequences import (
     decide_due_steps,
     exits_on_transition,
     goal_kinds,
+    has_conditions,
     plan_enrollments,
     reached_goals,
 )
@@ -182,12 +184,14 @@ class WalkResult:
 
     enrollments: int = 0
     messages_queued: int = 0
+    steps_skipped: int = 0
     waiting_longer: int = 0
     ended: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: WalkResult) -> None:
         self.enrollments += other.enrollments
         self.messages_queued += other.messages_queued
+        self.steps_skipped += other.steps_skipped
         self.waiting_longer += other.waiting_longer
         for state, n in other.ended.items():
             self.ended[state] = self.ended.get(state, 0) + n
@@ -200,10 +204,19 @@ def walk_sequences(*, session: Session, playbook: Playbook, now: datetime, limit
     message to settle, so an enrollment takes at most one step per cycle.
     """
     snapshots = due_enrollments(session=session, now=now, limit=limit, paused=paused_sequences(session=session))
-    changes = decide_due_steps(snapshots, playbook=playbook, now=now)
+    activity = (
+        lead_activity(session=session, enrollment_ids=[s.id for s in snapshots], now=now)
+        if has_conditions(playbook)
+        else {}
+    )
+    changes = decide_due_steps(snapshots, playbook=playbook, now=now, activity=activity)
     result = WalkResult(enrollments=len(snapshots))
-    result.messages_queued = save_enrollment_changes(session=session, changes=changes, now=now)
+    written = save_enrollment_changes(session=session, changes=changes, now=now)
+    result.steps_skipped = sum(c.send is not None and c.send.skipped is not None for c in changes)
+    result.messages_queued = written - result.steps_skipped
     for change in changes:
+        if change.send is not None and change.send.skipped is not None:
+            continue
         if change.state != EnrollmentState.active:
             result.ended[change.state.value] = result.ended.get(change.state.value, 0) + 1
         elif change.send is None:

@@ -376,7 +376,7 @@ def _print_explanation(report: dict[str, Any]) -> None:
             console.print(f"{e['sequence']}: not entered ({e['exit_reason']})", highlight=False)
 
 
-STATUS_HELP = "queued, claimed, sending, sent, failed, in_doubt, suppressed or cancelled (repeatable)"
+STATUS_HELP = "queued, claimed, sending, sent, failed, in_doubt, suppressed, cancelled or skipped (repeatable)"
 
 
 def _statuses(values: list[str] | None, default: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -30,6 +30,8 @@ class MessageStatus(StrEnum):
     in_doubt = "in_doubt"
     suppressed = "suppressed"
     cancelled = "cancelled"
+    # A step whose unless / only_if condition said not to send it: recorded, never sent.
+    skipped = "skipped"
 
 
 # A dispatcher may still act on these; an enrollment with one of them is not finished.

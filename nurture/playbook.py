@@ -383,15 +383,44 @@ class Trigger(_Frozen):
         return self.to == to_stage and (not self.from_ or from_stage in self.from_)
 
 
+class Condition(_Frozen):
+    """Something the lead did since enrolling: opened or clicked an earlier step's email, or an event."""
+
+    opened: str | None = None
+    clicked: str | None = None
+    event: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Condition:
+        if sum(v is not None for v in (self.opened, self.clicked, self.event)) != 1:
+            raise ValueError("a condition is exactly one of {opened: STEP_ID}, {clicked: STEP_ID}, {event: KIND}")
+        return self
+
+    @property
+    def step(self) -> str | None:
+        """The step whose email it is about (opened, clicked), or None (an event)."""
+        return self.opened or self.clicked
+
+    def describe(self) -> str:
+        if self.opened:
+            return f"opened {self.opened}"
+        if self.clicked:
+            return f"clicked {self.clicked}"
+        return f"event {self.event}"
+
+
 class Step(_Frozen):
     """One email of a sequence, sent ``after`` the previous step was sent or skipped (the first:
     after the stage change). ``id`` (default: the template's name) is how an enrollment
-    remembers the step, so steps can be added, removed, edited or reordered safely."""
+    remembers the step, so steps can be added, removed, edited or reordered safely.
+    ``unless`` / ``only_if``: skip the step when the lead did / did not do something since enrolling."""
 
     id: str = ""
     after: Duration
     template: str
     subject: str
+    unless: Condition | None = None
+    only_if: Condition | None = None
 
     @field_validator("subject")
     @classmethod
@@ -509,6 +538,13 @@ class Sequence(_Frozen):
                     f"steps {first[step.id]} and {index} have the same id {step.id!r} (an id defaults to the "
                     "template's name): give each step its own `id:`"
                 )
+            for key, condition in (("unless", step.unless), ("only_if", step.only_if)):
+                if condition is not None and condition.step is not None and condition.step not in first:
+                    earlier = ", ".join(first) or "none"
+                    raise ValueError(
+                        f"step {index} ({step.id}): {key}: {condition.describe()}: not a step before this one in "
+                        f"the sequence (earlier steps: {earlier})"
+                    )
             first[step.id] = index
         return steps
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
-from nurture.playbook import Playbook, Reentry, ReentryRule, Sequence, Stage, Step
+from nurture.playbook import Condition, Playbook, Reentry, ReentryRule, Sequence, Stage, Step
 from nurture.scoring import ActivityEvent
 
 
@@ -164,6 +164,39 @@ class EnrollmentSnapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class Activity:
+    """What a lead did since it enrolled: the steps whose email it opened or clicked, the event kinds."""
+
+    opened: frozenset[str] = frozenset()
+    clicked: frozenset[str] = frozenset()
+    events: frozenset[str] = frozenset()
+
+    def did(self, condition: Condition) -> bool:
+        if condition.opened is not None:
+            return condition.opened in self.opened
+        if condition.clicked is not None:
+            return condition.clicked in self.clicked
+        return condition.event in self.events
+
+
+NO_ACTIVITY = Activity()
+
+
+def skip_reason(step: Step, activity: Activity) -> str | None:
+    """Why the step's conditions say not to send it, or None to send it."""
+    if step.unless is not None and activity.did(step.unless):
+        return f"skipped: unless {step.unless.describe()}, and the lead did"
+    if step.only_if is not None and not activity.did(step.only_if):
+        return f"skipped: only if {step.only_if.describe()}, and the lead did not"
+    return None
+
+
+def has_conditions(playbook: Playbook) -> bool:
+    """Whether any step has a condition (then the walk loads what the leads did)."""
+    return any(step.unless or step.only_if for seq in playbook.sequences.values() for step in seq.steps)
+
+
+@dataclass(frozen=True, slots=True)
 class StepToSend:
     """A decided step: one message row, queued in the same transaction as the decision."""
 
@@ -177,6 +210,8 @@ class StepToSend:
     idempotency_key: str
     playbook_version: str
     due_at: datetime
+    # Set when its condition said not to send it: the message is recorded as skipped, never sent.
+    skipped: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,12 +238,18 @@ def _ended(snapshot: EnrollmentSnapshot, state: EnrollmentState, reason: str | N
 
 
 def decide_due_steps(
-    enrollments: Iterable[EnrollmentSnapshot], *, playbook: Playbook, now: datetime
+    enrollments: Iterable[EnrollmentSnapshot],
+    *,
+    playbook: Playbook,
+    now: datetime,
+    activity: Mapping[int, Activity] | None = None,
 ) -> list[EnrollmentChange]:
-    """For enrollments whose next step was due by ``now``: send it, wait longer, or end.
+    """For enrollments whose next step was due by ``now``: send it, skip it, wait longer, or end.
 
     The step is looked up again here: removed → the next one that still exists;
-    its ``after`` made longer since → wait until then.
+    its ``after`` made longer since → wait until then. ``activity`` (by enrollment id) is what
+    each lead did since enrolling, for the steps' ``unless`` / ``only_if``: a step they rule
+    out is recorded as skipped, and the next step is due ``after`` its delay from now.
     """
     changes: list[EnrollmentChange] = []
     for snapshot in enrollments:
@@ -245,15 +286,31 @@ def decide_due_steps(
             ),
             playbook_version=playbook.version,
             due_at=now,
+            skipped=skip_reason(step, (activity or {}).get(snapshot.id, NO_ACTIVITY)),
+        )
+        done = (*snapshot.steps_done, step.id)
+        if send.skipped is None:
+            changes.append(
+                EnrollmentChange(
+                    snapshot.id, EnrollmentState.active, done, snapshot.last_step_at, next_due_at=None, send=send
+                )
+            )
+            continue
+        # Skipped: settled at once, so the walk goes on from now.
+        [moved] = after_steps_settled(
+            [
+                SettledStep(
+                    EnrollmentSnapshot(
+                        snapshot.id, snapshot.lead_id, snapshot.sequence, snapshot.transition_id, done, now
+                    )
+                )
+            ],
+            playbook=playbook,
+            at=now,
         )
         changes.append(
             EnrollmentChange(
-                snapshot.id,
-                EnrollmentState.active,
-                (*snapshot.steps_done, step.id),
-                snapshot.last_step_at,
-                next_due_at=None,
-                send=send,
+                moved.enrollment_id, moved.state, done, now, moved.next_due_at, reason=moved.reason, send=send
             )
         )
     return changes

@@ -158,11 +158,11 @@ BROKEN = [
     (
         "a sequence given twice",
         _mutated("  welcome:\n", "  win_back:\n"),
-        117,
+        119,
         "sequences.win_back: given twice (first on line 72)",
     ),
-    ("a 5,000-digit priority", _mutated("priority: 10", "priority: " + "9" * 5000), 104, "a whole number of 5000"),
-    ("!!int abc", _mutated("priority: 10", "priority: !!int abc"), 104, "'abc' is not a valid whole number"),
+    ("a 5,000-digit priority", _mutated("priority: 10", "priority: " + "9" * 5000), 106, "a whole number of 5000"),
+    ("!!int abc", _mutated("priority: 10", "priority: !!int abc"), 106, "'abc' is not a valid whole number"),
     ("month 13", _mutated("half_life: 14d", "half_life: 2026-13-01"), 20, "not a valid date: month must be in 1..12"),
     ("a key typed !!int", _mutated("brand:", "!!int brand:"), 5, "brand: the key 'brand' is not a valid whole number"),
     ("a NUL", _mutated("Acme Analytics", "Acme\x00"), 6, "not valid YAML: special characters are not allowed"),
@@ -172,7 +172,7 @@ BROKEN = [
     (
         "a subject that does not parse",  # was reported by the template check, without file or line
         _mutated('subject: "See {{ brand.name }} on your own data"', 'subject: "See {{ brand.name }"'),
-        112,
+        114,
         "sequences.demo_offer.steps.0.subject: not a valid template: unexpected '}'",
     ),
 ]
@@ -190,7 +190,7 @@ def test_an_alias_bomb_or_an_alias_to_itself_is_read_once(tmp_path: Path) -> Non
     bomb = "l0: &l0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 12)
     )
-    assert "nurture.yaml:146: l0: unknown key" in _problems(SHIPPED + "\n" + bomb)
+    assert "nurture.yaml:148: l0: unknown key" in _problems(SHIPPED + "\n" + bomb)
     assert "zz: unknown key" in _problems(SHIPPED + "\nzz: &a [*a]\n")
 
 

@@ -218,3 +218,52 @@ def test_a_goal_event_since_enrolling_converts_and_credits_the_last_settled_step
     # The step in flight is cancelled by the conversion: the credit goes to the one before.
     assert reached_goals([in_flight], events=events, playbook=playbook)[0].after_step == "welcome"
     assert reached_goals([waiting], events={3: events[3][:2]}, playbook=playbook) == []
+
+
+def test_a_step_whose_condition_fails_is_skipped_with_the_reason_and_the_walk_goes_on(text: str) -> None:
+    from nurture.sequences import Activity
+
+    playbook = edited(
+        text,
+        "        template: case_study\n",
+        "        template: case_study\n        unless: {clicked: welcome}\n        only_if: {event: pricing_view}\n",
+    )
+    due = snapshot("welcome", last=timedelta(days=-3))
+    [clicked] = decide_due_steps(
+        [due],
+        playbook=playbook,
+        now=T0,
+        activity={7: Activity(clicked=frozenset({"welcome"}), events=frozenset({"pricing_view"}))},
+    )
+    assert clicked.send is not None
+    assert clicked.send.skipped == "skipped: unless clicked welcome, and the lead did"
+    # Settled at once: the next step is due after its own delay, from now.
+    assert (clicked.steps_done, clicked.last_step_at, clicked.next_due_at) == (
+        ("welcome", "case_study"),
+        T0,
+        T0 + timedelta(days=4),
+    )
+    [quiet] = decide_due_steps([due], playbook=playbook, now=T0, activity={})
+    assert quiet.send is not None
+    assert quiet.send.skipped == "skipped: only if event pricing_view, and the lead did not"
+    [sent] = decide_due_steps(
+        [due], playbook=playbook, now=T0, activity={7: Activity(events=frozenset({"pricing_view"}))}
+    )
+    assert sent.send is not None
+    assert (sent.send.skipped, sent.next_due_at) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("condition", "problem"),
+    [
+        ("unless: {clicked: webinar_invite}", "not a step before this one"),
+        ("unless: {clicked: case_study}", "not a step before this one"),
+        ("only_if: {opened: welcome, event: x}", "exactly one of"),
+        ("only_if: {liked: welcome}", "unknown key"),
+    ],
+)
+def test_a_condition_on_a_later_or_unknown_step_names_its_line(text: str, condition: str, problem: str) -> None:
+    broken = text.replace("        template: case_study\n", f"        template: case_study\n        {condition}\n", 1)
+    with pytest.raises(PlaybookError) as error:
+        parse_playbook(broken, source="nurture.yaml")
+    assert any(p.startswith("nurture.yaml:") and problem in p for p in error.value.problems), error.value.problems

@@ -301,3 +301,43 @@ def test_a_goal_event_converts_the_enrollment_and_cancels_the_rest(world: World)
     hourly(world, due + timedelta(minutes=15), 24 * 8)
     assert "case_study" not in sent_steps(world)
     assert "webinar_invite" not in sent_steps(world)
+
+
+def test_unless_clicked_skips_a_step_for_a_lead_who_clicked_and_sends_it_to_one_who_did_not(engine: Engine) -> None:
+    from db.inbound import ingest_provider_events
+    from nurture.inbound import parse_sendgrid_batch
+
+    world = World(
+        engine,
+        playbook_with(
+            OPEN_POLICY,
+            ("        template: case_study\n", "        template: case_study\n        unless: {clicked: welcome}\n"),
+        ),
+    )
+    bob = "bob@northwind.example"
+    for email in (ANN, bob):
+        world.lead(email, at=T0, first_name="Ann", job_title="Head of Data", company_size=200, country="US")
+        world.events(email, ("form_submit", T0), ("pricing_view", T0 + timedelta(minutes=5)))
+    world.cycle(T0 + HOUR)
+    welcome = next(m for m in world.messages(ANN) if m.step_id == "welcome")
+    # Ann clicks her welcome email (through SendGrid's webhook, as in production); Bob does not.
+    click = {
+        "email": ANN,
+        "event": "click",
+        "timestamp": int((T0 + 2 * HOUR).timestamp()),
+        "sg_event_id": "click-1",
+        "url": "https://acme-analytics.example/docs",
+        "nurture_message_id": str(welcome.id),
+    }
+    with session_scope(engine) as session:
+        ingest_provider_events(session=session, events=parse_sendgrid_batch([click]).events, now=T0 + 2 * HOUR)
+    hourly(world, T0 + 2 * HOUR, 24 * 8)
+    assert sent_steps(world, ANN) == ["welcome", "webinar_invite"]
+    skipped = next(m for m in world.messages(ANN) if m.step_id == "case_study")
+    assert (skipped.status, skipped.last_error) == ("skipped", "skipped: unless clicked welcome, and the lead did")
+    assert skipped.sent_at is None
+    assert sent_steps(world, bob) == ["welcome", "case_study", "webinar_invite"]
+    # The walk went on from the skip: webinar_invite 4 days after it, not 7 after welcome.
+    webinar = next(m for m in world.messages(ANN) if m.step_id == "webinar_invite")
+    assert webinar.sent_at is not None
+    assert webinar.sent_at - skipped.created_at == timedelta(days=4)
