@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, time
+from datetime import date, datetime, time
 from typing import Any
 
 from sqlalchemy import func, insert, select, union, update
@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from sqlmodel import col
 
 from db.engine import dialect_insert
-from db.models import Enrollment, Event, Lead, Message, ScoreChange, SequencePause, StageTransition
+from db.models import Enrollment, Event, Lead, Message, ScoreChange, SequencePause, StageTransition, UTCDateTime
 from nurture.advancing import ChunkPlan, LeadSnapshot, StageMove
 from nurture.delivery import MessageStatus
 from nurture.playbook import Playbook, Stage
@@ -222,15 +222,15 @@ def _held_by_hand(session: Session, lead_ids: Sequence[int]) -> frozenset[int]:
     }
     if not manual:
         return frozenset()
-    latest: dict[int, Any] = {
+    latest: dict[int, datetime] = {
         int(lead_id): at
         for lead_id, at in session.execute(
-            select(col(Event.lead_id), func.max(col(Event.occurred_at)))
+            select(col(Event.lead_id), func.max(col(Event.occurred_at), type_=UTCDateTime()))
             .where(col(Event.lead_id).in_(list(manual)))
             .group_by(col(Event.lead_id))
         )
     }
-    return frozenset(i for i, at in manual.items() if i not in latest or _aware(latest[i]) <= at)
+    return frozenset(i for i, at in manual.items() if i not in latest or latest[i] <= at)
 
 
 def save_scores(
@@ -380,19 +380,17 @@ def last_enrollments(*, session: Session, lead_ids: Sequence[int]) -> dict[tuple
     found: dict[tuple[int, str], datetime] = {}
     for ids in batched(sorted(set(lead_ids))):
         query = (
-            select(col(Enrollment.lead_id), col(Enrollment.sequence), func.max(col(Enrollment.started_at)))
+            select(
+                col(Enrollment.lead_id),
+                col(Enrollment.sequence),
+                func.max(col(Enrollment.started_at), type_=UTCDateTime()),
+            )
             .where(col(Enrollment.lead_id).in_(ids), col(Enrollment.state) != EnrollmentState.skipped)
             .group_by(col(Enrollment.lead_id), col(Enrollment.sequence))
         )
         for lead_id, sequence, started in session.execute(query):
-            found[(int(lead_id), str(sequence))] = _aware(started)
+            found[(int(lead_id), str(sequence))] = started
     return found
-
-
-def _aware(value: Any) -> datetime:
-    """func.max() loses the column's type on SQLite: read it back as aware UTC."""
-    when: datetime = datetime.fromisoformat(value) if isinstance(value, str) else value
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
 def insert_enrollments(*, session: Session, planned: Sequence[PlannedEnrollment], now: datetime) -> None:

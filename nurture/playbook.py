@@ -685,6 +685,15 @@ class Playbook(_Frozen):
         """The file this playbook was read from and its key lines (empty if built in code)."""
         return self._source
 
+    @field_validator("sequences")
+    @classmethod
+    def _names_fit(cls, sequences: dict[str, Sequence]) -> dict[str, Sequence]:
+        # Stored with every enrollment, message and pause (100 characters) and in idempotency keys.
+        for name in sequences:
+            if not STEP_ID.match(name) or "/" in name:
+                raise ValueError(f"{_shown(name)} is not a sequence name: up to 100 letters, digits, _ . and -")
+        return sequences
+
     def sequences_for(self, from_stage: Stage, to_stage: Stage) -> list[str]:
         """Names of the sequences a transition enrolls a lead in, in playbook order."""
         return [

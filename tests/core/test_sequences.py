@@ -267,3 +267,10 @@ def test_a_condition_on_a_later_or_unknown_step_names_its_line(text: str, condit
     with pytest.raises(PlaybookError) as error:
         parse_playbook(broken, source="nurture.yaml")
     assert any(p.startswith("nurture.yaml:") and problem in p for p in error.value.problems), error.value.problems
+
+
+@pytest.mark.parametrize("name", ["still evaluating", "a/b", "x" * 101])
+def test_a_sequence_name_the_database_cannot_keep_names_its_line(text: str, name: str) -> None:
+    with pytest.raises(PlaybookError) as error:
+        parse_playbook(text.replace("  still_evaluating:", f"  {name}:", 1), source="nurture.yaml")
+    assert any(p.startswith("nurture.yaml:") and "is not a sequence name" in p for p in error.value.problems)
