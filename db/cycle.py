@@ -27,6 +27,7 @@ from nurture.playbook import Playbook, Stage
 from nurture.scoring import ActivityEvent, LeadScoreState
 from nurture.sequences import (
     Activity,
+    Branch,
     Conversion,
     EnrollmentChange,
     EnrollmentSnapshot,
@@ -336,7 +337,14 @@ def end_enrollments(
     session.execute(
         update(Enrollment),
         [
-            {"id": ident, "state": state.value, "ended_at": now, "exit_reason": why, "next_due_at": None}
+            {
+                "id": ident,
+                "state": state.value,
+                "ended_at": now,
+                "exit_reason": why,
+                "next_due_at": None,
+                "waiting_until": None,
+            }
             for ident, why in ended
         ],
     )
@@ -430,6 +438,7 @@ def _snapshot(row: Any) -> EnrollmentSnapshot:
         transition_id=int(row.transition_id),
         steps_done=tuple(row.steps_done or ()),
         last_step_at=row.last_step_at or row.started_at,
+        branches=tuple(Branch.from_json(b) for b in row.branches or ()),
     )
 
 
@@ -441,6 +450,7 @@ _SNAPSHOT_COLUMNS = (
     col(Enrollment.steps_done),
     col(Enrollment.last_step_at),
     col(Enrollment.started_at),
+    col(Enrollment.branches),
 )
 
 
@@ -512,6 +522,8 @@ def save_enrollment_changes(*, session: Session, changes: Sequence[EnrollmentCha
                 "next_due_at": c.next_due_at,
                 "exit_reason": c.reason,
                 "ended_at": None if c.state == EnrollmentState.active else now,
+                "branches": [b.to_json() for b in c.branches],
+                "waiting_until": c.waiting_until,
             }
             for c in changes
         ],
@@ -528,6 +540,7 @@ def save_enrollment_changes(*, session: Session, changes: Sequence[EnrollmentCha
             "step": s.position,
             "template": s.template,
             "subject_template": s.subject,
+            "variant": s.variant,
             "playbook_version": s.playbook_version,
             "idempotency_key": s.idempotency_key,
             "status": (MessageStatus.queued if s.skipped is None else MessageStatus.skipped).value,
@@ -608,6 +621,7 @@ def record_conversions(*, session: Session, conversions: Sequence[Conversion], n
                 "ended_at": now,
                 "exit_reason": c.reason,
                 "next_due_at": None,
+                "waiting_until": None,
                 "converted_at": c.at,
                 "converted_after_step": c.after_step,
             }
@@ -630,8 +644,8 @@ OPEN, CLICK = "email_open", "email_click"
 
 
 def lead_activity(*, session: Session, enrollment_ids: Sequence[int], now: datetime) -> dict[int, Activity]:
-    """What each enrollment's lead did since it enrolled, up to ``now``: event kinds, and the
-    steps of this enrollment whose email it opened or clicked (matched by message id)."""
+    """What each enrollment's lead did since it enrolled, up to ``now``, each with the first time:
+    event kinds, and the steps of this enrollment whose email it opened or clicked (matched by message id)."""
     activity: dict[int, Activity] = {}
     if not enrollment_ids:
         return activity
@@ -654,25 +668,46 @@ def lead_activity(*, session: Session, enrollment_ids: Sequence[int], now: datet
     since = min(e.started_at for e in enrollments)
     events: dict[int, list[Any]] = defaultdict(list)
     for ids in batched(sorted({int(e.lead_id) for e in enrollments})):
-        query = select(col(Event.lead_id), col(Event.kind), col(Event.occurred_at), col(Event.properties)).where(
-            col(Event.lead_id).in_(ids), col(Event.occurred_at) >= since, col(Event.occurred_at) <= now
+        query = (
+            select(col(Event.lead_id), col(Event.kind), col(Event.occurred_at), col(Event.properties))
+            .where(col(Event.lead_id).in_(ids), col(Event.occurred_at) >= since, col(Event.occurred_at) <= now)
+            .order_by(col(Event.occurred_at))
         )
         for row in session.execute(query):
             events[int(row.lead_id)].append(row)
     for enrollment in enrollments:
-        kinds: set[str] = set()
-        opened: set[str] = set()
-        clicked: set[str] = set()
-        for event in events.get(int(enrollment.lead_id), ()):
+        kinds: dict[str, datetime] = {}
+        opened: dict[str, datetime] = {}
+        clicked: dict[str, datetime] = {}
+        for event in events.get(int(enrollment.lead_id), ()):  # oldest first: setdefault keeps the first time
             if event.occurred_at < enrollment.started_at:
                 continue
-            kinds.add(event.kind)
+            kinds.setdefault(event.kind, event.occurred_at)
             if event.kind in (OPEN, CLICK):
                 found = step_of.get(_message_id((event.properties or {}).get("nurture_message_id")))
                 if found is not None and found[0] == enrollment.id:
-                    (opened if event.kind == OPEN else clicked).add(found[1])
-        activity[int(enrollment.id)] = Activity(frozenset(opened), frozenset(clicked), frozenset(kinds))
+                    (opened if event.kind == OPEN else clicked).setdefault(found[1], event.occurred_at)
+        activity[int(enrollment.id)] = Activity(opened, clicked, kinds)
     return activity
+
+
+def wake_waiting(*, session: Session, lead_ids: Sequence[int], now: datetime) -> int:
+    """Make the waits of these leads (who just did something) due now, so this cycle's walk looks
+    at whether they did what the wait is for. Returns how many woke."""
+    woken = 0
+    for ids in batched(sorted(set(lead_ids))):
+        result = session.execute(
+            update(Enrollment)
+            .where(
+                col(Enrollment.lead_id).in_(ids),
+                col(Enrollment.state) == EnrollmentState.active,
+                col(Enrollment.waiting_until).is_not(None),
+                col(Enrollment.next_due_at) > now,
+            )
+            .values(next_due_at=now)
+        )
+        woken += int(getattr(result, "rowcount", 0) or 0)
+    return woken
 
 
 def _message_id(value: Any) -> int:

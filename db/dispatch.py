@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, func, or_, select, update
+from sqlalchemy import String, bindparam, case, func, or_, select, update
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
@@ -143,6 +143,8 @@ class MessageUpdate:
     template: str | None = None
     subject_template: str | None = None
     playbook_version: str | None = None
+    # The split test's variant of that content (written whenever ``template`` is, None included).
+    variant: str | None = None
 
 
 def record_outcomes(*, session: Session, owner: str, updates: Sequence[MessageUpdate], at: datetime) -> int:
@@ -155,6 +157,7 @@ def record_outcomes(*, session: Session, owner: str, updates: Sequence[MessageUp
     if not updates:
         return 0
     table = Message.__table__  # type: ignore[attr-defined]
+    new_template = bindparam("new_template", type_=String())
     statement = (
         table.update()
         .where(
@@ -174,7 +177,8 @@ def record_outcomes(*, session: Session, owner: str, updates: Sequence[MessageUp
             provider_message_id=func.coalesce(bindparam("pid"), table.c.provider_message_id),
             sent_at=bindparam("new_sent_at"),
             subject=func.coalesce(bindparam("new_subject"), table.c.subject),
-            template=func.coalesce(bindparam("new_template"), table.c.template),
+            template=func.coalesce(new_template, table.c.template),
+            variant=case((new_template.is_not(None), bindparam("new_variant", type_=String())), else_=table.c.variant),
             subject_template=func.coalesce(bindparam("new_subject_template"), table.c.subject_template),
             playbook_version=func.coalesce(bindparam("new_version"), table.c.playbook_version),
             lease_until=None,
@@ -192,6 +196,7 @@ def record_outcomes(*, session: Session, owner: str, updates: Sequence[MessageUp
             "new_sent_at": u.sent_at,
             "new_subject": u.subject,
             "new_template": u.template,
+            "new_variant": u.variant,
             "new_subject_template": u.subject_template,
             "new_version": u.playbook_version,
         }
@@ -222,6 +227,7 @@ def load_claimed(*, session: Session, ids: Sequence[int]) -> list[LoadedMessage]
                 col(Message.sequence),
                 col(Message.step_id),
                 col(Message.step),
+                col(Message.variant),
                 col(Message.idempotency_key),
                 col(Message.attempts),
                 col(Message.due_at),
@@ -248,6 +254,7 @@ def load_claimed(*, session: Session, ids: Sequence[int]) -> list[LoadedMessage]
                 email=r.email,
                 timezone=r.timezone,
                 suppressed=r.suppressed or listed.get(r.email),
+                variant=r.variant,
             ),
             idempotency_key=r.idempotency_key,
             position=r.step,

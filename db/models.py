@@ -182,6 +182,10 @@ class Enrollment(SQLModel, table=True):
     # A converted enrollment: when the lead reached the goal, and the last step settled before it.
     converted_at: datetime | None = _utc(default=None)
     converted_after_step: str | None = Field(default=None, sa_type=String(100))
+    # The wait_for branches decided, in order: {"step", "took": then|else, "to": step id|end|null, "at"}.
+    branches: list[dict[str, str | None]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    # While it waits on a wait_for: the deadline (a new event of the lead wakes it before).
+    waiting_until: datetime | None = _utc(default=None)
 
 
 class SequencePause(SQLModel, table=True):
@@ -218,6 +222,8 @@ class Message(SQLModel, table=True):
     # (decided when the step was due, taken again from the playbook when it is sent).
     template: str = Field(sa_type=String(200))
     subject_template: str = Field(sa_type=String(500))
+    # The split test's variant the lead gets at this step (None: the step has no variants).
+    variant: str | None = Field(default=None, sa_type=String(32))
     playbook_version: str = Field(default="", sa_type=String(32))
     idempotency_key: str = Field(sa_type=String(320), unique=True)
     status: str = Field(default="queued", sa_type=String(16))

@@ -5,18 +5,19 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import String, func, select
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from db.cycle import PROFILE_COLUMNS
+from db.cycle import CLICK, OPEN, PROFILE_COLUMNS
 from db.models import Enrollment, Event, Lead, Message, ScoreChange, StageTransition, Suppression
 from nurture.delivery import MessageStatus
 from nurture.importing import normalise_email
 from nurture.playbook import Playbook, Stage
+from nurture.population import SentEmail
 from nurture.privacy import email_hash
 from nurture.scoring import ActivityEvent, engagement_at, event_points, fit_breakdown
-from nurture.sequences import next_step
+from nurture.sequences import Branch, next_step, pending_wait
 
 STAGE_ORDER = [s.value for s in Stage]
 MESSAGE_STATUSES = [s.value for s in MessageStatus]
@@ -112,6 +113,7 @@ def explain_lead(*, session: Session, email: str, playbook: Playbook, now: datet
     messages = session.scalars(
         select(Message).where(col(Message.lead_id) == lead.id).order_by(col(Message.due_at), col(Message.id))
     )
+    engaged = _engagement_by_message(events)
     return {
         "lead": {
             "id": lead.id,
@@ -173,8 +175,13 @@ def explain_lead(*, session: Session, email: str, playbook: Playbook, now: datet
                 "state": e.state,
                 "exit_reason": e.exit_reason,
                 "steps_done": list(e.steps_done),
-                "next_step": _next_step_id(playbook, e.sequence, e.steps_done) if e.state == "active" else None,
+                "branches": list(e.branches),
+                "waiting_for": _waiting_for(playbook, e) if e.state == "active" else None,
+                "waiting_until": _iso(e.waiting_until),
+                "next_step": _next_step_id(playbook, e) if e.state == "active" else None,
                 "next_due_at": _iso(e.next_due_at),
+                "converted_at": _iso(e.converted_at),
+                "converted_after_step": e.converted_after_step,
             }
             for e in enrollments
         ],
@@ -185,6 +192,9 @@ def explain_lead(*, session: Session, email: str, playbook: Playbook, now: datet
                 "step": m.step,
                 "step_id": m.step_id,
                 "template": m.template,
+                "variant": m.variant,
+                "opened_at": _iso(engaged.get((m.id, OPEN))),
+                "clicked_at": _iso(engaged.get((m.id, CLICK))),
                 "playbook_version": m.playbook_version,
                 "status": m.status,
                 "subject": m.subject,
@@ -200,11 +210,68 @@ def explain_lead(*, session: Session, email: str, playbook: Playbook, now: datet
     }
 
 
-def _next_step_id(playbook: Playbook, sequence: str, steps_done: list[str]) -> str | None:
-    """The step an active enrollment takes next under the playbook as it is now (None: none left)."""
-    found = playbook.sequences.get(sequence)
-    step = None if found is None else next_step(found, steps_done)
+def _engagement_by_message(events: list[Event]) -> dict[tuple[int | None, str], datetime]:
+    """When the lead first opened and clicked each of its emails (SendGrid's events carry the message id)."""
+    first: dict[tuple[int | None, str], datetime] = {}
+    for event in events:  # oldest first
+        if event.kind in (OPEN, CLICK):
+            message_id = str((event.properties or {}).get("nurture_message_id"))
+            if message_id.isdigit():
+                first.setdefault((int(message_id), event.kind), event.occurred_at)
+    return first
+
+
+def _next_step_id(playbook: Playbook, enrollment: Enrollment) -> str | None:
+    """The step an active enrollment takes next under the playbook as it is now (None: none left or
+    a wait decides it)."""
+    found = playbook.sequences.get(enrollment.sequence)
+    if found is None:
+        return None
+    branches = [Branch.from_json(b) for b in enrollment.branches]
+    if pending_wait(found, enrollment.steps_done, branches) is not None:
+        return None
+    step = next_step(found, enrollment.steps_done, branches)
     return None if step is None else step[1].id
+
+
+def _waiting_for(playbook: Playbook, enrollment: Enrollment) -> str | None:
+    """What an active enrollment's wait is for, with where each answer leads ("clicked welcome: then case_study,
+    else welcome_nudge"), or None when it is not waiting."""
+    found = playbook.sequences.get(enrollment.sequence)
+    branches = [Branch.from_json(b) for b in enrollment.branches]
+    step = None if found is None else pending_wait(found, enrollment.steps_done, branches)
+    if step is None or step.wait_for is None or enrollment.waiting_until is None:  # None: its step is in flight
+        return None
+    return f"{step.wait_for.describe()}: then {step.then or 'the next step'}, else {step.else_ or 'the next step'}"
+
+
+def emails_sent_between(*, session: Session, start: datetime, end: datetime) -> list[SentEmail]:
+    """The emails sent in ``(start, end]``, with their addresses and variants (for the demo's readers)."""
+    query = (
+        select(col(Message.id), col(Lead.email), col(Message.sent_at), col(Message.variant))
+        .join(Lead, col(Lead.id) == col(Message.lead_id))
+        .where(col(Message.status) == MessageStatus.sent, col(Message.sent_at) > start, col(Message.sent_at) <= end)
+        .order_by(col(Message.id))
+    )
+    return [SentEmail(int(mid), email, sent_at, variant) for mid, email, sent_at, variant in session.execute(query)]
+
+
+def reacting_lead(*, session: Session) -> str | None:
+    """A lead whose sequence reacted to it: converted after a branch, else any branch or conversion
+    (the demo's `nurture explain` example of goals and branches)."""
+    branched = func.coalesce(func.length(func.cast(col(Enrollment.branches), String())), 0) > 2
+    converted = col(Enrollment.state) == "converted"
+    for condition in (branched & converted, converted, branched):
+        email = session.scalar(
+            select(col(Lead.email))
+            .join(Enrollment, col(Enrollment.lead_id) == col(Lead.id))
+            .where(condition)
+            .order_by(col(Enrollment.id))
+            .limit(1)
+        )
+        if email:
+            return email
+    return None
 
 
 def story_lead(*, session: Session) -> str | None:

@@ -34,6 +34,7 @@ from db.cycle import (
     save_scores,
     set_lead_stage,
     settling_enrollments,
+    wake_waiting,
 )
 from db.enrollments import unscored_changes
 from nurture.advancing import StageMove, check_move, plan_chunk
@@ -96,6 +97,9 @@ def advance_leads(
     result.score_changes = len(plan.ledger)
     # Before the moves: a goal event that also changes the stage converts the enrollment, not exits it.
     convert_on_goals(session=session, events=snapshot.events, playbook=playbook, now=now, result=result)
+    # A wait_for's lead who did something is looked at by this cycle's walk, not at the deadline.
+    if any(step.wait_for for seq in playbook.sequences.values() for step in seq.steps):
+        wake_waiting(session=session, lead_ids=[i for i, done in snapshot.events.items() if done], now=now)
     apply_moves(session=session, moves=plan.moves, playbook=playbook, now=now, flow_run_id=flow_run_id, result=result)
     logger.info(
         "advanced leads %d–%d: %d score changes, %d transitions, %d enrollments",
@@ -187,14 +191,23 @@ class WalkResult:
     steps_skipped: int = 0
     waiting_longer: int = 0
     ended: dict[str, int] = field(default_factory=dict)
+    # wait_for branches decided, by the way they went ("then", "else").
+    branches: dict[str, int] = field(default_factory=dict)
+    # Messages queued per split-test variant ("sequence/step/variant").
+    variants: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: WalkResult) -> None:
         self.enrollments += other.enrollments
         self.messages_queued += other.messages_queued
         self.steps_skipped += other.steps_skipped
         self.waiting_longer += other.waiting_longer
-        for state, n in other.ended.items():
-            self.ended[state] = self.ended.get(state, 0) + n
+        for mine, theirs in (
+            (self.ended, other.ended),
+            (self.branches, other.branches),
+            (self.variants, other.variants),
+        ):
+            for key, n in theirs.items():
+                mine[key] = mine.get(key, 0) + n
 
 
 def walk_sequences(*, session: Session, playbook: Playbook, now: datetime, limit: int) -> WalkResult:
@@ -215,6 +228,12 @@ def walk_sequences(*, session: Session, playbook: Playbook, now: datetime, limit
     result.steps_skipped = sum(c.send is not None and c.send.skipped is not None for c in changes)
     result.messages_queued = written - result.steps_skipped
     for change in changes:
+        if change.branched is not None:
+            took = change.branched.took.value
+            result.branches[took] = result.branches.get(took, 0) + 1
+        if change.send is not None and change.send.variant is not None and change.send.skipped is None:
+            arm = f"{change.send.sequence}/{change.send.step_id}/{change.send.variant}"
+            result.variants[arm] = result.variants.get(arm, 0) + 1
         if change.send is not None and change.send.skipped is not None:
             continue
         if change.state != EnrollmentState.active:

@@ -319,6 +319,8 @@ def nurture_cycle(
         "enrollments_ended": walked.ended,
         "messages_queued": walked.messages_queued,
         "steps_skipped": walked.steps_skipped,
+        "branches_taken": walked.branches,
+        "variants_queued": walked.variants,
         "messages_cancelled": advanced.messages_cancelled,
         "messages": {str(k): v for k, v in dispatched.by_status.items()},
         "messages_in_doubt_from_stopped_dispatchers": dispatched.found_in_doubt,

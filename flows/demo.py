@@ -20,11 +20,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from db.cycle import batched
 from db.engine import get_engine, session_scope, upgrade_schema
 from db.imports import add_events, upsert_leads
+from db.inbound import ingest_provider_events
 from db.maintenance import delete_everything, row_counts
-from db.reports import emails_sent_twice, funnel, story_lead
+from db.reports import emails_sent_between, emails_sent_twice, funnel, reacting_lead, story_lead
 from nurture.errors import NurtureError
+from nurture.inbound import parse_sendgrid_batch
 from nurture.playbook import load_playbook
-from nurture.population import generate_population
+from nurture.population import engagement_events, generate_population
 from nurture.settings import Settings
 
 
@@ -35,6 +37,10 @@ class DemoResult:
     # Per sequence, leads sent one of its emails twice (reentry: always allows it).
     sent_twice: dict[str, int]
     seconds: float
+    # How the sequences reacted to the leads: opens, clicks, conversions, skips, branches, variants.
+    reactions: dict[str, Any]
+    # A lead whose sequence reacted (a branch, a conversion), for `nurture explain`.
+    reacting_email: str | None = None
 
 
 def _clear_outbox(outbox: Path) -> int:
@@ -95,6 +101,18 @@ def run_demo(
         ticks.append(at)
         at += tick
     sent = transitions = 0
+    reactions: dict[str, Any] = {
+        "opens": 0,
+        "machine_opens": 0,
+        "clicks": 0,
+        "converted": 0,
+        "steps_skipped": 0,
+        "branches": {},
+        "variants": {},
+    }
+    # The leads' opens and clicks, reported (as SendGrid's webhook would) once their time has come.
+    pending: list[dict[str, Any]] = []
+    last = start
     with (
         Progress(
             TextColumn("[progress.description]{task.description}"),
@@ -110,9 +128,19 @@ def run_demo(
         # run, which would double the demo's time for runs that last well under a second.
         bar = progress.add_task("simulating", total=len(ticks), detail="")
         for now in ticks:
+            pending = _report_engagement(engine, pending, now, reactions)
             summary, _ = run_and_report(nurture_cycle, now=now)
             transitions += sum(summary["transitions"].values())
             sent += summary["messages"].get("sent", 0)
+            reactions["converted"] += summary["enrollments_converted"]
+            reactions["steps_skipped"] += summary["steps_skipped"]
+            for key in ("branches", "variants"):
+                for name, n in summary[f"{key}_taken" if key == "branches" else "variants_queued"].items():
+                    reactions[key][name] = reactions[key].get(name, 0) + n
+            with session_scope(engine) as session:
+                delivered = emails_sent_between(session=session, start=last, end=now)
+            pending.extend(engagement_events(delivered, personas=population.personas, seed=seed))
+            last = now
             progress.update(
                 bar,
                 advance=1,
@@ -124,4 +152,28 @@ def run_demo(
         totals = funnel(session=session)
         example = story_lead(session=session)
         twice = emails_sent_twice(session=session)
-    return DemoResult(totals=totals, example_email=example, sent_twice=twice, seconds=time.monotonic() - started)
+        reacting = reacting_lead(session=session)
+    return DemoResult(
+        totals=totals,
+        example_email=example,
+        sent_twice=twice,
+        seconds=time.monotonic() - started,
+        reactions=reactions,
+        reacting_email=reacting,
+    )
+
+
+def _report_engagement(
+    engine: Any, pending: list[dict[str, Any]], now: datetime, reactions: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Post the opens and clicks that have happened by ``now`` through the webhook's own parsing and
+    ingestion; returns those still to come."""
+    due = [e for e in pending if e["timestamp"] <= now.timestamp()]
+    if due:
+        batch = parse_sendgrid_batch(due)
+        with session_scope(engine) as session:
+            ingest_provider_events(session=session, events=batch.events, now=now)
+        reactions["machine_opens"] += sum(1 for e in due if e.get("sg_machine_open"))
+        reactions["opens"] += sum(1 for e in due if e["event"] == "open" and not e.get("sg_machine_open"))
+        reactions["clicks"] += sum(1 for e in due if e["event"] == "click")
+    return [e for e in pending if e["timestamp"] > now.timestamp()]

@@ -257,6 +257,7 @@ def _outcome_update(
         template=attempt.verdict.template,
         subject_template=attempt.verdict.subject,
         playbook_version=version,
+        variant=attempt.verdict.variant,
     )
 
 

@@ -356,7 +356,7 @@ def _print_explanation(report: dict[str, Any]) -> None:
         table.add_row(t["at"][:16], f"{t['from']} → {t['to']}", str(t["score"]), t["reason"])
     console.print(table)
     table = Table(title="Messages", show_edge=False)
-    for column in ("due", "sequence", "step", "template", "status", "why"):
+    for column in ("due", "sequence", "step", "template", "status", "engaged", "why"):
         table.add_column(column)
     enrollments = {e["id"]: e for e in report["enrollments"]}
     transitions = {t["id"]: t for t in report["transitions"]}
@@ -366,10 +366,29 @@ def _print_explanation(report: dict[str, Any]) -> None:
         why = f"{t.get('from')} → {t.get('to')} on {str(t.get('at'))[:10]}" if t else ""
         if m["last_error"]:
             why += f"; {m['last_error']}"
-        table.add_row(m["due_at"][:16], m["sequence"], m["step_id"], m["template"], m["status"], why)
+        step = f"{m['step_id']} (variant {m['variant']})" if m["variant"] else m["step_id"]
+        engaged = ", ".join(
+            f"{what} {m[key][5:16]}" for what, key in (("opened", "opened_at"), ("clicked", "clicked_at")) if m[key]
+        )
+        table.add_row(m["due_at"][:16], m["sequence"], step, m["template"], m["status"], engaged, why)
     console.print(table)
     for e in report["enrollments"]:
-        if e["state"] == "active" and e["next_due_at"]:
+        for b in e["branches"]:
+            console.print(
+                f"{e['sequence']}: after {b['step']}, took {b['took']} → {b['to'] or 'the next step'} "
+                f"on {b['at'][:16]}",
+                highlight=False,
+            )
+        if e["state"] == "converted":
+            after = (
+                f" after step {e['converted_after_step']}" if e["converted_after_step"] else " before its first step"
+            )
+            console.print(f"{e['sequence']}: converted{after} ({e['exit_reason']})", highlight=False)
+        elif e["state"] == "active" and e["waiting_for"]:
+            console.print(
+                f"{e['sequence']}: waiting until {e['waiting_until'][:16]} for {e['waiting_for']}", highlight=False
+            )
+        elif e["state"] == "active" and e["next_due_at"]:
             upcoming = f"next step {e['next_step']} due {e['next_due_at'][:16]}" if e["next_step"] else "ends"
             console.print(f"{e['sequence']}: {upcoming}", highlight=False)
         elif e["state"] == "skipped":
@@ -1094,11 +1113,30 @@ def demo(
         )
     else:
         console.print("No lead was sent the same email twice.", highlight=False)
+    _print_reactions(result.reactions)
+    reacting = (
+        f"  • a sequence that reacted: nurture explain {result.reacting_email}\n" if result.reacting_email else ""
+    )
     console.print(
         f"\nDone in {result.seconds:.0f} s. Where to look next:\n"
         f"  • the emails:       {settings.nurture_outbox_dir.resolve()}/  (open any .eml in a mail client)\n"
         f"  • the numbers:      nurture status\n"
-        f"  • one lead's story: nurture explain {result.example_email or 'EMAIL'}\n",
+        f"  • one lead's story: nurture explain {result.example_email or 'EMAIL'}\n" + reacting,
+        highlight=False,
+    )
+
+
+def _print_reactions(reactions: dict[str, Any]) -> None:
+    """How the sequences reacted to what the demo's leads did with their emails."""
+    branches = reactions["branches"]
+    variants = ", ".join(f"{arm} {n}" for arm, n in sorted(reactions["variants"].items())) or "none"
+    console.print(
+        f"The leads opened {reactions['opens']} emails and clicked {reactions['clicks']} "
+        f"({reactions['machine_opens']} more opens were Apple Mail's machine opens, not counted as opens).\n"
+        f"Sequences reacted: {reactions['converted']} enrollments converted (goal reached), "
+        f"{reactions['steps_skipped']} steps skipped by their conditions, "
+        f"wait-for branches {branches.get('then', 0)} then / {branches.get('else', 0)} else; "
+        f"split-test emails by variant: {variants}.",
         highlight=False,
     )
 

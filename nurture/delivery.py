@@ -89,3 +89,5 @@ class ClaimedMessage:
     timezone: str
     # Why the lead must not be mailed (its own flag or the suppression list), or None.
     suppressed: str | None
+    # The split test's variant decided with the step (None: no split test then).
+    variant: str | None = None

@@ -19,7 +19,7 @@ from enum import StrEnum
 from nurture.contact import DueEmail, decide
 from nurture.delivery import ClaimedMessage
 from nurture.playbook import Playbook
-from nurture.sequences import step_now
+from nurture.sequences import assign_variant, step_now
 
 
 class Verdict(StrEnum):
@@ -31,13 +31,14 @@ class Verdict(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Triage:
-    """One message's verdict: for ``send`` the template and subject to render now;
-    for ``wait`` until when; for the others, why."""
+    """One message's verdict: for ``send`` the template and subject to render now (and the
+    split test's variant they are); for ``wait`` until when; for the others, why."""
 
     message: ClaimedMessage
     verdict: Verdict
     template: str = ""
     subject: str = ""
+    variant: str | None = None
     until: datetime | None = None
     reason: str | None = None
 
@@ -77,5 +78,17 @@ def triage(
         elif (wait := waits.get(message.id)) is not None:
             verdicts.append(Triage(message, Verdict.wait, until=wait[0], reason=f"waiting for {wait[1]}"))
         else:
-            verdicts.append(Triage(message, Verdict.send, template=step.template, subject=step.subject))
+            # The variant decided with the step, while the test still has it; else the one the lead gets now.
+            variant = step.variant(message.variant) or assign_variant(
+                step, lead_id=message.lead_id, sequence=message.sequence
+            )
+            verdicts.append(
+                Triage(
+                    message,
+                    Verdict.send,
+                    template=variant.template if variant else step.template,
+                    subject=variant.subject if variant else step.subject,
+                    variant=variant.id if variant else None,
+                )
+            )
     return verdicts

@@ -23,6 +23,7 @@ import yaml
 from jinja2 import TemplateSyntaxError
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -409,35 +410,77 @@ class Condition(_Frozen):
         return f"event {self.event}"
 
 
+class WaitFor(Condition):
+    """Wait, once the step has settled, up to ``within`` for the lead to do something: then the
+    walk goes to the step's ``then`` if they did, to its ``else`` if the time ran out."""
+
+    within: Duration
+
+    @field_validator("within")
+    @classmethod
+    def _some_time(cls, within: timedelta) -> timedelta:
+        if within <= timedelta(0):
+            raise ValueError("wait for some time, e.g. within: 3d")
+        return within
+
+
+def _subject_template(subject: str) -> str:
+    # Checked here, not only when templates are checked, so the error has the playbook's line.
+    try:
+        _SUBJECTS.parse(subject)
+    except TemplateSyntaxError as exc:
+        raise ValueError(f"not a valid template: {exc.message}") from exc
+    return subject
+
+
+def _template_name(template: str) -> str:
+    if template and not TEMPLATE_NAME.match(template):  # empty: a step with variants (checked with the step)
+        raise ValueError(f"{_shown(template)} is not a template name: letters, digits, _ . - and / between folders")
+    return template
+
+
+# Variant ids are kept on every message: short, like the ids of a split test ("a", "b", "short-subject").
+VARIANT_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")
+# Where a branch may go besides a later step: the enrollment completes.
+END = "end"
+
+
+class Variant(_Frozen):
+    """One arm of a split test on a step: its own template and subject, sent to a share of the leads
+    in proportion to ``weight``."""
+
+    id: str
+    template: Annotated[str, AfterValidator(_template_name)]
+    subject: Annotated[str, AfterValidator(_subject_template)]
+    weight: int = Field(default=1, ge=0, le=1_000_000)
+
+    @field_validator("id")
+    @classmethod
+    def _short_id(cls, variant_id: str) -> str:
+        if not VARIANT_ID.match(variant_id):
+            raise ValueError(f"{_shown(variant_id)} is not a variant id: up to 32 letters, digits, _ . and -")
+        return variant_id
+
+
 class Step(_Frozen):
     """One email of a sequence, sent ``after`` the previous step was sent or skipped (the first:
     after the stage change). ``id`` (default: the template's name) is how an enrollment
     remembers the step, so steps can be added, removed, edited or reordered safely.
-    ``unless`` / ``only_if``: skip the step when the lead did / did not do something since enrolling."""
+    ``unless`` / ``only_if``: skip the step when the lead did / did not do something since enrolling.
+    ``wait_for`` with ``then`` / ``else``: the one branch (both default to the next step in order).
+    ``variants``: a split test; then each variant has the template and subject, and the step's are empty
+    (what a step sends is in :meth:`contents`)."""
 
     id: str = ""
     after: Duration
-    template: str
-    subject: str
+    template: Annotated[str, AfterValidator(_template_name)] = ""
+    subject: Annotated[str, AfterValidator(_subject_template)] = ""
     unless: Condition | None = None
     only_if: Condition | None = None
-
-    @field_validator("subject")
-    @classmethod
-    def _a_template(cls, subject: str) -> str:
-        # Checked here, not only when templates are checked, so the error has the playbook's line.
-        try:
-            _SUBJECTS.parse(subject)
-        except TemplateSyntaxError as exc:
-            raise ValueError(f"not a valid template: {exc.message}") from exc
-        return subject
-
-    @field_validator("template")
-    @classmethod
-    def _a_file_name(cls, template: str) -> str:
-        if not TEMPLATE_NAME.match(template):
-            raise ValueError(f"{_shown(template)} is not a template name: letters, digits, _ . - and / between folders")
-        return template
+    wait_for: WaitFor | None = None
+    then: str | None = None
+    else_: str | None = Field(default=None, alias="else")
+    variants: tuple[Variant, ...] = ()
 
     @field_validator("id")
     @classmethod
@@ -447,10 +490,38 @@ class Step(_Frozen):
         return step_id
 
     @model_validator(mode="after")
-    def _id_defaults_to_template(self) -> Step:
+    def _content_and_id(self) -> Step:
+        if self.variants:
+            if self.template or self.subject:
+                raise ValueError("a step with variants takes its template and subject from each variant, not its own")
+            if not self.id:
+                raise ValueError("a step with variants needs its own `id:` (it cannot default to a template's name)")
+            if len(self.variants) < 2:
+                raise ValueError("a split test needs at least two variants")
+            ids = [v.id for v in self.variants]
+            if len(set(ids)) != len(ids):
+                raise ValueError(f"variants need different ids (they are {', '.join(ids)})")
+            if not any(v.weight for v in self.variants):
+                raise ValueError("at least one variant needs a weight above 0")
+        elif not self.template or not self.subject:
+            missing = " and ".join(k for k in ("template", "subject") if not getattr(self, k))
+            raise ValueError(f"a step needs a template and a subject (missing: {missing}), or variants")
+        if (self.then is not None or self.else_ is not None) and self.wait_for is None:
+            raise ValueError("then / else say where to go after a wait_for: add one, or remove them")
         if not self.id:
             object.__setattr__(self, "id", self.template)
+        if self.id == END:
+            raise ValueError(f"{END!r} is kept for then / else (the enrollment completes): give the step another id")
         return self
+
+    def contents(self) -> tuple[tuple[str | None, str, str], ...]:
+        """Every (variant id, template, subject) the step can send; the variant id is None without a split test."""
+        if self.variants:
+            return tuple((v.id, v.template, v.subject) for v in self.variants)
+        return ((None, self.template, self.subject),)
+
+    def variant(self, variant_id: str | None) -> Variant | None:
+        return next((v for v in self.variants if v.id == variant_id), None)
 
 
 # Parses subjects only (never renders them): the renderer's sandboxed environment renders.
@@ -530,7 +601,8 @@ class Sequence(_Frozen):
 
     @field_validator("steps")
     @classmethod
-    def _unique_ids(cls, steps: tuple[Step, ...]) -> tuple[Step, ...]:
+    def _steps_fit_together(cls, steps: tuple[Step, ...]) -> tuple[Step, ...]:
+        """Unique ids; conditions about earlier steps; branches that only go forward (no loops)."""
         first: dict[str, int] = {}
         for index, step in enumerate(steps):
             if step.id in first:
@@ -546,6 +618,20 @@ class Sequence(_Frozen):
                         f"the sequence (earlier steps: {earlier})"
                     )
             first[step.id] = index
+            wait = step.wait_for
+            if wait is not None and wait.step is not None and wait.step not in first:
+                raise ValueError(
+                    f"step {index} ({step.id}): wait_for: {wait.describe()}: not this step or one before it "
+                    f"(steps so far: {', '.join(first)})"
+                )
+        for index, step in enumerate(steps):
+            later = [s.id for s in steps[index + 1 :]]
+            for key, target in (("then", step.then), ("else", step.else_)):
+                if target is not None and target != END and target not in later:
+                    raise ValueError(
+                        f"step {index} ({step.id}): {key}: {target!r} is not a step after this one; a branch goes "
+                        f"forward to one of: {', '.join([*later, END])}"
+                    )
         return steps
 
     @property
@@ -706,7 +792,12 @@ class Playbook(_Frozen):
         return own or self.contact_policy.send_window
 
     def template_names(self) -> set[str]:
-        return {step.template for seq in self.sequences.values() for step in seq.steps}
+        return {
+            template
+            for seq in self.sequences.values()
+            for step in seq.steps
+            for _, template, _subject in step.contents()
+        }
 
 
 def _read_nodes(root: yaml.Node, source: str) -> tuple[dict[tuple[str, ...], int], list[str]]:
@@ -860,16 +951,18 @@ def load_playbook(path: Path, *, templates_dir: Path | None = None) -> Playbook:
         missing = []
         for name, seq in playbook.sequences.items():
             for i, step in enumerate(seq.steps):
-                absent = [
-                    str(templates_dir / f"{step.template}{suffix}")
-                    for suffix in (".html", ".txt")
-                    if not (templates_dir / f"{step.template}{suffix}").is_file()
-                ]
-                if absent:
-                    missing.append(
-                        f"{playbook.source.where('sequences', name, 'steps', str(i), 'template')}: template "
-                        f"{step.template!r} has no {' and no '.join(absent)}"
-                    )
+                for v, (variant, template, _subject) in enumerate(step.contents()):
+                    absent = [
+                        str(templates_dir / f"{template}{suffix}")
+                        for suffix in (".html", ".txt")
+                        if not (templates_dir / f"{template}{suffix}").is_file()
+                    ]
+                    where = ("variants", str(v), "template") if variant is not None else ("template",)
+                    if absent:
+                        missing.append(
+                            f"{playbook.source.where('sequences', name, 'steps', str(i), *where)}: template "
+                            f"{template!r} has no {' and no '.join(absent)}"
+                        )
         if missing:
             raise PlaybookError(missing)
     return playbook

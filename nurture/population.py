@@ -11,8 +11,10 @@ Pure: ``start`` and ``end`` are parameters.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from nurture.importing import EventRecord, LeadRecord
 
@@ -250,3 +252,65 @@ def generate_population(*, leads: int, start: datetime, end: datetime, seed: int
             )
         records.append(lead)
     return Population(leads=records, events=events, personas=personas)
+
+
+# How likely a person of each persona is to open an email they get, and to click it once opened.
+ENGAGEMENT = {
+    "tire_kicker": (0.20, 0.10),
+    "researcher": (0.55, 0.35),
+    "evaluator": (0.70, 0.45),
+    "buyer": (0.75, 0.50),
+    "returner": (0.45, 0.30),
+}
+# Leads reading in Apple Mail: Mail Privacy Protection opens every email for them within minutes.
+APPLE_MAIL_SHARE = 0.25
+# The shipped welcome's split test: variant b's subject gets more opens (so a report has something to find).
+VARIANT_OPEN_LIFT = {"b": 1.3}
+
+
+@dataclass(frozen=True, slots=True)
+class SentEmail:
+    """An email the demo's leads got: which message, to whom, when, and the split test's variant."""
+
+    message_id: int
+    email: str
+    sent_at: datetime
+    variant: str | None
+
+
+def _seeded(*parts: object) -> random.Random:
+    return random.Random("/".join(map(str, parts)))  # noqa: S311  (a reproducible demo, not a secret)
+
+
+def _provider_event(email: SentEmail, kind: str, at: datetime, seed: int, n: int, **extra: Any) -> dict[str, Any]:
+    """One event as SendGrid's webhook posts it, with the message id nurture put in ``custom_args``."""
+    return {
+        "email": email.email,
+        "event": kind,
+        "timestamp": int(at.timestamp()),
+        "sg_event_id": f"demo-{seed}-{email.message_id}-{kind}-{n}",
+        "sg_message_id": f"demo-{email.message_id}",
+        "nurture_message_id": str(email.message_id),
+        **extra,
+    }
+
+
+def engagement_events(sent: Iterable[SentEmail], *, personas: Mapping[str, str], seed: int = 7) -> list[dict[str, Any]]:
+    """What the demo's leads do with their emails, as the SendGrid event webhook reports it: opens
+    (Apple's machine opens flagged ``sg_machine_open``, as SendGrid does) and clicks. The same
+    emails and seed give the same events."""
+    events: list[dict[str, Any]] = []
+    for email in sent:
+        rng = _seeded(seed, "message", email.message_id)
+        p_open, p_click = ENGAGEMENT.get(personas.get(email.email, ""), (0.3, 0.2))
+        p_open = min(p_open * VARIANT_OPEN_LIFT.get(email.variant or "", 1.0), 0.95)
+        if _seeded(seed, "apple", email.email).random() < APPLE_MAIL_SHARE:
+            machine = email.sent_at + timedelta(minutes=rng.uniform(1, 20))
+            events.append(_provider_event(email, "open", machine, seed, 0, sg_machine_open=True))
+        if rng.random() < p_open:
+            opened = email.sent_at + timedelta(hours=min(rng.expovariate(1 / 10), 96))
+            events.append(_provider_event(email, "open", opened, seed, 1, sg_machine_open=False))
+            if rng.random() < p_click:
+                clicked = opened + timedelta(minutes=rng.uniform(0.5, 15))
+                events.append(_provider_event(email, "click", clicked, seed, 2, url="https://acme-analytics.example/"))
+    return events

@@ -236,26 +236,30 @@ class EmailRenderer:
         for name in sorted(playbook.template_names()):
             for suffix in (".html", ".txt"):
                 problems.extend(self._check_file(f"{name}{suffix}", footer=suffix == ".html"))
-        steps = [(name, i, step) for name, seq in playbook.sequences.items() for i, step in enumerate(seq.steps)]
-        for seq_name, i, step in steps:
+        # Every (sequence, key path of the subject, template, subject) a step can send: each variant's too.
+        contents = [
+            (name, ("steps", str(i), *(("variants", str(v)) if variant is not None else ()), "subject"), tpl, subj)
+            for name, seq in playbook.sequences.items()
+            for i, step in enumerate(seq.steps)
+            for v, (variant, tpl, subj) in enumerate(step.contents())
+        ]
+        for seq_name, loc, _template, subject in contents:
             try:
-                self._env.parse(step.subject)
+                self._env.parse(subject)
             except TemplateSyntaxError as exc:
-                problems.append(
-                    f"{playbook.source.where('sequences', seq_name, 'steps', str(i), 'subject')}: {exc.message}"
-                )
+                problems.append(f"{playbook.source.where('sequences', seq_name, *loc)}: {exc.message}")
         if not problems:
             context = sample_context(playbook)
-            for seq_name, i, step in steps:
+            for seq_name, loc, template, subject in contents:
                 try:
                     with self._budget():
-                        where = playbook.source.where("sequences", seq_name, "steps", str(i), "subject")
-                        self._part(where, self._subject_template, step.subject, context)
+                        where = playbook.source.where("sequences", seq_name, *loc)
+                        self._part(where, self._subject_template, subject, context)
                 except TemplateError as exc:
                     problems.append(f"{exc} (rendered for a sample lead)")
                     continue
                 try:
-                    self.render(template=step.template, subject=step.subject, context=context)
+                    self.render(template=template, subject=subject, context=context)
                 except TemplateError as exc:
                     problems.append(f"sequence {seq_name}: {exc} (rendered for a sample lead)")
         return list(dict.fromkeys(problems))  # a layout's problem once, not once for every email using it

@@ -21,13 +21,14 @@ and persists. Pure: no clock, no database.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 
-from nurture.playbook import Condition, Playbook, Reentry, ReentryRule, Sequence, Stage, Step
+from nurture.playbook import END, Condition, Playbook, Reentry, ReentryRule, Sequence, Stage, Step, Variant
 from nurture.scoring import ActivityEvent
 
 
@@ -130,14 +131,48 @@ def exits_on_transition(enrolled_stage: Stage, new_stage: Stage) -> bool:
     return enrolled_stage != new_stage
 
 
-def next_step(sequence: Sequence, steps_done: Seq[str]) -> tuple[int, Step] | None:
+class Took(StrEnum):
+    then = "then"
+    else_ = "else"
+
+
+@dataclass(frozen=True, slots=True)
+class Branch:
+    """A ``wait_for`` decided: at which step, which way, where to (None: the next step in order), when."""
+
+    step: str
+    took: Took
+    to: str | None
+    at: datetime
+
+    def to_json(self) -> dict[str, str | None]:
+        return {"step": self.step, "took": self.took.value, "to": self.to, "at": self.at.isoformat()}
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, str | None]) -> Branch:
+        return cls(
+            str(value["step"]), Took(str(value["took"])), value.get("to"), datetime.fromisoformat(str(value["at"]))
+        )
+
+    def describe(self) -> str:
+        return f"{self.step}: {self.took.value} → {self.to or 'the next step'}"
+
+
+def next_step(sequence: Sequence, steps_done: Seq[str], branches: Seq[Branch] = ()) -> tuple[int, Step] | None:
     """The step an enrollment takes next under the sequence as it is now, with its position.
 
-    The first step after the last step taken that is still in the sequence, and not
-    taken before (a marketer may have reordered). If none of the steps taken are left,
-    the first step not taken. None: nothing is left to send.
+    After a branch decided at the last step taken: its target (``end``: none), if it
+    is still in the sequence. Otherwise the first step after the last step taken that
+    is still in the sequence, and not taken before (a marketer may have reordered). If
+    none of the steps taken are left, the first step not taken. None: nothing is left to send.
     """
     done = set(steps_done)
+    if steps_done and branches and branches[-1].step == steps_done[-1] and branches[-1].to is not None:
+        if branches[-1].to == END:
+            return None
+        target = sequence.position(branches[-1].to)
+        if target is not None and branches[-1].to not in done:
+            return target, sequence.steps[target]
     start = 0
     for step_id in reversed(steps_done):
         position = sequence.position(step_id)
@@ -148,6 +183,30 @@ def next_step(sequence: Sequence, steps_done: Seq[str]) -> tuple[int, Step] | No
         if sequence.steps[position].id not in done:
             return position, sequence.steps[position]
     return None
+
+
+def pending_wait(sequence: Sequence, steps_done: Seq[str], branches: Seq[Branch]) -> Step | None:
+    """The last step taken, if it has a ``wait_for`` (as the playbook is now) not decided yet."""
+    if not steps_done or (branches and branches[-1].step == steps_done[-1]):
+        return None
+    position = sequence.position(steps_done[-1])
+    step = None if position is None else sequence.steps[position]
+    return step if step is not None and step.wait_for is not None else None
+
+
+def assign_variant(step: Step, *, lead_id: int, sequence: str) -> Variant | None:
+    """The variant of a split-tested step this lead gets: a stable hash of the lead, sequence and step,
+    so every replay and simulation assigns the same (None: the step has no variants)."""
+    weights = [v.weight for v in step.variants]
+    if not weights:
+        return None
+    digest = hashlib.sha256(f"{sequence}/{step.id}/{lead_id}".encode()).digest()
+    point = int.from_bytes(digest[:8], "big") % sum(weights)
+    for variant in step.variants:
+        if point < variant.weight:
+            return variant
+        point -= variant.weight
+    raise AssertionError("unreachable: point < sum(weights)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,22 +220,30 @@ class EnrollmentSnapshot:
     steps_done: tuple[str, ...]
     # When the last step settled; the stage change's time before the first step.
     last_step_at: datetime
+    # The wait_for branches decided so far, in order.
+    branches: tuple[Branch, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class Activity:
-    """What a lead did since it enrolled: the steps whose email it opened or clicked, the event kinds."""
+    """What a lead did since it enrolled, each with the first time: the steps whose email it opened
+    or clicked (a person's opens: machine opens are another kind), and the event kinds."""
 
-    opened: frozenset[str] = frozenset()
-    clicked: frozenset[str] = frozenset()
-    events: frozenset[str] = frozenset()
+    opened: Mapping[str, datetime] = field(default_factory=dict)
+    clicked: Mapping[str, datetime] = field(default_factory=dict)
+    events: Mapping[str, datetime] = field(default_factory=dict)
+
+    def when(self, condition: Condition) -> datetime | None:
+        """When the lead first did it since enrolling (None: it has not)."""
+        if condition.opened is not None:
+            return self.opened.get(condition.opened)
+        if condition.clicked is not None:
+            return self.clicked.get(condition.clicked)
+        assert condition.event is not None
+        return self.events.get(condition.event)
 
     def did(self, condition: Condition) -> bool:
-        if condition.opened is not None:
-            return condition.opened in self.opened
-        if condition.clicked is not None:
-            return condition.clicked in self.clicked
-        return condition.event in self.events
+        return self.when(condition) is not None
 
 
 NO_ACTIVITY = Activity()
@@ -192,8 +259,24 @@ def skip_reason(step: Step, activity: Activity) -> str | None:
 
 
 def has_conditions(playbook: Playbook) -> bool:
-    """Whether any step has a condition (then the walk loads what the leads did)."""
-    return any(step.unless or step.only_if for seq in playbook.sequences.values() for step in seq.steps)
+    """Whether any step has a condition or a wait (then the walk loads what the leads did)."""
+    return any(
+        step.unless or step.only_if or step.wait_for for seq in playbook.sequences.values() for step in seq.steps
+    )
+
+
+def decide_branch(step: Step, *, settled_at: datetime, activity: Activity, now: datetime) -> Branch | None:
+    """Which way a wait ends: ``then`` if the lead did it by the deadline (``within`` of the step
+    settling), ``else`` once the deadline has passed without it; None: still waiting."""
+    wait = step.wait_for
+    assert wait is not None
+    deadline = settled_at + wait.within
+    done_at = activity.when(wait)
+    if done_at is not None and done_at <= deadline:
+        return Branch(step.id, Took.then, step.then, now)
+    if now >= deadline:
+        return Branch(step.id, Took.else_, step.else_, now)
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +295,8 @@ class StepToSend:
     due_at: datetime
     # Set when its condition said not to send it: the message is recorded as skipped, never sent.
     skipped: str | None = None
+    # The split test's variant this lead gets (None: no split test).
+    variant: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,12 +314,35 @@ class EnrollmentChange:
     next_due_at: datetime | None
     reason: str | None = None
     send: StepToSend | None = None
+    branches: tuple[Branch, ...] = ()
+    # Set while it waits on a wait_for: until when at the latest (a new event wakes it earlier).
+    waiting_until: datetime | None = None
+    # The branch decided by this change, if any (counted by the walk).
+    branched: Branch | None = None
+
+
+def _change(
+    snapshot: EnrollmentSnapshot,
+    state: EnrollmentState,
+    next_due_at: datetime | None,
+    *,
+    reason: str | None = None,
+    waiting_until: datetime | None = None,
+) -> EnrollmentChange:
+    return EnrollmentChange(
+        snapshot.id,
+        state,
+        snapshot.steps_done,
+        snapshot.last_step_at,
+        next_due_at=next_due_at,
+        reason=reason,
+        branches=snapshot.branches,
+        waiting_until=waiting_until,
+    )
 
 
 def _ended(snapshot: EnrollmentSnapshot, state: EnrollmentState, reason: str | None) -> EnrollmentChange:
-    return EnrollmentChange(
-        snapshot.id, state, snapshot.steps_done, snapshot.last_step_at, next_due_at=None, reason=reason
-    )
+    return _change(snapshot, state, None, reason=reason)
 
 
 def decide_due_steps(
@@ -244,12 +352,13 @@ def decide_due_steps(
     now: datetime,
     activity: Mapping[int, Activity] | None = None,
 ) -> list[EnrollmentChange]:
-    """For enrollments whose next step was due by ``now``: send it, skip it, wait longer, or end.
+    """For enrollments due by ``now``: decide a wait, then send the next step, skip it, wait longer, or end.
 
     The step is looked up again here: removed → the next one that still exists;
     its ``after`` made longer since → wait until then. ``activity`` (by enrollment id) is what
-    each lead did since enrolling, for the steps' ``unless`` / ``only_if``: a step they rule
-    out is recorded as skipped, and the next step is due ``after`` its delay from now.
+    each lead did since enrolling, for the steps' ``unless`` / ``only_if`` and ``wait_for``: a
+    step they rule out is recorded as skipped, and the next step is due ``after`` its delay from
+    now; a wait decided sends the walk to its ``then`` or ``else``, whose ``after`` counts from now.
     """
     changes: list[EnrollmentChange] = []
     for snapshot in enrollments:
@@ -257,63 +366,58 @@ def decide_due_steps(
         if sequence is None:
             changes.append(_ended(snapshot, EnrollmentState.exited, "sequence removed from the playbook"))
             continue
-        found = next_step(sequence, snapshot.steps_done)
-        if found is None:
-            changes.append(_ended(snapshot, EnrollmentState.completed, None))
-            continue
-        position, step = found
-        due = snapshot.last_step_at + step.after
-        if due > now:
-            changes.append(
-                EnrollmentChange(
-                    snapshot.id, EnrollmentState.active, snapshot.steps_done, snapshot.last_step_at, next_due_at=due
-                )
-            )
-            continue
-        send = StepToSend(
-            lead_id=snapshot.lead_id,
-            enrollment_id=snapshot.id,
-            sequence=snapshot.sequence,
-            step_id=step.id,
-            position=position,
-            template=step.template,
-            subject=step.subject,
-            idempotency_key=idempotency_key(
-                lead_id=snapshot.lead_id,
-                sequence=snapshot.sequence,
-                transition_id=snapshot.transition_id,
-                step_id=step.id,
-            ),
-            playbook_version=playbook.version,
-            due_at=now,
-            skipped=skip_reason(step, (activity or {}).get(snapshot.id, NO_ACTIVITY)),
-        )
-        done = (*snapshot.steps_done, step.id)
-        if send.skipped is None:
-            changes.append(
-                EnrollmentChange(
-                    snapshot.id, EnrollmentState.active, done, snapshot.last_step_at, next_due_at=None, send=send
-                )
-            )
-            continue
-        # Skipped: settled at once, so the walk goes on from now.
-        [moved] = after_steps_settled(
-            [
-                SettledStep(
-                    EnrollmentSnapshot(
-                        snapshot.id, snapshot.lead_id, snapshot.sequence, snapshot.transition_id, done, now
-                    )
-                )
-            ],
-            playbook=playbook,
-            at=now,
-        )
-        changes.append(
-            EnrollmentChange(
-                moved.enrollment_id, moved.state, done, now, moved.next_due_at, reason=moved.reason, send=send
-            )
-        )
+        done_so_far = (activity or {}).get(snapshot.id, NO_ACTIVITY)
+        branched = None
+        waiting = pending_wait(sequence, snapshot.steps_done, snapshot.branches)
+        if waiting is not None:
+            branched = decide_branch(waiting, settled_at=snapshot.last_step_at, activity=done_so_far, now=now)
+            if branched is None:
+                assert waiting.wait_for is not None
+                deadline = snapshot.last_step_at + waiting.wait_for.within
+                changes.append(_change(snapshot, EnrollmentState.active, deadline, waiting_until=deadline))
+                continue
+            snapshot = replace(snapshot, branches=(*snapshot.branches, branched), last_step_at=now)
+        change = _take_next_step(snapshot, sequence=sequence, playbook=playbook, now=now, activity=done_so_far)
+        changes.append(replace(change, branched=branched))
     return changes
+
+
+def _take_next_step(
+    snapshot: EnrollmentSnapshot, *, sequence: Sequence, playbook: Playbook, now: datetime, activity: Activity
+) -> EnrollmentChange:
+    found = next_step(sequence, snapshot.steps_done, snapshot.branches)
+    if found is None:
+        return _ended(snapshot, EnrollmentState.completed, None)
+    position, step = found
+    due = snapshot.last_step_at + step.after
+    if due > now:
+        return _change(snapshot, EnrollmentState.active, due)
+    variant = assign_variant(step, lead_id=snapshot.lead_id, sequence=snapshot.sequence)
+    send = StepToSend(
+        lead_id=snapshot.lead_id,
+        enrollment_id=snapshot.id,
+        sequence=snapshot.sequence,
+        step_id=step.id,
+        position=position,
+        template=variant.template if variant else step.template,
+        subject=variant.subject if variant else step.subject,
+        idempotency_key=idempotency_key(
+            lead_id=snapshot.lead_id,
+            sequence=snapshot.sequence,
+            transition_id=snapshot.transition_id,
+            step_id=step.id,
+        ),
+        playbook_version=playbook.version,
+        due_at=now,
+        skipped=skip_reason(step, activity),
+        variant=variant.id if variant else None,
+    )
+    taken = replace(snapshot, steps_done=(*snapshot.steps_done, step.id))
+    if send.skipped is None:
+        return replace(_change(taken, EnrollmentState.active, None), send=send)
+    # Skipped: settled at once, so the walk goes on from now.
+    [moved] = after_steps_settled([SettledStep(taken)], playbook=playbook, at=now)
+    return replace(moved, send=send)
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,26 +431,23 @@ class SettledStep:
 
 def after_steps_settled(settled: Iterable[SettledStep], *, playbook: Playbook, at: datetime) -> list[EnrollmentChange]:
     """Where each enrollment goes once its step in flight settled at ``at``: the next step's
-    due time (``after`` counts from now), completed, or exited."""
+    due time (``after`` counts from now), a wait (due at once, so the walk looks at what the
+    lead already did; the deadline is ``within`` from now), completed, or exited."""
     changes: list[EnrollmentChange] = []
     for item in settled:
-        snapshot = item.enrollment
-        moved = EnrollmentSnapshot(
-            snapshot.id, snapshot.lead_id, snapshot.sequence, snapshot.transition_id, snapshot.steps_done, at
-        )
-        sequence = playbook.sequences.get(snapshot.sequence)
+        moved = replace(item.enrollment, last_step_at=at)
+        sequence = playbook.sequences.get(moved.sequence)
         if item.suppressed:
             changes.append(_ended(moved, EnrollmentState.exited, "address suppressed"))
         elif sequence is None:
             changes.append(_ended(moved, EnrollmentState.exited, "sequence removed from the playbook"))
-        elif (found := next_step(sequence, snapshot.steps_done)) is None:
+        elif (waiting := pending_wait(sequence, moved.steps_done, moved.branches)) is not None:
+            assert waiting.wait_for is not None
+            changes.append(_change(moved, EnrollmentState.active, at, waiting_until=at + waiting.wait_for.within))
+        elif (found := next_step(sequence, moved.steps_done, moved.branches)) is None:
             changes.append(_ended(moved, EnrollmentState.completed, None))
         else:
-            changes.append(
-                EnrollmentChange(
-                    snapshot.id, EnrollmentState.active, snapshot.steps_done, at, next_due_at=at + found[1].after
-                )
-            )
+            changes.append(_change(moved, EnrollmentState.active, at + found[1].after))
     return changes
 
 

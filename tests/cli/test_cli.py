@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -148,6 +149,28 @@ def test_demo_reaches_every_stage_and_sends_multi_step_sequences(prefect_api: st
     assert message.get_body(("html",)) is not None
     assert message.get_body(("plain",)) is not None
     assert message["List-Unsubscribe"]
+    # The leads opened and clicked their emails through the webhook's path, and the sequences reacted.
+    reacted = re.search(
+        r"opened (\d+) emails and clicked (\d+) \((\d+) more opens were Apple.*?"
+        r"(\d+) enrollments converted.*?(\d+) steps skipped.*?branches (\d+) then / (\d+) else.*?"
+        r"welcome/welcome/a (\d+), welcome/welcome/b (\d+)",
+        " ".join(result.stdout.split()),
+    )
+    assert reacted, result.stdout
+    opens, clicks, machine, converted, _skipped, then, else_, a, b = map(int, reacted.groups())
+    assert min(opens, clicks, machine, converted, then, else_, a, b) > 0, reacted.groups()
+    example = re.search(r"a sequence that reacted: nurture explain\s+(\S+)", result.stdout)
+    assert example, result.stdout
+    story = json.loads(nurture("explain", example.group(1), "--json").stdout)
+    assert any(e["branches"] or e["state"] == "converted" for e in story["enrollments"]), story["enrollments"]
+    assert any(m["opened_at"] or m["clicked_at"] for m in story["messages"]), story["messages"]
+    database = nurture_env["NURTURE_DATABASE_URL"].removeprefix("sqlite:///")
+    with closing(sqlite3.connect(database)) as db:
+        kinds = dict(db.execute("SELECT kind, count(*) FROM event WHERE source = 'sendgrid' GROUP BY kind").fetchall())
+        arms = dict(db.execute("SELECT variant, count(*) FROM message WHERE step_id = 'welcome' GROUP BY variant"))
+    # Stored as SendGrid reported them: a person's opens and clicks, and Apple's machine opens apart.
+    assert (kinds["email_open"], kinds["email_click"], kinds["email_machine_open"]) == (opens, clicks, machine)
+    assert set(arms) == {"a", "b"}
     rerun = nurture("demo", "--leads", "20", "--weeks", "1", "--tick-hours", "48", env=env)
     assert "Starting clean: removed 150 leads" in rerun.stdout
 

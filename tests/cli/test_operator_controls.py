@@ -26,7 +26,7 @@ from db.models import Message, StageTransition
 from nurture.playbook import load_playbook
 from nurture.transports import InMemoryTransport
 from tests.cli.test_cli import nurture
-from tests.conftest import PLAYBOOK_PATH, TEMPLATES_DIR
+from tests.conftest import PLAYBOOK_PATH, TEMPLATES_DIR, straight_welcome
 from tests.db.test_walking import ANN, HOUR, OPEN_POLICY
 from tests.db.world import World
 
@@ -39,9 +39,10 @@ Cli = Callable[..., subprocess.CompletedProcess[str]]
 
 @pytest.fixture
 def playbook_file(tmp_path: Path) -> Path:
-    """The shipped playbook without quiet hours, cap or send window (the walk is the subject here)."""
+    """The shipped playbook with a straight welcome and without quiet hours, cap or send window
+    (the walk is the subject here)."""
     old, new = OPEN_POLICY
-    text = PLAYBOOK_PATH.read_text()
+    text = straight_welcome(PLAYBOOK_PATH.read_text())
     assert old in text
     path = tmp_path / "open.yaml"
     path.write_text(text.replace(old, new, 1))

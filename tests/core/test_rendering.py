@@ -16,7 +16,12 @@ from tests.conftest import PLAYBOOK_PATH, TEMPLATES_DIR
 
 
 def _all_steps(playbook: Playbook) -> list[tuple[str, str]]:
-    return [(step.template, step.subject) for seq in playbook.sequences.values() for step in seq.steps]
+    return [
+        (template, subject)
+        for seq in playbook.sequences.values()
+        for step in seq.steps
+        for _variant, template, subject in step.contents()
+    ]
 
 
 def test_every_template_renders_with_footer_and_both_parts(playbook: Playbook, renderer: EmailRenderer) -> None:
@@ -272,18 +277,18 @@ def _with_subject(playbook: Playbook, sequence: str, step: int, subject: str) ->
 
 def test_check_names_the_playbook_line_of_a_subject_that_fails(playbook: Playbook, renderer: EmailRenderer) -> None:
     line = PLAYBOOK_PATH.read_text().splitlines().index('        subject: "Live: the product activation playbook"') + 1
-    at = f"{PLAYBOOK_PATH}:{line}: sequences.welcome.steps.2.subject"
-    assert playbook.sequences["welcome"].steps[2].subject == "Live: the product activation playbook"
+    at = f"{PLAYBOOK_PATH}:{line}: sequences.welcome.steps.3.subject"
+    assert playbook.sequences["welcome"].steps[3].subject == "Live: the product activation playbook"
 
-    renders_badly = _with_subject(playbook, "welcome", 2, "Live: {{ lead.nickname }}")
+    renders_badly = _with_subject(playbook, "welcome", 3, "Live: {{ lead.nickname }}")
     assert renderer.check(renders_badly) == [
         f"{at}: 'dict object' has no attribute 'nickname' (rendered for a sample lead)"
     ]
-    too_big = _with_subject(playbook, "welcome", 2, "{{ 'Live' * 30000 }}")
+    too_big = _with_subject(playbook, "welcome", 3, "{{ 'Live' * 30000 }}")
     assert renderer.check(too_big) == [
         f"{at}: the * operator would produce 120,000 characters (at most 100,000) (rendered for a sample lead)"
     ]
-    does_not_parse = _with_subject(playbook, "welcome", 2, "Live: {{ lead.first_name ")
+    does_not_parse = _with_subject(playbook, "welcome", 3, "Live: {{ lead.first_name ")
     assert renderer.check(does_not_parse) == [f"{at}: unexpected end of template, expected 'end of print statement'."]
 
 
@@ -293,9 +298,9 @@ def test_where_a_playbook_came_from_is_not_part_of_what_it_says(playbook: Playbo
     assert elsewhere == playbook
     assert elsewhere.version == playbook.version
     lines = text.splitlines()
-    first_step = lines.index("      - after: 0h", lines.index("  welcome:"))
-    assert elsewhere.source.where("sequences", "welcome", "steps", "0", "subject") == (
-        f"copy/of/nurture.yaml:{first_step + 3}: sequences.welcome.steps.0.subject"
+    first_step = lines.index("      - after: 0h", lines.index("  demo_offer:"))
+    assert elsewhere.source.where("sequences", "demo_offer", "steps", "0", "subject") == (
+        f"copy/of/nurture.yaml:{first_step + 3}: sequences.demo_offer.steps.0.subject"
     )
     assert elsewhere.source.where("sequences", "welcome", "no_such_key") == (
         f"copy/of/nurture.yaml:{lines.index('  welcome:') + 1}: sequences.welcome.no_such_key"

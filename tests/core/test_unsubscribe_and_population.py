@@ -126,3 +126,24 @@ def test_population_is_seeded_and_uses_reserved_domains() -> None:
     assert all(T0 <= e.occurred_at < T0 + timedelta(weeks=6) for e in a.events)
     assert set(Counter(a.personas.values())) == {"tire_kicker", "researcher", "evaluator", "buyer", "returner"}
     assert {e.kind for e in a.events} >= {"page_view", "pricing_view", "form_submit", "demo_request", "purchase"}
+
+
+def test_the_demo_leads_open_and_click_as_sendgrid_reports_it() -> None:
+    from nurture.inbound import parse_sendgrid_batch
+    from nurture.population import SentEmail, engagement_events
+
+    sent = [SentEmail(i, f"lead{i % 400}@northwind.example", T0, "ab"[i % 2]) for i in range(1, 4001)]
+    personas = {f"lead{i}@northwind.example": "researcher" for i in range(400)}
+    events = engagement_events(sent, personas=personas, seed=7)
+    assert events == engagement_events(sent, personas=personas, seed=7)  # the same demo every time
+    batch = parse_sendgrid_batch(events)
+    assert len(batch.events) == len(events)
+    assert {e.scoring_kind for e in batch.events} == {"email_open", "email_machine_open", "email_click"}
+    assert all(e.message_id is not None for e in batch.events)
+    machine = {e["email"] for e in events if e.get("sg_machine_open")}
+    assert 0.15 < len(machine) / 400 < 0.35  # Apple Mail readers: every email of theirs gets a machine open
+    opened = Counter(
+        "ab"[int(e["nurture_message_id"]) % 2] for e in events if e["event"] == "open" and not e.get("sg_machine_open")
+    )
+    assert opened["b"] > opened["a"] * 1.15  # the demo's variant b is the better subject line
+    assert all(e["timestamp"] >= sent[0].sent_at.timestamp() for e in events)

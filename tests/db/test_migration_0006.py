@@ -115,7 +115,7 @@ def test_upgrading_a_demo_database_sends_nothing_twice_and_drops_no_due_step(
     for m in sorted(unsettled, key=lambda m: (m.enrollment_id, m.step)):
         in_flight.setdefault(m.enrollment_id, m)
 
-    assert upgrade_schema(old_demo) == ("0005", "0007")
+    assert upgrade_schema(old_demo) == ("0005", "0008")
 
     after = {m.id: m for m in (World(old_demo, playbook).all(Message))}
     for old in before:

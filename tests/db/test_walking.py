@@ -17,7 +17,7 @@ from db.engine import session_scope
 from db.models import Message, SequencePause
 from nurture.playbook import Playbook, parse_playbook
 from nurture.transports import InMemoryTransport
-from tests.conftest import PLAYBOOK_PATH, T0
+from tests.conftest import PLAYBOOK_PATH, T0, straight_welcome
 from tests.db.world import World
 
 ANN = "ann@northwind.example"
@@ -25,7 +25,8 @@ HOUR = timedelta(hours=1)
 
 
 def playbook_with(*edits: tuple[str, str]) -> Playbook:
-    text = PLAYBOOK_PATH.read_text()
+    """The shipped playbook with a straight welcome (branches and split tests: tests/db/test_reacting.py), edited."""
+    text = straight_welcome(PLAYBOOK_PATH.read_text())
     for old, new in edits:
         assert old in text, old
         text = text.replace(old, new, 1)

@@ -119,6 +119,28 @@ class World:
         assert lead_id is not None
         return lead_id
 
+    def engage(self, email: str, step_id: str, kind: str, at: datetime, *, machine: bool = False) -> None:
+        """The lead opens or clicks (``kind``: open, click) its email of ``step_id``: a SendGrid event
+        through the webhook's own parsing and ingestion, as in production. ``machine``: an open by
+        Apple Mail Privacy Protection (``sg_machine_open``)."""
+        from db.inbound import ingest_provider_events
+        from nurture.inbound import parse_sendgrid_batch
+
+        message = next(m for m in self.messages(email) if m.step_id == step_id)
+        event: dict[str, Any] = {
+            "email": email,
+            "event": kind,
+            "timestamp": int(at.timestamp()),
+            "sg_event_id": f"{kind}-{message.id}-{int(at.timestamp())}-{machine}",
+            "nurture_message_id": str(message.id),
+        }
+        if kind == "click":
+            event["url"] = "https://acme-analytics.example/docs"
+        if machine:
+            event["sg_machine_open"] = True
+        with session_scope(self.engine) as session:
+            ingest_provider_events(session=session, events=parse_sendgrid_batch([event]).events, now=at)
+
     def row(self, email: str) -> Lead:
         with session_scope(self.engine) as session:
             lead = session.scalars(select(Lead).where(col(Lead.email) == email)).one()

@@ -1069,7 +1069,10 @@ ALIAS_BOMB = "".join(f"  b{n}: &l{n} [{', '.join([f'*l{n - 1}' if n else 'lol'] 
 @pytest.mark.parametrize(
     ("edit", "expected"),
     [
-        (lambda text: text.replace("  welcome:\n", "  win_back:\n", 1), ":119: sequences.win_back: given twice"),
+        (
+            lambda text: text.replace("  welcome:\n", "  win_back:\n", 1),
+            f":{SHIPPED[: SHIPPED.index('  win_back:')].count(chr(10)) + 1}: sequences.win_back: given twice",
+        ),
         (lambda text: "brand: " + "[" * 5000 + "]" * 5000, ":1: nested more than 64 levels deep"),
         (lambda text: text.replace("form_submit: 10", "form_submit: .nan"), ":25: scoring.events.form_submit.points"),
         (lambda text: text.replace("half_life: 14d", "half_life: 2026-13-01"), ":20: scoring.half_life: '2026-13-01'"),
