@@ -51,9 +51,9 @@ from nurture.sequences import (
     decide_due_steps,
     exits_on_transition,
     goal_kinds,
-    has_conditions,
     plan_enrollments,
     reached_goals,
+    reacting_sequences,
 )
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def advance_leads(
     # Before the moves: a goal event that also changes the stage converts the enrollment, not exits it.
     convert_on_goals(session=session, events=snapshot.events, playbook=playbook, now=now, result=result)
     # A wait_for's lead who did something is looked at by this cycle's walk, not at the deadline.
-    if any(step.wait_for for seq in playbook.sequences.values() for step in seq.steps):
+    if reacting_sequences(playbook):
         wake_waiting(session=session, lead_ids=[i for i, done in snapshot.events.items() if done], now=now)
     apply_moves(session=session, moves=plan.moves, playbook=playbook, now=now, flow_run_id=flow_run_id, result=result)
     logger.info(
@@ -217,10 +217,9 @@ def walk_sequences(*, session: Session, playbook: Playbook, now: datetime, limit
     message to settle, so an enrollment takes at most one step per cycle.
     """
     snapshots = due_enrollments(session=session, now=now, limit=limit, paused=paused_sequences(session=session))
-    activity = (
-        lead_activity(session=session, enrollment_ids=[s.id for s in snapshots], now=now)
-        if has_conditions(playbook)
-        else {}
+    reacting = reacting_sequences(playbook)
+    activity = lead_activity(
+        session=session, enrollment_ids=[s.id for s in snapshots if s.sequence in reacting], now=now
     )
     changes = decide_due_steps(snapshots, playbook=playbook, now=now, activity=activity)
     result = WalkResult(enrollments=len(snapshots))

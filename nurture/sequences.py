@@ -258,10 +258,12 @@ def skip_reason(step: Step, activity: Activity) -> str | None:
     return None
 
 
-def has_conditions(playbook: Playbook) -> bool:
-    """Whether any step has a condition or a wait (then the walk loads what the leads did)."""
-    return any(
-        step.unless or step.only_if or step.wait_for for seq in playbook.sequences.values() for step in seq.steps
+def reacting_sequences(playbook: Playbook) -> frozenset[str]:
+    """The sequences with a step that has a condition or a wait: the walk loads what their leads did."""
+    return frozenset(
+        name
+        for name, seq in playbook.sequences.items()
+        if any(step.unless or step.only_if or step.wait_for for step in seq.steps)
     )
 
 
