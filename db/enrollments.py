@@ -48,6 +48,8 @@ class EnrollmentRow:
     exit_reason: str | None
     ended_at: datetime | None
     in_flight: StepInFlight | None
+    # While it waits on a wait_for: the deadline (the lead's next event may end the wait sooner).
+    waiting_until: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +90,7 @@ _ROW_COLUMNS = (
     col(Enrollment.next_due_at),
     col(Enrollment.exit_reason),
     col(Enrollment.ended_at),
+    col(Enrollment.waiting_until),
 )
 
 
@@ -119,6 +122,7 @@ def list_enrollments(
             exit_reason=r.exit_reason,
             ended_at=r.ended_at,
             in_flight=flights.get(int(r.id)),
+            waiting_until=r.waiting_until if r.state == EnrollmentState.active else None,
         )
         for r in rows
     ]

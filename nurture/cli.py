@@ -570,6 +570,8 @@ def _next_step(row: Any, paused: set[str]) -> str:
         return f"ended {_when(row.ended_at)}".strip()
     if row.next_due_at is None:
         shown = "step in flight" + (f" ({row.in_flight.status})" if row.in_flight else "")
+    elif row.waiting_until is not None:
+        shown = f"waiting for the lead until {_when(row.waiting_until)}"
     else:
         shown = _when(row.next_due_at)
     return f"{shown} (paused)" if row.sequence in paused else shown
@@ -585,6 +587,7 @@ def _enrollment_json(row: Any, paused: set[str]) -> dict[str, Any]:
         "started_at": row.started_at.isoformat(),
         "steps_done": list(row.steps_done),
         "next_due_at": row.next_due_at.isoformat() if row.next_due_at else None,
+        "waiting_until": row.waiting_until.isoformat() if row.waiting_until else None,
         "step_in_flight": (
             {"step_id": row.in_flight.step_id, "message_id": row.in_flight.message_id, "status": row.in_flight.status}
             if row.in_flight

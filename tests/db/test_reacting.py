@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from db.engine import session_scope
+from db.enrollments import EnrollmentSelection, list_enrollments
 from db.models import Enrollment
 from db.reports import explain_lead
 from nurture.playbook import Playbook, parse_playbook
@@ -74,6 +75,9 @@ def test_wait_for_a_click_takes_then_for_a_click_in_time_and_else_otherwise(engi
         deadline.isoformat(),
     )
     assert bob_waits["next_step"] is None  # the wait decides it
+    with session_scope(world.engine) as session:
+        [listed] = list_enrollments(session=session, selection=EnrollmentSelection(email=BOB))
+    assert (listed.waiting_until, listed.next_due_at) == (deadline, deadline)
 
     # Ann clicks a day later: the next cycle wakes her enrollment and takes `then`, not at the deadline.
     world.engage(ANN, "welcome", "click", T0 + DAY)
