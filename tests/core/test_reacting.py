@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from collections import Counter
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
 from nurture.delivery import ClaimedMessage
 from nurture.dispatching import Verdict, triage
 from nurture.errors import PlaybookError
-from nurture.playbook import Playbook, parse_playbook
+from nurture.playbook import Playbook, load_playbook, parse_playbook
 from nurture.sequences import (
     Activity,
     Branch,
@@ -25,7 +26,7 @@ from nurture.sequences import (
     assign_variant,
     decide_due_steps,
 )
-from tests.conftest import PLAYBOOK_PATH, T0
+from tests.conftest import PLAYBOOK_PATH, T0, TEMPLATES_DIR
 
 SHIPPED = PLAYBOOK_PATH.read_text()
 DAY = timedelta(days=1)
@@ -268,3 +269,16 @@ def test_weights_all_zero_or_a_single_variant_are_refused() -> None:
     single = SHIPPED[:start] + SHIPPED[SHIPPED.index("        # Who clicks") :]
     with pytest.raises(PlaybookError, match="at least two variants"):
         parse_playbook(single)
+
+
+def test_a_variant_whose_template_is_missing_is_named_with_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "nurture.yaml"
+    text = SHIPPED.replace(
+        "          - id: b\n            template: welcome\n", "          - id: b\n            template: welcom\n"
+    )
+    path.write_text(text)
+    with pytest.raises(PlaybookError) as error:
+        load_playbook(path, templates_dir=TEMPLATES_DIR)
+    [problem] = error.value.problems
+    line = text.splitlines().index("            template: welcom") + 1
+    assert problem.startswith(f"{path}:{line}: sequences.welcome.steps.0.variants.1.template: template 'welcom' has no")
