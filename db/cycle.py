@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from typing import Any
 
-from sqlalchemy import func, insert, select, union, update
+from sqlalchemy import case, func, insert, select, union, update
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
@@ -691,9 +691,21 @@ def lead_activity(*, session: Session, enrollment_ids: Sequence[int], now: datet
     return activity
 
 
-def wake_waiting(*, session: Session, lead_ids: Sequence[int], now: datetime) -> int:
-    """Make the waits of these leads (who just did something) due now, so this cycle's walk looks
-    at whether they did what the wait is for. Returns how many woke."""
+def wake_waiting(*, session: Session, lead_ids: Sequence[int], sequences: Iterable[str], now: datetime) -> int:
+    """Make the enrollments of these leads (who just did something) in sequences with a ``wait_for``
+    due now, so this cycle's walk looks at whether they did what a wait is for (the walk puts back the
+    due time of those it finds not waiting). Returns how many rows were touched.
+
+    Every active enrollment not in flight is matched, not only those due later than ``now``: on
+    PostgreSQL an UPDATE whose WHERE no longer matches the committed row skips it without waiting,
+    so a walk holding the row (about to write its deadline) would make this wake-up miss; matching
+    on what the walk does not change makes this UPDATE wait for the walk's commit and apply after it.
+    ``waiting_until`` is not required either: a wait added to a step leads had already passed, or
+    one in progress when nurture was upgraded, has none until the walk first looks at it.
+    """
+    names = sorted(sequences)
+    if not names:
+        return 0
     woken = 0
     for ids in batched(sorted(set(lead_ids))):
         result = session.execute(
@@ -701,10 +713,10 @@ def wake_waiting(*, session: Session, lead_ids: Sequence[int], now: datetime) ->
             .where(
                 col(Enrollment.lead_id).in_(ids),
                 col(Enrollment.state) == EnrollmentState.active,
-                col(Enrollment.waiting_until).is_not(None),
-                col(Enrollment.next_due_at) > now,
+                col(Enrollment.sequence).in_(names),
+                col(Enrollment.next_due_at).is_not(None),
             )
-            .values(next_due_at=now)
+            .values(next_due_at=case((col(Enrollment.next_due_at) > now, now), else_=col(Enrollment.next_due_at)))
         )
         woken += int(getattr(result, "rowcount", 0) or 0)
     return woken

@@ -176,8 +176,8 @@ def explain_lead(*, session: Session, email: str, playbook: Playbook, now: datet
                 "exit_reason": e.exit_reason,
                 "steps_done": list(e.steps_done),
                 "branches": list(e.branches),
-                "waiting_for": _waiting_for(playbook, e) if e.state == "active" else None,
-                "waiting_until": _iso(e.waiting_until),
+                "waiting_for": wait[0] if (wait := _wait(playbook, e) if e.state == "active" else None) else None,
+                "waiting_until": _iso(wait[1]) if wait else None,
                 "next_step": _next_step_id(playbook, e) if e.state == "active" else None,
                 "next_due_at": _iso(e.next_due_at),
                 "converted_at": _iso(e.converted_at),
@@ -234,15 +234,20 @@ def _next_step_id(playbook: Playbook, enrollment: Enrollment) -> str | None:
     return None if step is None else step[1].id
 
 
-def _waiting_for(playbook: Playbook, enrollment: Enrollment) -> str | None:
-    """What an active enrollment's wait is for, with where each answer leads ("clicked welcome: then case_study,
-    else welcome_nudge"), or None when it is not waiting."""
+def _wait(playbook: Playbook, enrollment: Enrollment) -> tuple[str, datetime] | None:
+    """What an active enrollment's wait is for, with where each answer leads ("clicked welcome: then
+    case_study, else welcome_nudge"), and its deadline; None when it is not waiting (or its step is in flight).
+
+    The deadline is counted from when the step settled under the playbook as it is now, as the walk
+    counts it (``waiting_until`` is what the walk last wrote, and empty before it first looked)."""
     found = playbook.sequences.get(enrollment.sequence)
     branches = [Branch.from_json(b) for b in enrollment.branches]
     step = None if found is None else pending_wait(found, enrollment.steps_done, branches)
-    if step is None or step.wait_for is None or enrollment.waiting_until is None:  # None: its step is in flight
+    if step is None or step.wait_for is None or enrollment.next_due_at is None:  # None: its step is in flight
         return None
-    return f"{step.wait_for.describe()}: then {step.then or 'the next step'}, else {step.else_ or 'the next step'}"
+    settled = enrollment.last_step_at or enrollment.started_at
+    what = f"{step.wait_for.describe()}: then {step.then or 'the next step'}, else {step.else_ or 'the next step'}"
+    return what, settled + step.wait_for.within
 
 
 def emails_sent_between(*, session: Session, start: datetime, end: datetime) -> list[SentEmail]:

@@ -46,7 +46,9 @@ def stop_mailing(*, session: Session, lead_ids: Sequence[int], reason: str, now:
         session.execute(
             update(Enrollment)
             .where(col(Enrollment.lead_id).in_(ids), col(Enrollment.state) == EnrollmentState.active)
-            .values(state=EnrollmentState.exited, exit_reason=reason, ended_at=now, next_due_at=None)
+            .values(
+                state=EnrollmentState.exited, exit_reason=reason, ended_at=now, next_due_at=None, waiting_until=None
+            )
         )
         cancelled += _rowcount(
             session.execute(

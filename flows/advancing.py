@@ -54,6 +54,7 @@ from nurture.sequences import (
     plan_enrollments,
     reached_goals,
     reacting_sequences,
+    waiting_sequences,
 )
 
 logger = logging.getLogger(__name__)
@@ -98,8 +99,12 @@ def advance_leads(
     # Before the moves: a goal event that also changes the stage converts the enrollment, not exits it.
     convert_on_goals(session=session, events=snapshot.events, playbook=playbook, now=now, result=result)
     # A wait_for's lead who did something is looked at by this cycle's walk, not at the deadline.
-    if reacting_sequences(playbook):
-        wake_waiting(session=session, lead_ids=[i for i, done in snapshot.events.items() if done], now=now)
+    wake_waiting(
+        session=session,
+        lead_ids=[i for i, done in snapshot.events.items() if done],
+        sequences=waiting_sequences(playbook),
+        now=now,
+    )
     apply_moves(session=session, moves=plan.moves, playbook=playbook, now=now, flow_run_id=flow_run_id, result=result)
     logger.info(
         "advanced leads %d–%d: %d score changes, %d transitions, %d enrollments",

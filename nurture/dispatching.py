@@ -78,9 +78,13 @@ def triage(
         elif (wait := waits.get(message.id)) is not None:
             verdicts.append(Triage(message, Verdict.wait, until=wait[0], reason=f"waiting for {wait[1]}"))
         else:
-            # The variant decided with the step, while the test still has it; else the one the lead gets now.
-            variant = step.variant(message.variant) or assign_variant(
-                step, lead_id=message.lead_id, sequence=message.sequence
+            # The variant decided with the step, while the test still sends it (weight 0 turns it off);
+            # else the one the lead gets now.
+            decided = step.variant(message.variant)
+            variant = (
+                decided
+                if decided is not None and decided.weight > 0
+                else assign_variant(step, lead_id=message.lead_id, sequence=message.sequence)
             )
             verdicts.append(
                 Triage(

@@ -450,8 +450,8 @@ class Variant(_Frozen):
     in proportion to ``weight``."""
 
     id: str
-    template: Annotated[str, AfterValidator(_template_name)]
-    subject: Annotated[str, AfterValidator(_subject_template)]
+    template: Annotated[str, Field(min_length=1), AfterValidator(_template_name)]
+    subject: Annotated[str, Field(min_length=1), AfterValidator(_subject_template)]
     weight: int = Field(default=1, ge=0, le=1_000_000)
 
     @field_validator("id")
@@ -901,6 +901,10 @@ def _where(source: str, lines: Mapping[tuple[str, ...], int], loc: tuple[str, ..
     return source
 
 
+# "step 2 (welcome): then: ..." from Sequence's check of its steps, to locate the key it is about.
+_STEP_PROBLEM = re.compile(r"^step (?P<index>\d+) \((?P<step>[^)]*)\): (?P<key>\w+): (?P<rest>.*)$", re.DOTALL)
+
+
 def parse_playbook(text: str, *, source: str = "nurture.yaml") -> Playbook:
     """Validate playbook text; raises PlaybookError listing every problem with its line."""
     try:
@@ -929,6 +933,10 @@ def parse_playbook(text: str, *, source: str = "nurture.yaml") -> Playbook:
             message = error["msg"].removeprefix("Value error, ")
             if error["type"] == "extra_forbidden":
                 message = "unknown key (check its spelling)"
+            if loc and loc[-1] == "steps" and (about := _STEP_PROBLEM.match(message)):
+                # A problem between steps names one step's key: point at that key's line.
+                loc = (*loc, about["index"], about["key"])
+                key, message = ".".join(loc), f"{about['rest']} (step {about['step']})"
             problems.append(f"{_where(source, lines, loc)}: {key}: {message}")
         raise PlaybookError(problems) from exc
     playbook._source = PlaybookSource(path=source, lines=MappingProxyType(lines))

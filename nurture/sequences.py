@@ -267,6 +267,11 @@ def reacting_sequences(playbook: Playbook) -> frozenset[str]:
     )
 
 
+def waiting_sequences(playbook: Playbook) -> frozenset[str]:
+    """The sequences with a ``wait_for``: a lead's new event may end one of its waits."""
+    return frozenset(name for name, seq in playbook.sequences.items() if any(step.wait_for for step in seq.steps))
+
+
 def decide_branch(step: Step, *, settled_at: datetime, activity: Activity, now: datetime) -> Branch | None:
     """Which way a wait ends: ``then`` if the lead did it by the deadline (``within`` of the step
     settling), ``else`` once the deadline has passed without it; None: still waiting."""

@@ -282,3 +282,30 @@ def test_a_variant_whose_template_is_missing_is_named_with_its_line(tmp_path: Pa
     [problem] = error.value.problems
     line = text.splitlines().index("            template: welcom") + 1
     assert problem.startswith(f"{path}:{line}: sequences.welcome.steps.0.variants.1.template: template 'welcom' has no")
+
+
+B_SUBJECT = "subject: \"{{ lead.first_name or 'Hi' }}, your first {{ brand.name }} dashboard takes an afternoon\""
+
+
+def test_a_variant_with_an_empty_subject_is_refused() -> None:
+    """As for a plain step: an arm without a subject would send emails with none."""
+    assert B_SUBJECT in SHIPPED
+    with pytest.raises(PlaybookError):
+        parse_playbook(SHIPPED.replace(B_SUBJECT, 'subject: ""'), source="nurture.yaml")
+
+
+def test_a_variant_with_an_empty_template_is_refused_by_the_playbook_check() -> None:
+    """Refused when the playbook is read, not only by the check that the template files exist."""
+    old = "          - id: b\n            template: welcome\n"
+    assert old in SHIPPED
+    with pytest.raises(PlaybookError):
+        parse_playbook(SHIPPED.replace(old, "          - id: b\n            template: ''\n"), source="nurture.yaml")
+
+
+def test_a_bad_then_names_the_line_of_then() -> None:
+    """A problem between steps points at the key it is about (the ``then:``), not at ``steps:``."""
+    line = SHIPPED[: SHIPPED.index("then: case_study")].count("\n") + 1
+    with pytest.raises(PlaybookError) as error:
+        parse_playbook(SHIPPED.replace("then: case_study", "then: case_studdy", 1), source="nurture.yaml")
+    [message] = error.value.problems
+    assert message.startswith(f"nurture.yaml:{line}:"), message
