@@ -21,10 +21,11 @@ from sqlmodel import col
 
 from db.engine import dialect_insert
 from db.models import Enrollment, Event, Lead, Message, ScoreChange, SequencePause, StageTransition, UTCDateTime
+from db.scoring import chunk_points
 from nurture.advancing import ChunkPlan, LeadSnapshot, StageMove
 from nurture.delivery import MessageStatus
 from nurture.playbook import Playbook, Stage
-from nurture.scoring import ActivityEvent, LeadScoreState
+from nurture.scoring import ActivityEvent, EventPoints, LeadScoreState
 from nurture.sequences import (
     Activity,
     Branch,
@@ -117,6 +118,8 @@ class ChunkSnapshot:
     event_ids: list[int]
     # Leads whose stage an operator set and who did nothing since (a replay keeps their stage).
     held: frozenset[int] = frozenset()
+    # A replay: every event's points, summed per lead by the database (``events`` is then empty).
+    points: dict[int, EventPoints] | None = None
 
 
 def _load_leads(session: Session, lead_ids: Sequence[int]) -> list[Any]:
@@ -140,13 +143,11 @@ def _load_leads(session: Session, lead_ids: Sequence[int]) -> list[Any]:
     return list(session.execute(query))
 
 
-def _pending_events(session: Session, lead_ids: Sequence[int], now: datetime, *, replay: bool) -> list[Any]:
-    """Events up to ``now`` not yet in the leads' scores (with ``replay``: all of them)."""
+def _pending_events(session: Session, lead_ids: Sequence[int], now: datetime) -> list[Any]:
+    """Events up to ``now`` not yet in the leads' scores."""
     query = select(col(Event.id), col(Event.lead_id), col(Event.kind), col(Event.occurred_at)).where(
-        col(Event.lead_id).in_(lead_ids), col(Event.occurred_at) <= now
+        col(Event.lead_id).in_(lead_ids), col(Event.occurred_at) <= now, col(Event.applied).is_(False)
     )
-    if not replay:
-        query = query.where(col(Event.applied).is_(False))
     return list(session.execute(query))
 
 
@@ -188,8 +189,9 @@ def load_chunk(
     """Lock the chunk's leads and read them with their events up to ``now`` not yet scored
     (with ``replay``: all their events)."""
     leads = _load_leads(session, lead_ids) if lead_ids else []
-    pending = _pending_events(session, lead_ids, now, replay=replay) if lead_ids else []
-    counted = {} if replay else _counted_per_day(session, pending, playbook)
+    points = _replayed_points(session, lead_ids, playbook, now) if replay else None
+    pending = _pending_events(session, lead_ids, now) if lead_ids and not replay else []
+    counted = _counted_per_day(session, pending, playbook)
     events: dict[int, list[ActivityEvent]] = defaultdict(list)
     for row in pending:
         events[row.lead_id].append(ActivityEvent(kind=row.kind, occurred_at=row.occurred_at))
@@ -203,7 +205,33 @@ def load_chunk(
         for lead in leads
     ]
     held = _held_by_hand(session, lead_ids) if replay and lead_ids else frozenset()
-    return ChunkSnapshot(snapshots, dict(events), dict(counted), [row.id for row in pending], held)
+    return ChunkSnapshot(snapshots, dict(events), dict(counted), [row.id for row in pending], held, points)
+
+
+def _replayed_points(
+    session: Session, lead_ids: Sequence[int], playbook: Playbook, now: datetime
+) -> dict[int, EventPoints]:
+    """Every event's points up to ``now``, per lead and kind, summed in the database (``db.scoring``)."""
+    by_lead: dict[int, dict[str, float]] = defaultdict(dict)
+    kinds: dict[int, set[str]] = defaultdict(set)
+    for row in chunk_points(session=session, lead_ids=lead_ids, playbook=playbook, now=now):
+        kinds[row.lead_id].add(row.kind)
+        if row.kind in playbook.scoring.events:
+            by_lead[row.lead_id][row.kind] = row.points
+    return {
+        lead_id: EventPoints(by_kind=by_lead[lead_id], counted=[], kinds_seen=frozenset(seen))
+        for lead_id, seen in kinds.items()
+    }
+
+
+def mark_events_scored(*, session: Session, lead_ids: Sequence[int], now: datetime) -> None:
+    """After a replay: the chunk's events up to ``now`` are all in its scores (one UPDATE per batch)."""
+    for ids in batched(sorted(set(lead_ids))):
+        session.execute(
+            update(Event)
+            .where(col(Event.lead_id).in_(ids), col(Event.applied).is_(False), col(Event.occurred_at) <= now)
+            .values(applied=True)
+        )
 
 
 def _held_by_hand(session: Session, lead_ids: Sequence[int]) -> frozenset[int]:

@@ -27,6 +27,7 @@ from db.cycle import (
     lead_activity,
     load_chunk,
     lock_lead,
+    mark_events_scored,
     paused_sequences,
     record_conversions,
     record_transitions,
@@ -86,6 +87,7 @@ def advance_leads(
         now=now,
         replay=replay,
         held=snapshot.held,
+        points=snapshot.points,
     )
     save_scores(
         session=session,
@@ -95,6 +97,8 @@ def advance_leads(
         now=now,
         flow_run_id=flow_run_id,
     )
+    if replay:
+        mark_events_scored(session=session, lead_ids=lead_ids, now=now)
     result.score_changes = len(plan.ledger)
     # Before the moves: a goal event that also changes the stage converts the enrollment, not exits it.
     convert_on_goals(session=session, events=snapshot.events, playbook=playbook, now=now, result=result)

@@ -26,7 +26,7 @@ from nurture.lifecycle import (
     transition_reason,
 )
 from nurture.playbook import Playbook, Stage
-from nurture.scoring import ActivityEvent, LeadScoreState, next_review_at, rescore
+from nurture.scoring import NO_POINTS, ActivityEvent, EventPoints, LeadScoreState, next_review_at, rescore
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,13 +88,15 @@ def plan_chunk(
     now: datetime,
     replay: bool = False,
     held: frozenset[int] = frozenset(),
+    points: Mapping[int, EventPoints] | None = None,
 ) -> ChunkPlan:
     """Rescore each lead with its new ``events`` and decide its stage.
 
     ``counted`` are events already in each score, per kind and day (for daily caps).
     With ``replay`` every event is passed and scores start from zero under the current
     playbook; the ledger then holds one row per moved score. ``held`` leads keep their stage (an
-    operator set it and they did nothing since), and decay alone will not review them.
+    operator set it and they did nothing since), and decay alone will not review them. ``points``:
+    the new events' points per lead as the database summed them (a replay), instead of ``events``.
     """
     plan = ChunkPlan()
     customer_kinds = set(playbook.stages.customer.on_events)
@@ -108,6 +110,7 @@ def plan_chunk(
             scoring=playbook.scoring,
             now=now,
             already_counted=counted.get(lead.id),
+            new_points=None if points is None else points.get(lead.id, NO_POINTS),
         )
         purchased = bool(update.kinds_seen & customer_kinds)
         target = target_stage(update.score, lead.stage, playbook.stages, purchased=purchased)

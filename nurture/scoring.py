@@ -112,6 +112,9 @@ class EventPoints:
         return sum(self.by_kind.values())
 
 
+NO_POINTS = EventPoints(by_kind={}, counted=[], kinds_seen=frozenset())
+
+
 def event_points(
     events: Iterable[ActivityEvent],
     scoring: Scoring,
@@ -185,12 +188,18 @@ def rescore(
     scoring: Scoring,
     now: datetime,
     already_counted: Mapping[tuple[str, date], int] | None = None,
+    new_points: EventPoints | None = None,
 ) -> ScoreUpdate:
-    """Bring a lead's score to ``now`` from its stored state and its unseen events."""
+    """Bring a lead's score to ``now`` from its stored state and its unseen events (or their points,
+    when the database summed them: ``new_points``)."""
     fit_points = fit_breakdown(profile, scoring.fit)
     fit = sum(fit_points.values())
     decayed = engagement_at(state.engagement, state.scored_at, now, scoring.half_life)
-    new = event_points(new_events, scoring, now, already_counted=already_counted)
+    new = (
+        new_points
+        if new_points is not None
+        else event_points(new_events, scoring, now, already_counted=already_counted)
+    )
     engagement = decayed + new.total
     contributions: dict[str, float] = {}
     if state.scored_at is None:
