@@ -20,7 +20,17 @@ from sqlalchemy.orm import Session
 from sqlmodel import col
 
 from db.engine import dialect_insert
-from db.models import Enrollment, Event, Lead, Message, ScoreChange, SequencePause, StageTransition, UTCDateTime
+from db.models import (
+    Enrollment,
+    Event,
+    Lead,
+    Message,
+    ScoreChange,
+    ScoringState,
+    SequencePause,
+    StageTransition,
+    UTCDateTime,
+)
 from db.scoring import chunk_points
 from nurture.advancing import ChunkPlan, LeadSnapshot, StageMove
 from nurture.delivery import MessageStatus
@@ -755,3 +765,18 @@ def _message_id(value: Any) -> int:
         return int(value)
     except (TypeError, ValueError):
         return -1
+
+
+def scoring_version_in_use(*, session: Session) -> str | None:
+    """The scoring rules the stored scores follow (None: not recorded yet)."""
+    return session.scalar(select(col(ScoringState.scoring_version)).where(col(ScoringState.id) == 1))
+
+
+def record_scoring_version(*, session: Session, version: str, now: datetime, set_by: str) -> None:
+    """Say the stored scores now follow these rules (a rescore-all applied them, or the first cycle)."""
+    row = session.get(ScoringState, 1)
+    if row is None:
+        session.add(ScoringState(id=1, scoring_version=version, since=now, set_by=set_by))
+    else:
+        row.scoring_version, row.since, row.set_by = version, now, set_by
+    session.flush()

@@ -188,6 +188,19 @@ class Enrollment(SQLModel, table=True):
     waiting_until: datetime | None = _utc(default=None)
 
 
+class ScoringState(SQLModel, table=True):
+    """Which scoring rules the stored scores follow (one row): the playbook's ``scoring_version`` the
+    last rescore-all (or the first cycle) applied, so a cycle can tell when the rules changed since."""
+
+    __tablename__ = "scoring_state"
+
+    id: int = Field(default=1, primary_key=True)
+    scoring_version: str = Field(sa_type=String(32))
+    since: datetime = _utc()
+    # What set it: "rescore-all", or "first cycle" (a database whose scores were all computed under it).
+    set_by: str = Field(sa_type=String(32))
+
+
 class SequencePause(SQLModel, table=True):
     """A sequence an operator paused: nothing new is decided or sent for it until resumed."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,9 +21,19 @@ from prefect.client.schemas.objects import State
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 from prefect.states import Failed
+from sqlalchemy import func, select
+from sqlmodel import col
 
-from db.cycle import ChunkResult, all_lead_ids, count_leads_to_advance, next_lead_ids
+from db.cycle import (
+    ChunkResult,
+    all_lead_ids,
+    count_leads_to_advance,
+    next_lead_ids,
+    record_scoring_version,
+    scoring_version_in_use,
+)
 from db.engine import session_scope
+from db.models import Lead
 from db.reports import STAGE_ORDER, funnel
 from flows.advancing import WalkResult, advance_leads, walk_sequences
 from flows.pacing import send_pacer
@@ -292,9 +303,12 @@ def nurture_cycle(
     """
     logger = get_run_logger()
     at = as_utc(now)
+    rescore = check_scoring_version(at, batch_size, dry_run=dry_run)
     with session_scope(current_runtime().engine) as session:
         to_advance = count_leads_to_advance(session=session, now=at)
     advanced = advance_all(at, batch_size, to_advance, dry_run=dry_run)
+    if rescore.rescored is not None:
+        advanced.add(rescore.rescored)
     walked = walk_all(at, batch_size, dry_run=dry_run)
     dispatched = dispatch_task(at, batch_size) if dispatch and not dry_run else DispatchResult()
     totals = publish_report(advanced, dispatched, dry_run=dry_run)
@@ -326,8 +340,47 @@ def nurture_cycle(
         "messages_in_doubt_from_stopped_dispatchers": dispatched.found_in_doubt,
         "claims_released_from_stopped_dispatchers": dispatched.released,
         "funnel": totals,
+        "rescore_needed": rescore.needed,
+        "rescored_all_leads": rescore.rescored is not None,
     }
     return delivery_verdict(dispatched, summary)
+
+
+@dataclass(frozen=True)
+class ScoringCheck:
+    """Whether stored scores follow the playbook's scoring rules: ``needed`` when they do not (and
+    nothing rescored them); ``rescored`` when this cycle rescored every lead first."""
+
+    needed: bool
+    rescored: ChunkResult | None = None
+
+
+def check_scoring_version(at: datetime, batch_size: int, *, dry_run: bool) -> ScoringCheck:
+    """Compare the scoring rules of the stored scores with the playbook's; rescore every lead first
+    when they changed and NURTURE_RESCORE_ON_SCORING_CHANGE is on, else say a rescore-all is needed."""
+    runtime = current_runtime()
+    version = runtime.playbook.scoring_version
+    with session_scope(runtime.engine, commit=not dry_run) as session:
+        in_use = scoring_version_in_use(session=session)
+        if in_use is None:  # a new database, or one from before this was recorded: its scores are taken as current
+            record_scoring_version(session=session, version=version, now=at, set_by="first cycle")
+        total = int(session.scalar(select(func.count(col(Lead.id)))) or 0)
+    if in_use is None or in_use == version:
+        return ScoringCheck(needed=False)
+    if not runtime.settings.nurture_rescore_on_scoring_change or dry_run:
+        get_run_logger().warning(
+            "the playbook's scoring rules or stage thresholds changed since scores were last computed "
+            "(scoring version %s, now %s): stored scores and stages follow the old rules until "
+            "`nurture run rescore-all` (or set NURTURE_RESCORE_ON_SCORING_CHANGE=true)",
+            in_use,
+            version,
+        )
+        return ScoringCheck(needed=True)
+    get_run_logger().info("scoring rules changed (%s → %s): rescoring every lead first", in_use, version)
+    rescored = advance_all(at, batch_size, total, replay=True)
+    with session_scope(runtime.engine) as session:
+        record_scoring_version(session=session, version=version, now=at, set_by="rescore-all")
+    return ScoringCheck(needed=False, rescored=rescored)
 
 
 @flow(name="dispatch", flow_run_name=lambda: run_name("dispatch"))

@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from sqlalchemy import func, select
 from sqlmodel import col
 
+from db.cycle import record_scoring_version
 from db.engine import session_scope
 from db.imports import import_file
 from db.models import Lead
@@ -21,7 +22,7 @@ from flows.sending import DispatchResult
 
 
 @flow(name="rescore-all", flow_run_name=lambda: run_name("rescore-all"))
-def rescore_all(now: datetime | None = None, batch_size: int = 2000) -> dict[str, Any]:
+def rescore_all(now: datetime | None = None, batch_size: int = 2000, dry_run: bool = False) -> dict[str, Any]:
     """Recompute every lead's score from all its events under the current playbook, in chunks.
 
     Run it after changing scoring rules or thresholds; stage changes it causes start their
@@ -30,20 +31,33 @@ def rescore_all(now: datetime | None = None, batch_size: int = 2000) -> dict[str
     Args:
         now: Score as of this time (default: now).
         batch_size: Leads per advance-leads task.
+        dry_run: Compute everything and report what would change, then roll it back.
     """
     at = as_utc(now)
-    with session_scope(current_runtime().engine) as session:
+    runtime = current_runtime()
+    with session_scope(runtime.engine) as session:
         total = int(session.scalar(select(func.count(col(Lead.id)))) or 0)
-    advanced = advance_all(at, batch_size, total, replay=True)
-    publish_report(advanced, DispatchResult())
+    advanced = advance_all(at, batch_size, total, replay=True, dry_run=dry_run)
+    publish_report(advanced, DispatchResult(), dry_run=dry_run)
+    if not dry_run:
+        with session_scope(runtime.engine) as session:
+            record_scoring_version(
+                session=session, version=runtime.playbook.scoring_version, now=at, set_by="rescore-all"
+            )
     get_run_logger().info(
-        "rescored %d leads under playbook %s: %d scores changed, %d transitions",
+        "%s %d leads under playbook %s: %d scores changed, %d transitions",
+        "would rescore" if dry_run else "rescored",
         advanced.leads,
-        current_runtime().playbook.version,
+        runtime.playbook.version,
         advanced.score_changes,
         sum(advanced.transitions.values()),
     )
-    return {"leads": advanced.leads, "score_changes": advanced.score_changes, "transitions": dict(advanced.transitions)}
+    return {
+        "dry_run": dry_run,
+        "leads": advanced.leads,
+        "score_changes": advanced.score_changes,
+        "transitions": dict(advanced.transitions),
+    }
 
 
 @task(name="import-file", cache_policy=NO_CACHE, retries=0)

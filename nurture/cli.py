@@ -250,6 +250,32 @@ def run_dispatch(
     _exit_on_delivery_problems(ok)
 
 
+@run_app.command("rescore-all")
+def run_rescore_all(
+    now: Annotated[str | None, typer.Option(help="Score as if it were this ISO 8601 time (default: now)")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Leads per chunk")] = 2000,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Say how many scores and stages would change; write nothing")
+    ] = False,
+    allow_future: Annotated[bool, typer.Option("--allow-future", help=ALLOW_FUTURE_HELP)] = False,
+) -> None:
+    """Recompute every lead's score from all its events under the playbook as it is now: once.
+
+    Run it after changing scoring rules or stage thresholds (`nurture status` says when). Stage
+    changes it causes start their sequences; the next cycle or dispatch sends their emails.
+    """
+    at = _parse_now(now, allow_future=allow_future)
+    _checked_playbook()
+    _engine()
+    _quiet_prefect_console()
+    from flows.maintenance import rescore_all
+    from flows.prefect_server import temporary_prefect_api
+
+    with temporary_prefect_api():
+        summary = rescore_all(now=at, batch_size=batch_size, dry_run=dry_run)
+    console.print_json(json.dumps(summary, default=str))
+
+
 def _exit_on_delivery_problems(ok: bool) -> None:
     """A run that failed messages or left some in doubt exits 2, so cron and supervisors notice."""
     if not ok:
@@ -289,15 +315,27 @@ def _print_funnel(totals: dict[str, Any]) -> None:
 @app.command()
 def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False) -> None:
     """Leads per stage, messages per status, transitions so far."""
+    from db.cycle import scoring_version_in_use
     from db.engine import session_scope
     from db.reports import funnel
+    from nurture.playbook import load_playbook
 
     with session_scope(_engine()) as session:
         totals = funnel(session=session)
+        in_use = scoring_version_in_use(session=session)
+    version = load_playbook(_settings().nurture_playbook).scoring_version
+    totals["rescore_needed"] = in_use is not None and in_use != version
     if as_json:
         console.print_json(json.dumps(totals))
-    else:
-        _print_funnel(totals)
+        return
+    _print_funnel(totals)
+    if totals["rescore_needed"]:
+        console.print(
+            "[yellow]The playbook's scoring rules or stage thresholds changed since scores were last computed:[/] "
+            "stored scores and stages follow the old rules. Run `nurture run rescore-all --dry-run` to see what "
+            "would change, then `nurture run rescore-all`.",
+            highlight=False,
+        )
 
 
 @app.command()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -790,6 +791,16 @@ class Playbook(_Frozen):
         """The sequence's own send window, else the contact policy's (None: any time but quiet hours)."""
         own = self.sequences[sequence].send_window if sequence in self.sequences else None
         return own or self.contact_policy.send_window
+
+    @property
+    def scoring_version(self) -> str:
+        """A hash of what scores and stages depend on (``scoring`` and ``stages``): when it changes,
+        stored scores are stale until a rescore-all; an edit elsewhere (a sequence, a subject) leaves it."""
+        rules = json.dumps(
+            {"scoring": self.scoring.model_dump(mode="json"), "stages": self.stages.model_dump(mode="json")},
+            sort_keys=True,
+        )
+        return hashlib.sha256(rules.encode()).hexdigest()[:12]
 
     def template_names(self) -> set[str]:
         return {

@@ -54,6 +54,11 @@ class Settings(BaseSettings):
         default=None, description="Address for mailto: unsubscribe requests, added to List-Unsubscribe"
     )
     sendgrid_asm_group_id: int | None = Field(default=None, description="SendGrid unsubscribe group for every email")
+    nurture_rescore_on_scoring_change: bool = Field(
+        default=False,
+        description="When the playbook's scoring rules or stage thresholds changed since scores were last "
+        "computed, the next cycle rescores every lead first (off: it says a rescore-all is needed)",
+    )
     nurture_send_rate: float = Field(
         default=0.0, ge=0, description="Messages per second across all dispatchers; 0 = no limit"
     )

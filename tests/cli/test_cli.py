@@ -325,3 +325,46 @@ def test_forget_leaves_no_trace_of_the_person_in_the_database_files(tmp_path: Pa
         for trace in (b"zebulon.quux@erase.example", b"Zebulon", b"Quuxworth", b"203.0.113.77"):
             assert [f.name for f in files if trace in f.read_bytes()] == [], trace
         assert any(b"keep@other.example" in f.read_bytes() for f in files)  # the search would have found it
+
+
+def test_a_scoring_change_is_noticed_and_rescore_all_applies_it(tmp_path: Path, prefect_api: str) -> None:
+    """Lowering the warm threshold changes nothing by itself: `status` and the cycle say a rescore is
+    needed, `rescore-all --dry-run` shows what would move and writes nothing, `rescore-all` moves it; with
+    NURTURE_RESCORE_ON_SCORING_CHANGE the cycle rescores first."""
+    env = {"PREFECT_API_URL": prefect_api}
+    nurture("db", "upgrade")
+    leads, events = tmp_path / "leads.csv", tmp_path / "events.csv"
+    leads.write_text("email,job_title,company_size,country\nann@northwind.example,Analyst,200,US\n")
+    events.write_text("email,kind,occurred_at\nann@northwind.example,form_submit,2026-03-02T09:00:00Z\n")
+    nurture("import", "leads", str(leads))
+    nurture("import", "events", str(events))
+    first = json.loads(nurture("run", "cycle", "--now", "2026-03-02T10:00:00Z", env=env).stdout)
+    assert first["rescore_needed"] is False
+    assert json.loads(nurture("status", "--json").stdout)["rescore_needed"] is False
+
+    lower = tmp_path / "nurture.yaml"
+    lower.write_text(
+        PLAYBOOK_PATH.read_text().replace(
+            "warm: {enter_at: 40, leave_below: 30}", "warm: {enter_at: 20, leave_below: 15}"
+        )
+    )
+    env["NURTURE_PLAYBOOK"] = str(lower)
+    status = nurture("status", env=env).stdout
+    assert "scoring rules or stage thresholds changed" in " ".join(status.split())
+    cycle = json.loads(nurture("run", "cycle", "--now", "2026-03-02T11:00:00Z", env=env).stdout)
+    assert (cycle["rescore_needed"], cycle["transitions"]) == (True, {})
+    dry = json.loads(nurture("run", "rescore-all", "--dry-run", "--now", "2026-03-02T12:00:00Z", env=env).stdout)
+    assert (dry["dry_run"], dry["transitions"]) == (True, {"cold→warm": 1})
+    assert json.loads(nurture("status", "--json", env=env).stdout)["leads_by_stage"]["warm"] == 0
+    done = json.loads(nurture("run", "rescore-all", "--now", "2026-03-02T12:00:00Z", env=env).stdout)
+    assert done["transitions"] == {"cold→warm": 1}
+    after = json.loads(nurture("status", "--json", env=env).stdout)
+    assert (after["rescore_needed"], after["leads_by_stage"]["warm"]) == (False, 1)
+
+    # Configured to apply it: the next change is rescored by the cycle itself (back up: Ann leaves warm).
+    env["NURTURE_PLAYBOOK"] = str(PLAYBOOK_PATH)
+    env["NURTURE_RESCORE_ON_SCORING_CHANGE"] = "true"
+    cycle = json.loads(nurture("run", "cycle", "--now", "2026-03-02T13:00:00Z", env=env).stdout)
+    assert (cycle["rescore_needed"], cycle["rescored_all_leads"]) == (False, True)
+    assert cycle["transitions"] == {"warm→cold": 1}
+    assert json.loads(nurture("status", "--json", env=env).stdout)["rescore_needed"] is False

@@ -17,7 +17,7 @@ from alembic.config import Config
 from sqlalchemy import Engine, func, select, text
 from sqlmodel import col
 
-from db.engine import MIGRATIONS_DIR, get_engine, session_scope, upgrade_schema
+from db.engine import MIGRATIONS_DIR, get_engine, head_revision, session_scope, upgrade_schema
 from db.imports import import_file
 from db.inbound import forget_lead
 from db.models import Event, Lead, Message
@@ -152,7 +152,7 @@ def test_upgrading_an_existing_sqlite_database_keeps_every_row_and_child(tmp_pat
 
     before = counts()
     assert before["Message"] > 0
-    assert upgrade_schema(engine) == ("0003", "0008")
+    assert upgrade_schema(engine) == ("0003", head_revision())
     assert counts() == before
     with engine.connect() as connection:
         tables = dict(connection.execute(text("SELECT name, sql FROM sqlite_master WHERE type = 'table'")).all())
@@ -196,7 +196,7 @@ def test_upgrading_moves_stored_addresses_to_the_one_spelling(database_url: str)
                 }
             ],
         )
-    assert upgrade_schema(engine) == ("0004", "0008")
+    assert upgrade_schema(engine) == ("0004", head_revision())
     with session_scope(engine) as session:
         emails = set(session.scalars(select(col(Lead.email))))
         suppressions = session.execute(select(col(Suppression.email), col(Suppression.email_hash))).all()
