@@ -364,7 +364,6 @@ def check_scoring_version(at: datetime, batch_size: int, *, dry_run: bool) -> Sc
         in_use = scoring_version_in_use(session=session)
         if in_use is None:  # a new database, or one from before this was recorded: its scores are taken as current
             record_scoring_version(session=session, version=version, now=at, set_by="first cycle")
-        total = int(session.scalar(select(func.count(col(Lead.id)))) or 0)
     if in_use is None or in_use == version:
         return ScoringCheck(needed=False)
     if not runtime.settings.nurture_rescore_on_scoring_change or dry_run:
@@ -377,6 +376,8 @@ def check_scoring_version(at: datetime, batch_size: int, *, dry_run: bool) -> Sc
         )
         return ScoringCheck(needed=True)
     get_run_logger().info("scoring rules changed (%s → %s): rescoring every lead first", in_use, version)
+    with session_scope(runtime.engine) as session:
+        total = int(session.scalar(select(func.count(col(Lead.id)))) or 0)
     rescored = advance_all(at, batch_size, total, replay=True)
     with session_scope(runtime.engine) as session:
         record_scoring_version(session=session, version=version, now=at, set_by="rescore-all")
