@@ -266,10 +266,10 @@ def _write_postgres(engine: Engine, leads: int, events: int, seed: int) -> None:
 
     url = engine.url.set(drivername="postgresql")
     options = url.query.get("options")
-    with psycopg.connect(
-        url.set(query={}).render_as_string(hide_password=False),
-        **({"options": options} if isinstance(options, str) else {}),
-    ) as connection:
+    conninfo = url.set(query={}).render_as_string(hide_password=False)
+    if isinstance(options, str):  # a search_path given in the URL, as the other benchmarks do
+        conninfo = psycopg.conninfo.make_conninfo(conninfo, options=options)
+    with psycopg.connect(conninfo) as connection:
         with connection.cursor() as cursor:
             # Indexes not backing a constraint are built again after the load.
             cursor.execute(

@@ -51,6 +51,7 @@ from sqlalchemy import create_engine, insert, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
+from sqlmodel import col
 
 from benchmarks.generate import KINDS, NOW, generate
 from db.cycle import PROFILE_COLUMNS, ChunkResult, all_lead_ids, next_lead_ids
@@ -162,7 +163,8 @@ def naive_rescore(url: str, playbook: Playbook, leads: int) -> None:
         for lead_id in range(1, leads + 1):
             lead = session.get(Lead, lead_id)
             assert lead is not None
-            events = session.scalars(select(Event).where(Event.lead_id == lead_id, Event.occurred_at <= NOW)).all()
+            query = select(Event).where(col(Event.lead_id) == lead_id, col(Event.occurred_at) <= NOW)
+            events = session.scalars(query).all()
             update = rescore(
                 LeadScoreState(),
                 profile={c: getattr(lead, c) for c in PROFILE_COLUMNS},
