@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a machine with Python 3.11, pip and make:
 #   make demo   — install, create ./nurture.db, run the demo
 #   make test   — install, then lint, type-check, check the layers and run the tests
+#   make bench  — the scoring benchmark (docs/benchmarks.md); `make bench-quick` at 1/10 scale
 PYTHON ?= python3
 UV_VERSION := 0.13.9
 TOOLS := .tools
@@ -10,7 +11,7 @@ export UV_PYTHON_DOWNLOADS := never
 # Compiled bytecode at install: every `nurture` command starts several times faster.
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: setup demo test lint typecheck clean
+.PHONY: setup demo test lint typecheck bench bench-quick clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -35,6 +36,13 @@ typecheck: setup
 
 test: lint typecheck
 	$(UV) run --locked pytest
+
+# Scoring at scale on SQLite and PostgreSQL (docs/benchmarks.md): `make bench ARGS=--quick` or `make bench-quick`.
+bench: setup
+	$(UV) run --locked python -m benchmarks.scoring $(ARGS)
+
+bench-quick: setup
+	$(UV) run --locked python -m benchmarks.scoring --quick $(ARGS)
 
 clean:
 	rm -rf $(TOOLS) .venv nurture.db nurture.db-* outbox .pytest_cache .mypy_cache .ruff_cache
