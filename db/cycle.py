@@ -772,11 +772,19 @@ def scoring_version_in_use(*, session: Session) -> str | None:
     return session.scalar(select(col(ScoringState.scoring_version)).where(col(ScoringState.id) == 1))
 
 
-def record_scoring_version(*, session: Session, version: str, now: datetime, set_by: str) -> None:
-    """Say the stored scores now follow these rules (a rescore-all applied them, or the first cycle)."""
-    row = session.get(ScoringState, 1)
-    if row is None:
-        session.add(ScoringState(id=1, scoring_version=version, since=now, set_by=set_by))
+def record_scoring_version(
+    *, session: Session, version: str, now: datetime, set_by: str, only_if_unset: bool = False
+) -> None:
+    """Say the stored scores now follow these rules (a rescore-all applied them). ``only_if_unset``:
+    the first cycle's record, which never replaces one (two first cycles at once: one row, no error)."""
+    table = ScoringState.__table__  # type: ignore[attr-defined]
+    values = {"id": 1, "scoring_version": version, "since": now, "set_by": set_by}
+    statement = dialect_insert(session, table).values(**values)
+    if only_if_unset:
+        session.execute(statement.on_conflict_do_nothing(index_elements=["id"]))
     else:
-        row.scoring_version, row.since, row.set_by = version, now, set_by
-    session.flush()
+        session.execute(
+            statement.on_conflict_do_update(
+                index_elements=["id"], set_={"scoring_version": version, "since": now, "set_by": set_by}
+            )
+        )

@@ -363,7 +363,7 @@ def check_scoring_version(at: datetime, batch_size: int, *, dry_run: bool) -> Sc
     with session_scope(runtime.engine, commit=not dry_run) as session:
         in_use = scoring_version_in_use(session=session)
         if in_use is None:  # a new database, or one from before this was recorded: its scores are taken as current
-            record_scoring_version(session=session, version=version, now=at, set_by="first cycle")
+            record_scoring_version(session=session, version=version, now=at, set_by="first cycle", only_if_unset=True)
     if in_use is None or in_use == version:
         return ScoringCheck(needed=False)
     if not runtime.settings.nurture_rescore_on_scoring_change or dry_run:

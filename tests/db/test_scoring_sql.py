@@ -196,3 +196,17 @@ def test_a_replay_scored_in_sql_gives_the_scores_the_cycles_gave(engine: Engine,
         assert after.stage == before[email].stage
     assert result.score_changes == 0
     assert sum(result.transitions.values()) == 0
+
+
+def test_the_scoring_version_in_use_is_set_once_by_a_first_cycle_and_replaced_by_a_rescore(engine: Engine) -> None:
+    from db.cycle import record_scoring_version, scoring_version_in_use
+
+    with session_scope(engine) as session:
+        assert scoring_version_in_use(session=session) is None
+        record_scoring_version(session=session, version="v1", now=T0, set_by="first cycle", only_if_unset=True)
+        # A second first cycle (two at once) neither fails nor replaces it.
+        record_scoring_version(session=session, version="v2", now=T0, set_by="first cycle", only_if_unset=True)
+        assert scoring_version_in_use(session=session) == "v1"
+        record_scoring_version(session=session, version="v3", now=T0, set_by="rescore-all")
+    with session_scope(engine) as session:
+        assert scoring_version_in_use(session=session) == "v3"
