@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, delete, insert
+from sqlalchemy.orm import Session
 
 from db.engine import session_scope
 from db.models import Event, Lead
@@ -116,19 +117,24 @@ def test_sql_points_agree_with_the_reference_to_1e_9(
                 assert row.points == pytest.approx(0.0, abs=1e-9)
 
 
+def _only_lead(session: Session) -> int:
+    """An empty database but for one lead; its id."""
+    session.execute(delete(Event))
+    session.execute(delete(Lead))
+    lead = Lead(email="ann@example.com", created_at=T0, updated_at=T0)
+    session.add(lead)
+    session.flush()
+    assert lead.id is not None
+    return lead.id
+
+
 def test_decay_is_exact_to_the_microsecond(engine: Engine, playbook: Playbook) -> None:
     """One event 14 days and 1 µs before now, half-life 14 days: half its points, to 1e-12."""
     one = _playbook(playbook, 14 * 24, {"demo_request": EventRule(points=30)})
+    at = datetime(2026, 3, 2, 9, 0, 0, 1, tzinfo=UTC)
     with session_scope(engine) as session:
-        session.execute(delete(Event))
-        session.execute(delete(Lead))
-        lead = Lead(email="ann@example.com", created_at=T0, updated_at=T0)
-        session.add(lead)
-        session.flush()
-        assert lead.id is not None
-        at = datetime(2026, 3, 2, 9, 0, 0, 1, tzinfo=UTC)
-        session.add(Event(lead_id=lead.id, kind="demo_request", occurred_at=at, received_at=T0))
-        lead_id = lead.id
+        lead_id = _only_lead(session)
+        session.add(Event(lead_id=lead_id, kind="demo_request", occurred_at=at, received_at=T0))
     with session_scope(engine) as session:
         [row] = chunk_points(session=session, lead_ids=[lead_id], playbook=one, now=at + timedelta(days=14))
     assert row.points == pytest.approx(15.0, abs=1e-12, rel=0)
@@ -138,13 +144,7 @@ def test_decay_is_exact_to_the_microsecond(engine: Engine, playbook: Playbook) -
 def test_a_daily_cap_counts_the_first_events_of_each_utc_day(engine: Engine, playbook: Playbook) -> None:
     capped = _playbook(playbook, 24, {"page_view": EventRule(points=1, max_per_day=2)})
     with session_scope(engine) as session:
-        session.execute(delete(Event))
-        session.execute(delete(Lead))
-        lead = Lead(email="ann@example.com", created_at=T0, updated_at=T0)
-        session.add(lead)
-        session.flush()
-        assert lead.id is not None
-        lead_id = lead.id
+        lead_id = _only_lead(session)
         # Five on one UTC day (the last two minutes before midnight included), one just after midnight.
         times = [T0 + timedelta(hours=h) for h in (0, 1, 2, 3)] + [T0.replace(hour=23, minute=59)]
         times.append(T0.replace(hour=23, minute=59) + timedelta(minutes=2))
