@@ -4,7 +4,7 @@ For each engine, in a database created for the run and dropped after it:
 
 1. ``benchmarks.generate`` writes L leads and 10·L events (a fresh import: nothing scored).
 2. **Full rescore as nurture does it today**: the replay path of the ``rescore-all`` flow
-   (``all_lead_ids`` → ``advance_leads(replay=True)`` per chunk of 2,000 leads, one transaction
+   (``all_lead_ids`` → ``advance_leads(replay=True)`` per chunk, sized as rescore-all sizes it, one transaction
    each), called directly, without Prefect: the flow runs one ``advance-leads`` task per chunk,
    so the task runs it would take are printed, but their overhead is not in the time.
 3. **The bare SQL baseline**: ONE statement per engine that computes every lead's score as
@@ -47,7 +47,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, insert, select, text
+from sqlalchemy import create_engine, func, insert, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
@@ -57,7 +57,7 @@ from benchmarks.generate import KINDS, NOW, generate
 from db.cycle import PROFILE_COLUMNS, ChunkResult, all_lead_ids, next_lead_ids
 from db.engine import get_engine, session_scope
 from db.models import Event, Lead
-from flows.advancing import advance_leads
+from flows.advancing import advance_leads, replay_chunk_size
 from nurture.playbook import FitRule, Playbook, load_playbook
 from nurture.scoring import MAX_MATCHED, ActivityEvent, LeadScoreState, rescore
 
@@ -107,15 +107,17 @@ def measure(step: Callable[[], Any]) -> tuple[Measured, Any]:
 def nurture_replay(url: str, playbook: Playbook) -> tuple[ChunkResult, int]:
     """What ``rescore-all`` does, chunk by chunk (each chunk is an ``advance-leads`` task there)."""
     engine = get_engine(url)
+    with session_scope(engine) as session:
+        size = replay_chunk_size(int(session.scalar(select(func.count(col(Lead.id)))) or 0), BATCH)
     advanced = ChunkResult()
     chunks, after_id = 0, 0
     while True:
         chunks += 1
         with session_scope(engine) as session:
-            lead_ids = all_lead_ids(session=session, after_id=after_id, limit=BATCH)
+            lead_ids = all_lead_ids(session=session, after_id=after_id, limit=size)
             result = advance_leads(session=session, lead_ids=lead_ids, playbook=playbook, now=NOW, replay=True)
         advanced.add(result)
-        if result.leads < BATCH:
+        if result.leads < size:
             return advanced, chunks
         after_id = result.last_lead_id
 

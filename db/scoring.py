@@ -29,7 +29,9 @@ from nurture.playbook import Playbook
 
 # Events beyond this many per kind and day are never a cap (kinds without max_per_day).
 _UNCAPPED = 2**62
-_NOTHING_LEFT = 1070.0
+# Past 900 half-lives nothing is left worth counting (2^-900 < 1e-270): 0, as PostgreSQL's power() and
+# products would raise an underflow error where Python returns a denormal or 0 (points are 0 or ≥ 1e-6).
+_NOTHING_LEFT = 900.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,14 +89,14 @@ def chunk_points(*, session: Session, lead_ids: Sequence[int], playbook: Playboo
             )
             .label("nth"),
         )
-        .where(col(Event.lead_id).in_(list(lead_ids)), occurred <= at, col(Event.kind).in_(kinds))
+        # A range, not an IN list: a replay's chunk is every lead between its first and last id (others
+        # in the range are dropped below), and may hold more leads than an IN list may bind.
+        .where(col(Event.lead_id).between(min(lead_ids), max(lead_ids)), occurred <= at, col(Event.kind).in_(kinds))
         .subquery()
     )
     points = {kind: rule.points for kind, rule in scoring.events.items()}
     caps = {kind: rule.max_per_day for kind, rule in scoring.events.items() if rule.max_per_day is not None}
     half_lives = ranked.c.age / scoring.half_life.total_seconds()
-    # Past ~1,070 half-lives nothing is left (2^-1070 < 1e-322); PostgreSQL's power() would raise an
-    # underflow error where Python returns 0.
     decay = case((half_lives > _NOTHING_LEFT, literal(0.0)), else_=func.power(literal(2.0), -half_lives))
     each = case(points, value=ranked.c.kind, else_=literal(0.0)) * decay
     cap = case(caps, value=ranked.c.kind, else_=literal(_UNCAPPED)) if caps else literal(_UNCAPPED)
@@ -108,4 +110,9 @@ def chunk_points(*, session: Session, lead_ids: Sequence[int], playbook: Playboo
         .group_by(ranked.c.lead_id, ranked.c.kind)
         .order_by(ranked.c.lead_id, ranked.c.kind)
     )
-    return [KindPoints(int(lead), str(kind), int(n), float(total)) for lead, kind, n, total in session.execute(query)]
+    wanted = set(lead_ids)
+    return [
+        KindPoints(int(lead), str(kind), int(n), float(total))
+        for lead, kind, n, total in session.execute(query)
+        if int(lead) in wanted
+    ]

@@ -60,6 +60,18 @@ from nurture.sequences import (
 
 logger = logging.getLogger(__name__)
 
+# A replay (rescore-all) runs one advance-leads task per chunk: at most this many task runs...
+REPLAY_TASK_RUNS = 50
+# ...with chunks of at most this many leads (a chunk's IN lists stay under SQLite's 32,766 variables and
+# its snapshot small), so the bound holds below 1,250,000 leads; beyond, there are more chunks of this size.
+MAX_CHUNK = 25_000
+
+
+def replay_chunk_size(total: int, batch_size: int) -> int:
+    """Leads per chunk for a replay of ``total`` leads: ``batch_size`` at least, and large enough for at
+    most ``REPLAY_TASK_RUNS`` chunks (up to ``MAX_CHUNK`` leads per chunk)."""
+    return max(batch_size, min(total // REPLAY_TASK_RUNS + 1, MAX_CHUNK))
+
 
 def advance_leads(
     *,

@@ -35,7 +35,7 @@ from db.cycle import (
 from db.engine import session_scope
 from db.models import Lead
 from db.reports import STAGE_ORDER, funnel
-from flows.advancing import WalkResult, advance_leads, walk_sequences
+from flows.advancing import WalkResult, advance_leads, replay_chunk_size, walk_sequences
 from flows.pacing import send_pacer
 from flows.runtime import current_runtime
 from flows.sending import DispatchResult, dispatch_due
@@ -378,7 +378,7 @@ def check_scoring_version(at: datetime, batch_size: int, *, dry_run: bool) -> Sc
     get_run_logger().info("scoring rules changed (%s → %s): rescoring every lead first", in_use, version)
     with session_scope(runtime.engine) as session:
         total = int(session.scalar(select(func.count(col(Lead.id)))) or 0)
-    rescored = advance_all(at, batch_size, total, replay=True)
+    rescored = advance_all(at, replay_chunk_size(total, batch_size), total, replay=True)
     with session_scope(runtime.engine) as session:
         record_scoring_version(session=session, version=version, now=at, set_by="rescore-all")
     return ScoringCheck(needed=False, rescored=rescored)

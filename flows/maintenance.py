@@ -16,6 +16,7 @@ from db.cycle import record_scoring_version
 from db.engine import session_scope
 from db.imports import import_file
 from db.models import Lead
+from flows.advancing import replay_chunk_size
 from flows.cycle import ARTIFACT_ROWS, advance_all, as_utc, publish_report, run_name
 from flows.runtime import current_runtime
 from flows.sending import DispatchResult
@@ -30,14 +31,14 @@ def rescore_all(now: datetime | None = None, batch_size: int = 2000, dry_run: bo
 
     Args:
         now: Score as of this time (default: now).
-        batch_size: Leads per advance-leads task.
+        batch_size: Leads per advance-leads task at least; more when that keeps the task runs to 50.
         dry_run: Compute everything and report what would change, then roll it back.
     """
     at = as_utc(now)
     runtime = current_runtime()
     with session_scope(runtime.engine) as session:
         total = int(session.scalar(select(func.count(col(Lead.id)))) or 0)
-    advanced = advance_all(at, batch_size, total, replay=True, dry_run=dry_run)
+    advanced = advance_all(at, replay_chunk_size(total, batch_size), total, replay=True, dry_run=dry_run)
     publish_report(advanced, DispatchResult(), dry_run=dry_run)
     if not dry_run:
         with session_scope(runtime.engine) as session:

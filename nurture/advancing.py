@@ -131,7 +131,11 @@ def plan_chunk(
         moved = abs(update.score - update.old_score) > 1e-9
         contributions: Mapping[str, float] = update.contributions
         if replay and moved:
-            contributions = {f"replay under playbook {playbook.version}": round(update.score - update.old_score, 4)}
+            # Rule by rule: the new score's fit rules and event kinds (scored from zero), less the score replaced.
+            contributions = {
+                f"replay under playbook {playbook.version}: previous score": round(-update.old_score, 4),
+                **update.contributions,
+            }
         if moved or (not replay and (lead.id in events or state.scored_at is None)):
             plan.ledger.append(ScoreMove(lead.id, update.old_score, update.score, contributions))
         if target != lead.stage:

@@ -91,7 +91,17 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
-Points = Annotated[float, Field(ge=-MAX_POINTS, le=MAX_POINTS)]
+# Smaller than this (but not 0) is a typo, and would underflow when decayed in the database.
+MIN_POINTS = 1e-6
+
+
+def _not_tiny(points: float) -> float:
+    if points != 0 and abs(points) < MIN_POINTS:
+        raise ValueError(f"{points!r} is too small: write 0, or at least {MIN_POINTS:g} either way")
+    return points
+
+
+Points = Annotated[float, Field(ge=-MAX_POINTS, le=MAX_POINTS), AfterValidator(_not_tiny)]
 
 
 class EventRule(_Frozen):

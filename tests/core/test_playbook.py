@@ -232,3 +232,12 @@ def test_a_playbook_that_is_not_utf8_is_named_with_its_line(tmp_path: Path) -> N
 @pytest.mark.parametrize(("text", "line"), [("", 1), ("# only a comment\n", 1), ("\n\n- brand\n", 3)])
 def test_a_playbook_that_is_not_a_mapping_is_named_with_its_line(text: str, line: int) -> None:
     assert f"nurture.yaml:{line}: the playbook must be a mapping of keys" in _problems(text)
+
+
+def test_points_too_small_to_mean_anything_are_refused_with_their_line() -> None:
+    problems = _problems(SHIPPED.replace("form_submit: 10", "form_submit: 1.0e-300"))
+    assert f"nurture.yaml:{_line_of(SHIPPED, 'form_submit: 10')}: scoring.events.form_submit.points" in problems
+    assert "too small: write 0, or at least 1e-06" in problems
+    assert (
+        parse_playbook(SHIPPED.replace("form_submit: 10", "form_submit: 0")).scoring.events["form_submit"].points == 0
+    )

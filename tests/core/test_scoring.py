@@ -191,3 +191,18 @@ def test_a_fit_regex_sees_at_most_the_first_thousand_characters_of_a_field() -> 
     early = FitRule.model_validate({"name": "vip", "field": "attributes.notes", "regex": "vip", "points": 1})
     assert rule_matches(early, {"attributes": {"notes": "vip" + "." * 10_000}})
     assert not rule_matches(early, {"attributes": {"notes": "." * MAX_MATCHED + "vip"}})
+
+
+@pytest.mark.parametrize(
+    ("total", "batch"),
+    [(0, 2000), (1, 2000), (99_999, 2000), (100_000, 2000), (1_000_000, 2000), (1_249_999, 2000), (1_000_000, 50_000)],
+)
+def test_a_replay_takes_at_most_50_task_runs_below_1_25_million_leads(total: int, batch: int) -> None:
+    from flows.advancing import MAX_CHUNK, REPLAY_TASK_RUNS, replay_chunk_size
+
+    size = replay_chunk_size(total, batch)
+    assert size >= batch
+    assert size <= max(batch, MAX_CHUNK)
+    # advance_all stops after the first chunk smaller than `size` (one more, empty, when `size` divides the total).
+    runs = total // size + 1
+    assert runs <= REPLAY_TASK_RUNS

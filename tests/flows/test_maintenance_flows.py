@@ -82,9 +82,14 @@ def test_import_flows_then_cycle_then_rescore_all_after_a_playbook_change(
         moves = session.scalars(select(StageTransition)).all()
     assert len(warm) == 10
     assert {m.reason.split(" reached ")[1] for m in moves} == {"warm.enter_at 30"}
-    # Three days of decay moved every score; each replayed change names the playbook it was made under.
+    # Three days of decay moved every score; each replayed change names the playbook it was made under and
+    # gives the new score rule by rule (fit rules, event kinds), less the score it replaced: summing to the change.
     assert len(replays) == 20
-    assert all(list(c.contributions) == [f"replay under playbook {c.playbook_version}"] for c in replays)
+    for change in replays:
+        previous = f"replay under playbook {change.playbook_version}: previous score"
+        assert change.contributions[previous] == pytest.approx(-change.old_score, abs=1e-4)
+        assert any(key.startswith("event: ") for key in change.contributions), change.contributions
+        assert sum(change.contributions.values()) == pytest.approx(change.new_score - change.old_score, abs=1e-3)
     assert {c.playbook_version for c in replays} == {m.playbook_version for m in moves}
 
 
