@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from nurture.errors import ConfigurationError, NurtureError
+from nurture.errors import ConfigurationError, NurtureError, PlaybookError
 
 if TYPE_CHECKING:
     from nurture.playbook import Playbook
@@ -323,13 +323,23 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
     with session_scope(_engine()) as session:
         totals = funnel(session=session)
         in_use = scoring_version_in_use(session=session)
-    version = load_playbook(_settings().nurture_playbook).scoring_version
-    totals["rescore_needed"] = in_use is not None and in_use != version
+    try:
+        version: str | None = load_playbook(_settings().nurture_playbook).scoring_version
+    except PlaybookError:
+        version = None  # the counts are still worth showing; `nurture validate` says what is wrong
+    # None: unknown, the playbook cannot be read.
+    totals["rescore_needed"] = None if version is None else in_use is not None and in_use != version
     if as_json:
         console.print_json(json.dumps(totals))
         return
     _print_funnel(totals)
-    if totals["rescore_needed"]:
+    if version is None:
+        console.print(
+            "[yellow]The playbook cannot be read[/] (run `nurture validate`): "
+            "whether scores need a rescore is unknown.",
+            highlight=False,
+        )
+    elif totals["rescore_needed"]:
         console.print(
             "[yellow]The playbook's scoring rules or stage thresholds changed since scores were last computed:[/] "
             "stored scores and stages follow the old rules. Run `nurture run rescore-all --dry-run` to see what "

@@ -86,12 +86,13 @@ def triage(
                 if decided is not None and decided.weight > 0
                 else assign_variant(step, lead_id=message.lead_id, sequence=message.sequence)
             )
+            template, subject = step.content_of(variant)
             verdicts.append(
                 Triage(
                     message,
                     Verdict.send,
-                    template=variant.template if variant else step.template,
-                    subject=variant.subject if variant else step.subject,
+                    template=template,
+                    subject=subject,
                     variant=variant.id if variant else None,
                 )
             )

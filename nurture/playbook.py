@@ -534,6 +534,10 @@ class Step(_Frozen):
     def variant(self, variant_id: str | None) -> Variant | None:
         return next((v for v in self.variants if v.id == variant_id), None)
 
+    def content_of(self, variant: Variant | None) -> tuple[str, str]:
+        """The template and subject a lead given ``variant`` is sent (None: the step's own)."""
+        return (variant.template, variant.subject) if variant is not None else (self.template, self.subject)
+
 
 # Parses subjects only (never renders them): the renderer's sandboxed environment renders.
 _SUBJECTS = SandboxedEnvironment()

@@ -400,14 +400,15 @@ def _take_next_step(
     if due > now:
         return _change(snapshot, EnrollmentState.active, due)
     variant = assign_variant(step, lead_id=snapshot.lead_id, sequence=snapshot.sequence)
+    template, subject = step.content_of(variant)
     send = StepToSend(
         lead_id=snapshot.lead_id,
         enrollment_id=snapshot.id,
         sequence=snapshot.sequence,
         step_id=step.id,
         position=position,
-        template=variant.template if variant else step.template,
-        subject=variant.subject if variant else step.subject,
+        template=template,
+        subject=subject,
         idempotency_key=idempotency_key(
             lead_id=snapshot.lead_id,
             sequence=snapshot.sequence,

@@ -361,6 +361,14 @@ def test_a_scoring_change_is_noticed_and_rescore_all_applies_it(tmp_path: Path, 
     after = json.loads(nurture("status", "--json", env=env).stdout)
     assert (after["rescore_needed"], after["leads_by_stage"]["warm"]) == (False, 1)
 
+    # A playbook broken mid-edit: status still counts, and says it cannot tell whether a rescore is needed.
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("scoring: [")
+    unreadable = nurture("status", env={**env, "NURTURE_PLAYBOOK": str(broken)}).stdout
+    assert "The playbook cannot be read" in " ".join(unreadable.split())
+    counted = json.loads(nurture("status", "--json", env={**env, "NURTURE_PLAYBOOK": str(broken)}).stdout)
+    assert (counted["rescore_needed"], counted["leads_by_stage"]["warm"]) == (None, 1)
+
     # Configured to apply it: the next change is rescored by the cycle itself (back up: Ann leaves warm).
     env["NURTURE_PLAYBOOK"] = str(PLAYBOOK_PATH)
     env["NURTURE_RESCORE_ON_SCORING_CHANGE"] = "true"
