@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, time
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import case, func, insert, select, union, update
@@ -25,17 +25,15 @@ from db.models import (
     Event,
     Lead,
     Message,
-    ScoreChange,
     ScoringState,
     SequencePause,
     StageTransition,
     UTCDateTime,
 )
-from db.scoring import chunk_points
-from nurture.advancing import ChunkPlan, LeadSnapshot, StageMove
+from nurture.advancing import StageMove
 from nurture.delivery import MessageStatus
-from nurture.playbook import Playbook, Stage
-from nurture.scoring import ActivityEvent, EventPoints, LeadScoreState
+from nurture.playbook import Stage
+from nurture.scoring import ActivityEvent
 from nurture.sequences import (
     Activity,
     Branch,
@@ -118,47 +116,36 @@ class ChunkResult:
         self.moved.extend(other.moved)
 
 
-@dataclass(frozen=True, slots=True)
-class ChunkSnapshot:
-    """A chunk of leads locked for advancing, with their events not yet scored."""
+def lock_leads(*, session: Session, lead_ids: Sequence[int]) -> None:
+    """Lock a chunk's leads for advancing, in id order.
 
-    leads: list[LeadSnapshot]
-    events: dict[int, list[ActivityEvent]]
-    counted: dict[int, Counter[tuple[str, date]]]
-    event_ids: list[int]
-    # Leads whose stage an operator set and who did nothing since (a replay keeps their stage).
-    held: frozenset[int] = frozenset()
-    # A replay: every event's points, summed per lead by the database (``events`` is then empty).
-    points: dict[int, EventPoints] | None = None
+    PostgreSQL: a concurrent cycle waits instead of double-transitioning. NO KEY: events and
+    messages inserted for these leads (foreign keys) by the API do not wait for the chunk.
+    """
+    for ids in batched(sorted(set(lead_ids))):
+        session.execute(
+            select(col(Lead.id)).where(col(Lead.id).in_(ids)).order_by(col(Lead.id)).with_for_update(key_share=True)
+        ).all()
 
 
-def _load_leads(session: Session, lead_ids: Sequence[int]) -> list[Any]:
-    columns = [getattr(Lead, c) for c in PROFILE_COLUMNS]
-    query = (
-        select(
-            col(Lead.id),
-            col(Lead.stage),
-            col(Lead.fit_score),
-            col(Lead.engagement),
-            col(Lead.score),
-            col(Lead.scored_at),
-            *columns,
+def pending_events(
+    *, session: Session, lead_ids: Sequence[int], kinds: Iterable[str], now: datetime
+) -> dict[int, list[ActivityEvent]]:
+    """The leads' events of these kinds up to ``now`` not yet in their scores."""
+    kinds = sorted(kinds)
+    events: dict[int, list[ActivityEvent]] = defaultdict(list)
+    if not kinds:
+        return events
+    for ids in batched(list(lead_ids)):
+        query = select(col(Event.lead_id), col(Event.kind), col(Event.occurred_at)).where(
+            col(Event.lead_id).in_(ids),
+            col(Event.kind).in_(kinds),
+            col(Event.occurred_at) <= now,
+            col(Event.applied).is_(False),
         )
-        .where(col(Lead.id).in_(lead_ids))
-        .order_by(col(Lead.id))
-        # PostgreSQL: a concurrent cycle waits instead of double-transitioning. NO KEY: events and
-        # messages inserted for these leads (foreign keys) by the API do not wait for the chunk.
-        .with_for_update(key_share=True)
-    )
-    return list(session.execute(query))
-
-
-def _pending_events(session: Session, lead_ids: Sequence[int], now: datetime) -> list[Any]:
-    """Events up to ``now`` not yet in the leads' scores."""
-    query = select(col(Event.id), col(Event.lead_id), col(Event.kind), col(Event.occurred_at)).where(
-        col(Event.lead_id).in_(lead_ids), col(Event.occurred_at) <= now, col(Event.applied).is_(False)
-    )
-    return list(session.execute(query))
+        for lead_id, kind, at in session.execute(query):
+            events[lead_id].append(ActivityEvent(kind=kind, occurred_at=at))
+    return dict(events)
 
 
 def all_lead_ids(*, session: Session, after_id: int, limit: int) -> list[int]:
@@ -167,85 +154,16 @@ def all_lead_ids(*, session: Session, after_id: int, limit: int) -> list[int]:
     return [int(i) for i in session.scalars(query) if i is not None]
 
 
-def _counted_per_day(
-    session: Session, pending: Sequence[Any], playbook: Playbook
-) -> dict[int, Counter[tuple[str, date]]]:
-    """Events already counted per lead, kind and day, for the kinds with a daily cap."""
-    capped = {k for k, rule in playbook.scoring.events.items() if rule.max_per_day is not None}
-    relevant = [row for row in pending if row.kind in capped]
-    counted: dict[int, Counter[tuple[str, date]]] = defaultdict(Counter)
-    if not relevant:
-        return counted
-    since = datetime.combine(
-        min(row.occurred_at for row in relevant).date(), time(0), tzinfo=relevant[0].occurred_at.tzinfo
-    )
-    lead_ids = sorted({row.lead_id for row in relevant})
-    kinds = sorted({row.kind for row in relevant})
-    for ids in batched(lead_ids):
-        query = select(col(Event.lead_id), col(Event.kind), col(Event.occurred_at)).where(
-            col(Event.lead_id).in_(ids),
-            col(Event.kind).in_(kinds),
-            col(Event.applied).is_(True),
-            col(Event.occurred_at) >= since,
-        )
-        for row in session.execute(query):
-            counted[row.lead_id][(row.kind, row.occurred_at.date())] += 1
-    return counted
-
-
-def load_chunk(
-    *, session: Session, lead_ids: Sequence[int], playbook: Playbook, now: datetime, replay: bool = False
-) -> ChunkSnapshot:
-    """Lock the chunk's leads and read them with their events up to ``now`` not yet scored
-    (with ``replay``: all their events)."""
-    leads = _load_leads(session, lead_ids) if lead_ids else []
-    points = _replayed_points(session, lead_ids, playbook, now) if replay else None
-    pending = _pending_events(session, lead_ids, now) if lead_ids and not replay else []
-    counted = _counted_per_day(session, pending, playbook)
-    events: dict[int, list[ActivityEvent]] = defaultdict(list)
-    for row in pending:
-        events[row.lead_id].append(ActivityEvent(kind=row.kind, occurred_at=row.occurred_at))
-    snapshots = [
-        LeadSnapshot(
-            id=lead.id,
-            stage=Stage(lead.stage),
-            score=LeadScoreState(lead.fit_score, lead.engagement, lead.scored_at, lead.score),
-            profile={c: getattr(lead, c) for c in PROFILE_COLUMNS},
-        )
-        for lead in leads
-    ]
-    held = _held_by_hand(session, lead_ids) if replay and lead_ids else frozenset()
-    return ChunkSnapshot(snapshots, dict(events), dict(counted), [row.id for row in pending], held, points)
-
-
-def _replayed_points(
-    session: Session, lead_ids: Sequence[int], playbook: Playbook, now: datetime
-) -> dict[int, EventPoints]:
-    """Every event's points up to ``now``, per lead and kind, summed in the database (``db.scoring``)."""
-    by_lead: dict[int, dict[str, float]] = defaultdict(dict)
-    kinds: dict[int, set[str]] = defaultdict(set)
-    for row in chunk_points(session=session, lead_ids=lead_ids, playbook=playbook, now=now):
-        kinds[row.lead_id].add(row.kind)
-        if row.kind in playbook.scoring.events:
-            by_lead[row.lead_id][row.kind] = row.points
-    return {
-        lead_id: EventPoints(by_kind=by_lead[lead_id], counted=[], kinds_seen=frozenset(seen))
-        for lead_id, seen in kinds.items()
-    }
-
-
-def mark_events_scored(*, session: Session, lead_ids: Sequence[int], now: datetime) -> None:
-    """After a replay: the chunk's events up to ``now`` are all in its scores (one UPDATE per batch)."""
-    for ids in batched(sorted(set(lead_ids))):
-        session.execute(
-            update(Event)
-            .where(col(Event.lead_id).in_(ids), col(Event.applied).is_(False), col(Event.occurred_at) <= now)
-            .values(applied=True)
-        )
+def held_by_hand(*, session: Session, lead_ids: Sequence[int]) -> frozenset[int]:
+    """Leads whose last transition an operator made (``manual:``) and with no event since it (a replay keeps
+    their stage)."""
+    held: set[int] = set()
+    for ids in batched(list(lead_ids)):
+        held |= _held_by_hand(session, ids)
+    return frozenset(held)
 
 
 def _held_by_hand(session: Session, lead_ids: Sequence[int]) -> frozenset[int]:
-    """Leads whose last transition an operator made (``manual:``) and with no event since it."""
     last = (
         select(func.max(col(StageTransition.id)))
         .where(col(StageTransition.lead_id).in_(lead_ids))
@@ -270,54 +188,6 @@ def _held_by_hand(session: Session, lead_ids: Sequence[int]) -> frozenset[int]:
         )
     }
     return frozenset(i for i, at in manual.items() if i not in latest or latest[i] <= at)
-
-
-def save_scores(
-    *,
-    session: Session,
-    plan: ChunkPlan,
-    event_ids: Sequence[int],
-    playbook_version: str,
-    now: datetime,
-    flow_run_id: str | None,
-) -> None:
-    """Write the chunk's new scores and ledger rows, and mark its events as scored."""
-    if plan.scores:
-        session.execute(
-            update(Lead),
-            [
-                {
-                    "id": s.lead_id,
-                    "fit_score": s.fit,
-                    "engagement": s.engagement,
-                    "score": s.score,
-                    "scored_at": now,
-                    "next_review_at": s.next_review_at,
-                    "needs_rescore": False,
-                    "stage": s.stage.value,
-                    "updated_at": now,
-                }
-                for s in plan.scores
-            ],
-        )
-    if plan.ledger:
-        session.execute(
-            insert(ScoreChange),
-            [
-                {
-                    "lead_id": m.lead_id,
-                    "at": now,
-                    "old_score": m.old_score,
-                    "new_score": m.new_score,
-                    "contributions": dict(m.contributions),
-                    "playbook_version": playbook_version,
-                    "flow_run_id": flow_run_id,
-                }
-                for m in plan.ledger
-            ],
-        )
-    for ids in batched(list(event_ids)):
-        session.execute(update(Event).where(col(Event.id).in_(ids)).values(applied=True))
 
 
 def record_transitions(

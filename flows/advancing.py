@@ -22,23 +22,24 @@ from db.cycle import (
     due_enrollments,
     end_enrollments,
     goal_candidates,
+    held_by_hand,
     insert_enrollments,
     last_enrollments,
     lead_activity,
-    load_chunk,
     lock_lead,
-    mark_events_scored,
+    lock_leads,
     paused_sequences,
+    pending_events,
     record_conversions,
     record_transitions,
     save_enrollment_changes,
-    save_scores,
     set_lead_stage,
     settling_enrollments,
     wake_waiting,
 )
 from db.enrollments import unscored_changes
-from nurture.advancing import StageMove, check_move, plan_chunk
+from db.scoring import score_chunk
+from nurture.advancing import StageMove, check_move
 from nurture.delivery import MessageStatus
 from nurture.errors import NurtureError
 from nurture.importing import canonical_address
@@ -90,38 +91,27 @@ def advance_leads(
     result = ChunkResult(leads=len(lead_ids), last_lead_id=max(lead_ids, default=0))
     if not lead_ids:
         return result
-    snapshot = load_chunk(session=session, lead_ids=lead_ids, playbook=playbook, now=now, replay=replay)
-    plan = plan_chunk(
-        snapshot.leads,
-        events=snapshot.events,
-        counted=snapshot.counted,
+    lock_leads(session=session, lead_ids=lead_ids)
+    # Read before scoring marks them scored: the goal events among the leads' new ones.
+    goal_events = (
+        {} if replay else pending_events(session=session, lead_ids=lead_ids, kinds=goal_kinds(playbook), now=now)
+    )
+    held = held_by_hand(session=session, lead_ids=lead_ids) if replay else frozenset()
+    scored = score_chunk(
+        session=session,
+        lead_ids=lead_ids,
         playbook=playbook,
         now=now,
         replay=replay,
-        held=snapshot.held,
-        points=snapshot.points,
-    )
-    save_scores(
-        session=session,
-        plan=plan,
-        event_ids=snapshot.event_ids,
-        playbook_version=playbook.version,
-        now=now,
+        held=held,
         flow_run_id=flow_run_id,
     )
-    if replay:
-        mark_events_scored(session=session, lead_ids=lead_ids, now=now)
-    result.score_changes = len(plan.ledger)
+    result.score_changes = scored.score_changes
     # Before the moves: a goal event that also changes the stage converts the enrollment, not exits it.
-    convert_on_goals(session=session, events=snapshot.events, playbook=playbook, now=now, result=result)
+    convert_on_goals(session=session, events=goal_events, playbook=playbook, now=now, result=result)
     # A wait_for's lead who did something is looked at by this cycle's walk, not at the deadline.
-    wake_waiting(
-        session=session,
-        lead_ids=[i for i, done in snapshot.events.items() if done],
-        sequences=waiting_sequences(playbook),
-        now=now,
-    )
-    apply_moves(session=session, moves=plan.moves, playbook=playbook, now=now, flow_run_id=flow_run_id, result=result)
+    wake_waiting(session=session, lead_ids=scored.with_events, sequences=waiting_sequences(playbook), now=now)
+    apply_moves(session=session, moves=scored.moves, playbook=playbook, now=now, flow_run_id=flow_run_id, result=result)
     logger.info(
         "advanced leads %d–%d: %d score changes, %d transitions, %d enrollments",
         min(lead_ids),

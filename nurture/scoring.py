@@ -66,7 +66,11 @@ MAX_MATCHED = 1_000
 
 def rule_matches(rule: FitRule, profile: Mapping[str, Any]) -> bool:
     """Whether one fit rule holds for a profile; a missing field never matches."""
-    value = profile_value(profile, rule.field)
+    return value_matches(rule, profile_value(profile, rule.field))
+
+
+def value_matches(rule: FitRule, value: Any) -> bool:
+    """Whether one fit rule holds for its field's value (``db.scoring`` asks once per distinct value)."""
     if value is None or value == "":
         return False
     if rule.equals is not None:
