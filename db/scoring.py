@@ -38,6 +38,7 @@ from sqlalchemy import (
     insert,
     literal,
     literal_column,
+    not_,
     select,
     union_all,
     update,
@@ -155,7 +156,13 @@ _TEMP: dict[str, Any] = {"prefixes": ["TEMPORARY"], "postgresql_on_commit": "DEL
 
 chunk_lead = Table("nurture_chunk_lead", _scratch, Column("lead_id", _Id, primary_key=True), **_TEMP)
 # A fit rule's field values, among the chunk's leads, that match it (as the field's text; see _field_text).
-fit_match = Table("nurture_fit_match", _scratch, Column("rule", Integer), Column("value", Text), **_TEMP)
+fit_match = Table(
+    "nurture_fit_match",
+    _scratch,
+    Column("rule", Integer, primary_key=True),
+    Column("value", Text, primary_key=True),
+    **_TEMP,
+)
 chunk_fit = Table(
     "nurture_chunk_fit",
     _scratch,
@@ -241,7 +248,8 @@ def score_chunk(
         update(Event)
         .where(
             col(Event.lead_id).in_(select(chunk_lead.c.lead_id)),
-            col(Event.applied).is_(False),
+            # As the partial index ix_event_pending says it: its entries are all there is to mark.
+            not_(col(Event.applied)),
             col(Event.occurred_at) <= bindparam("now", now, type_=UTCDateTime()),
         )
         .values(applied=True)
@@ -299,8 +307,9 @@ def _match_fit(session: Session, dialect: str, rules: Sequence[FitRule]) -> None
             insert(chunk_fit).from_select(
                 ["lead_id", "rule", "label", "points"],
                 select(col(Lead.id), literal(index), literal(rule.label, Text), literal(float(rule.points), Float))
-                .join(fit_match, (fit_match.c.rule == index) & (fit_match.c.value == text_of))
-                .where(in_chunk),
+                .select_from(chunk_lead)
+                .join(Lead, col(Lead.id) == chunk_lead.c.lead_id)
+                .join(fit_match, (fit_match.c.rule == index) & (fit_match.c.value == text_of)),
             )
         )
 
