@@ -213,7 +213,7 @@ def _sqlite_path(engine: Engine) -> str:
     return database
 
 
-def _write_sqlite(engine: Engine, leads: int, events: int, seed: int) -> None:
+def _write_sqlite(engine: Engine, leads: int, events: int, seed: int, scored: bool) -> None:
     connection = sqlite3.connect(_sqlite_path(engine), isolation_level=None)
     try:
         # A bulk load into a database nobody else uses: no sync, no rollback journal, a big cache.
@@ -241,7 +241,7 @@ def _write_sqlite(engine: Engine, leads: int, events: int, seed: int) -> None:
             )
             connection.executemany(
                 "INSERT INTO event (lead_id, kind, occurred_at, source, properties, applied, received_at) "
-                f"VALUES (?, ?, ?, 'import', '{{}}', 0, '{created}')",
+                f"VALUES (?, ?, ?, 'import', '{{}}', {int(scored)}, '{created}')",
                 event_batch,
             )
             connection.execute("COMMIT")
@@ -261,7 +261,7 @@ def _copy_text(rows: Sequence[Sequence[Any]]) -> str:
     return "".join("\t".join("\\N" if v is None else str(v) for v in row) + "\n" for row in rows)
 
 
-def _write_postgres(engine: Engine, leads: int, events: int, seed: int) -> None:
+def _write_postgres(engine: Engine, leads: int, events: int, seed: int, scored: bool) -> None:
     import psycopg
 
     url = engine.url.set(drivername="postgresql")
@@ -298,7 +298,7 @@ def _write_postgres(engine: Engine, leads: int, events: int, seed: int) -> None:
                 with cursor.copy(
                     "COPY event (lead_id, kind, occurred_at, source, properties, applied, received_at) FROM STDIN"
                 ) as copy:
-                    tail = f"\timport\t{{}}\tf\t{created}\n"
+                    tail = f"\timport\t{{}}\t{'t' if scored else 'f'}\t{created}\n"
                     copy.write("".join(f"{lead_id}\t{kind}\t{at}{tail}" for lead_id, kind, at in event_batch))
             connection.commit()
         with connection.cursor() as cursor:
@@ -316,16 +316,20 @@ def _write_postgres(engine: Engine, leads: int, events: int, seed: int) -> None:
         connection.commit()
 
 
-def generate(url: str, *, leads: int, events: int, seed: int = 7) -> Generated:
-    """Create the schema if needed and write ``leads`` leads and ``events`` events (the tables must be empty)."""
+def generate(url: str, *, leads: int, events: int, seed: int = 7, scored: bool = False) -> Generated:
+    """Create the schema if needed and write ``leads`` leads and ``events`` events (the tables must be empty).
+
+    With ``scored`` the events are marked as counted in a score already, as cycles leave them: the state a
+    rescore-all (nightly, or after a scoring change) meets.
+    """
     engine = get_engine(url)
     upgrade_schema(engine)
     engine.dispose()
     started = time.perf_counter()
     if engine.dialect.name == "sqlite":
-        _write_sqlite(engine, leads, events, seed)
+        _write_sqlite(engine, leads, events, seed, scored)
     else:
-        _write_postgres(engine, leads, events, seed)
+        _write_postgres(engine, leads, events, seed, scored)
     return Generated(leads, events, time.perf_counter() - started)
 
 

@@ -2,7 +2,8 @@
 
 For each engine, in a database created for the run and dropped after it:
 
-1. ``benchmarks.generate`` writes L leads and 10·L events (a fresh import: nothing scored).
+1. ``benchmarks.generate`` writes L leads and 10·L events, the events already counted (as cycles leave
+   them: what a nightly rescore-all or one after a scoring change meets), the leads unscored.
 2. **Full rescore as nurture does it today**: the replay path of the ``rescore-all`` flow
    (``all_lead_ids`` → ``advance_leads(replay=True)`` per chunk, sized as rescore-all sizes it, one transaction
    each), called directly, without Prefect: the flow runs one ``advance-leads`` task per chunk,
@@ -365,7 +366,7 @@ def run_engine(
     figures: dict[str, float] = {}
     print(f"\n== {engine_name}: {large:,} leads / {large * EVENTS_PER_LEAD:,} events ==")
     with fresh_database(engine_name, workdir, "large") as url:
-        gen = generate(url, leads=large, events=large * EVENTS_PER_LEAD, seed=7)
+        gen = generate(url, leads=large, events=large * EVENTS_PER_LEAD, seed=7, scored=True)
         print(f"  generate: {gen.seconds:.1f} s ({gen.events / gen.seconds:,.0f} events/s)")
         replay, (advanced, chunks) = measure(lambda: nurture_replay(url, playbook))
         _line(
@@ -391,7 +392,7 @@ def run_engine(
         figures.update(replay=replay.seconds, baseline=baseline.seconds, difference=difference)
     print(f"== {engine_name}: {small:,} leads / {small * EVENTS_PER_LEAD:,} events ==")
     with fresh_database(engine_name, workdir, "small") as url:
-        gen = generate(url, leads=small, events=small * EVENTS_PER_LEAD, seed=7)
+        gen = generate(url, leads=small, events=small * EVENTS_PER_LEAD, seed=7, scored=True)
         print(f"  generate: {gen.seconds:.1f} s ({gen.events / gen.seconds:,.0f} events/s)")
         naive, _ = measure(lambda: naive_rescore(url, playbook, naive_leads))
         keep_scores(url, "bench_naive_scores", up_to=naive_leads)

@@ -40,6 +40,7 @@ from sqlalchemy import (
     literal_column,
     not_,
     select,
+    text,
     union_all,
     update,
 )
@@ -235,10 +236,15 @@ def score_chunk(
     dialect = session.get_bind().dialect.name
     _clear_scratch(session, dialect)
     session.execute(insert(chunk_lead), [{"lead_id": i} for i in sorted(set(lead_ids))])
-    _match_fit(session, dialect, playbook.scoring.fit)
-    _sum_points(session, dialect, playbook, now, replay=replay, lo=min(lead_ids), hi=max(lead_ids))
-    _assemble(session, dialect, playbook, now, replay=replay, held=sorted(set(held)))
-    _write_leads(session, dialect, playbook, now)
+    if dialect == "postgresql":
+        # A temporary table has no statistics until analysed: without them the planner takes a cycle's
+        # scattered leads for a large part of the id range and scans every lead instead of probing the key.
+        session.execute(text("ANALYZE nurture_chunk_lead"))
+    lo, hi = min(lead_ids), max(lead_ids)
+    _match_fit(session, dialect, playbook.scoring.fit, lo=lo, hi=hi)
+    _sum_points(session, dialect, playbook, now, replay=replay, lo=lo, hi=hi)
+    _assemble(session, dialect, playbook, now, replay=replay, held=sorted(set(held)), lo=lo, hi=hi)
+    _write_leads(session, dialect, playbook, now, lo=lo, hi=hi)
     result.score_changes = _write_ledger(session, dialect, playbook, now, replay=replay, flow_run_id=flow_run_id)
     result.moves = _stage_moves(session, playbook)
     result.with_events = [
@@ -289,10 +295,12 @@ def _field_text(dialect: str, field_path: str) -> tuple[Any, Callable[[str], Any
     return document.op("->", return_type=Text)(path), json.loads
 
 
-def _match_fit(session: Session, dialect: str, rules: Sequence[FitRule]) -> None:
+def _match_fit(session: Session, dialect: str, rules: Sequence[FitRule], *, lo: int, hi: int) -> None:
     """Which of the chunk's field values match each fit rule, decided by the reference
     (``nurture.scoring.value_matches``) once per distinct value; then one row per lead and matched rule."""
-    in_chunk = col(Lead.id).in_(select(chunk_lead.c.lead_id))
+    # Every statement names the chunk's id range too: the primary key's range, not a scan of every lead.
+    in_range = col(Lead.id).between(lo, hi)
+    in_chunk = in_range & col(Lead.id).in_(select(chunk_lead.c.lead_id))
     for index, rule in enumerate(rules):
         found = _field_text(dialect, rule.field)
         if found is None:
@@ -309,7 +317,8 @@ def _match_fit(session: Session, dialect: str, rules: Sequence[FitRule]) -> None
                 select(col(Lead.id), literal(index), literal(rule.label, Text), literal(float(rule.points), Float))
                 .select_from(chunk_lead)
                 .join(Lead, col(Lead.id) == chunk_lead.c.lead_id)
-                .join(fit_match, (fit_match.c.rule == index) & (fit_match.c.value == text_of)),
+                .join(fit_match, (fit_match.c.rule == index) & (fit_match.c.value == text_of))
+                .where(in_range),
             )
         )
 
@@ -391,7 +400,15 @@ def _points_query(dialect: str, playbook: Playbook, now: datetime, *, replay: bo
 
 
 def _assemble(
-    session: Session, dialect: str, playbook: Playbook, now: datetime, *, replay: bool, held: Sequence[int]
+    session: Session,
+    dialect: str,
+    playbook: Playbook,
+    now: datetime,
+    *,
+    replay: bool,
+    held: Sequence[int],
+    lo: int,
+    hi: int,
 ) -> None:
     """ONE statement: every lead of the chunk with its fit, its engagement decayed to ``now`` plus the
     new points, and its score; then the stage each belongs in."""
@@ -451,6 +468,7 @@ def _assemble(
         .join(chunk_lead, chunk_lead.c.lead_id == lead.c.id)
         .outerjoin(fit, fit.c.lead_id == lead.c.id)
         .outerjoin(new, new.c.lead_id == lead.c.id)
+        .where(lead.c.id.between(lo, hi))
         .subquery()
     )
     columns = [c.name for c in parts.c]
@@ -528,13 +546,13 @@ def _review_at(dialect: str, playbook: Playbook, now: datetime) -> Any:
     )
 
 
-def _write_leads(session: Session, dialect: str, playbook: Playbook, now: datetime) -> None:
+def _write_leads(session: Session, dialect: str, playbook: Playbook, now: datetime, *, lo: int, hi: int) -> None:
     """The chunk's new scores, stages and review times, in one UPDATE … FROM."""
     lead = Lead.__table__  # type: ignore[attr-defined]
     s = chunk_score.c
     session.execute(
         lead.update()
-        .where(lead.c.id == s.lead_id)
+        .where(lead.c.id == s.lead_id, lead.c.id.between(lo, hi))
         .values(
             fit_score=s.fit,
             engagement=s.decayed + s.points,
