@@ -45,7 +45,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import aggregate_order_by
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 from sqlalchemy.schema import CreateTable
 from sqlmodel import col
 
@@ -341,12 +341,10 @@ def _points_query(dialect: str, playbook: Playbook, now: datetime, *, replay: bo
     at = bindparam("now", now, type_=UTCDateTime())
     occurred = col(Event.occurred_at)
     day = _utc_day(dialect, occurred)
-    chunk_events = [
-        # A range first (the index's prefix), then the chunk's leads in it.
-        col(Event.lead_id).between(lo, hi),
-        col(Event.lead_id).in_(select(chunk_lead.c.lead_id)),
-        col(Event.kind).in_(kinds),
-    ]
+    in_chunk = col(Event.lead_id).in_(select(chunk_lead.c.lead_id))
+    # A replay reads every event of a range of leads (the index's prefix); a cycle reads the pending ones
+    # (the partial index ix_event_pending), wherever its scattered leads are.
+    chunk_events = [col(Event.lead_id).between(lo, hi), in_chunk] if replay else [in_chunk, not_(col(Event.applied))]
     ranked = (
         select(
             col(Event.lead_id).label("lead_id"),
@@ -357,30 +355,26 @@ def _points_query(dialect: str, playbook: Playbook, now: datetime, *, replay: bo
             .over(partition_by=(col(Event.lead_id), col(Event.kind), day), order_by=(occurred, col(Event.id)))
             .label("nth"),
         )
-        .where(*chunk_events, occurred <= at, *([] if replay else [col(Event.applied).is_(False)]))
+        .where(*chunk_events, col(Event.kind).in_(kinds), occurred <= at)
         .subquery()
     )
     caps = {kind: rule.max_per_day for kind, rule in scoring.events.items() if rule.max_per_day is not None}
     nth: Any = ranked.c.nth
-    source: Any = ranked
     if caps and not replay:
-        # A cap holds across cycles: the day's events already in the score come first.
+        # A cap holds across cycles: the day's events already in the score come first. Counted per pending
+        # event through the (lead, kind, time) index: the cost follows the new events, not the history.
+        scored = aliased(Event)
         before = (
-            select(
-                col(Event.lead_id).label("lead_id"),
-                col(Event.kind).label("kind"),
-                day.label("day"),
-                func.count().label("n"),
+            select(func.count())
+            .where(
+                col(scored.lead_id) == ranked.c.lead_id,
+                col(scored.kind) == ranked.c.kind,
+                col(scored.applied).is_(True),
+                _utc_day(dialect, col(scored.occurred_at)) == ranked.c.day,
             )
-            .where(*chunk_events[:2], col(Event.kind).in_(sorted(caps)), col(Event.applied).is_(True))
-            .group_by(col(Event.lead_id), col(Event.kind), day)
-            .subquery()
+            .scalar_subquery()
         )
-        source = ranked.outerjoin(
-            before,
-            (before.c.lead_id == ranked.c.lead_id) & (before.c.kind == ranked.c.kind) & (before.c.day == ranked.c.day),
-        )
-        nth = ranked.c.nth + func.coalesce(before.c.n, 0)
+        nth = ranked.c.nth + case((ranked.c.kind.in_(sorted(caps)), before), else_=0)
     points = {kind: rule.points for kind, rule in scoring.events.items()}
     half_lives = ranked.c.age / scoring.half_life.total_seconds()
     decay = case((half_lives > _NOTHING_LEFT, literal(0.0)), else_=func.power(literal(2.0), -half_lives))
@@ -394,7 +388,7 @@ def _points_query(dialect: str, playbook: Playbook, now: datetime, *, replay: bo
             func.sum(case((counts, 1), else_=0)),
             func.coalesce(func.sum(case((counts, each), else_=literal(0.0))), 0.0),
         )
-        .select_from(source)
+        .select_from(ranked)
         .group_by(ranked.c.lead_id, ranked.c.kind)
     )
 
