@@ -263,10 +263,15 @@ def emails_sent_between(*, session: Session, start: datetime, end: datetime) -> 
 
 def reacting_lead(*, session: Session) -> str | None:
     """A lead whose sequence reacted to it: converted after a branch, else any branch or conversion
-    (the demo's `nurture explain` example of goals and branches)."""
+    (the demo's `nurture explain` example of goals and branches), preferring one who opened or clicked
+    an email, so the example shows what the sequence reacted to."""
     branched = func.coalesce(func.length(func.cast(col(Enrollment.branches), String())), 0) > 2
     converted = col(Enrollment.state) == "converted"
-    for condition in (branched & converted, converted, branched):
+    engaged = (
+        select(col(Event.id)).where(col(Event.lead_id) == col(Lead.id), col(Event.kind).in_([OPEN, CLICK])).exists()
+    )
+    reactions = (branched & converted, converted, branched)
+    for condition in [r & engaged for r in reactions] + list(reactions):
         email = session.scalar(
             select(col(Lead.email))
             .join(Enrollment, col(Enrollment.lead_id) == col(Lead.id))
