@@ -93,57 +93,20 @@ def _utc_day(dialect: str, occurred: Any) -> Any:
 
 
 def chunk_points(*, session: Session, lead_ids: Sequence[int], playbook: Playbook, now: datetime) -> list[KindPoints]:
-    """Every event up to ``now`` of the chunk's leads, summed per lead and kind: scored kinds with
-    their decayed, capped points, and the kinds that make a customer (counted, for the stage).
+    """Every event up to ``now`` of these leads, summed per lead and kind as a replay sums them: scored kinds
+    with their decayed, capped points, and the kinds that make a customer (counted, for the stage).
 
-    One statement; the rows are one per (lead, kind), not one per event.
+    The replay's own statement (:func:`score_chunk`), read back: the rows are one per (lead, kind).
     """
-    scoring = playbook.scoring
-    kinds = sorted(set(scoring.events) | set(playbook.stages.customer.on_events))
-    if not lead_ids or not kinds:
+    if not lead_ids:
         return []
-    dialect = session.get_bind().dialect.name
-    at = bindparam("now", now, type_=UTCDateTime())
-    occurred = col(Event.occurred_at)
-    ranked = (
-        select(
-            col(Event.lead_id).label("lead_id"),
-            col(Event.kind).label("kind"),
-            _age_seconds(dialect, occurred, at).label("age"),
-            func.row_number()
-            .over(
-                partition_by=(col(Event.lead_id), col(Event.kind), _utc_day(dialect, occurred)),
-                order_by=(occurred, col(Event.id)),
-            )
-            .label("nth"),
-        )
-        # A range, not an IN list: a replay's chunk is every lead between its first and last id (others
-        # in the range are dropped below), and may hold more leads than an IN list may bind.
-        .where(col(Event.lead_id).between(min(lead_ids), max(lead_ids)), occurred <= at, col(Event.kind).in_(kinds))
-        .subquery()
+    _start_chunk(session, lead_ids)
+    _sum_points(
+        session, session.get_bind().dialect.name, playbook, now, replay=True, lo=min(lead_ids), hi=max(lead_ids)
     )
-    points = {kind: rule.points for kind, rule in scoring.events.items()}
-    caps = {kind: rule.max_per_day for kind, rule in scoring.events.items() if rule.max_per_day is not None}
-    half_lives = ranked.c.age / scoring.half_life.total_seconds()
-    decay = case((half_lives > _NOTHING_LEFT, literal(0.0)), else_=func.power(literal(2.0), -half_lives))
-    each = case(points, value=ranked.c.kind, else_=literal(0.0)) * decay
-    cap = case(caps, value=ranked.c.kind, else_=literal(_UNCAPPED)) if caps else literal(_UNCAPPED)
-    query = (
-        select(
-            ranked.c.lead_id,
-            ranked.c.kind,
-            func.count(),
-            func.coalesce(func.sum(case((ranked.c.nth <= cap, each), else_=literal(0.0))), 0.0),
-        )
-        .group_by(ranked.c.lead_id, ranked.c.kind)
-        .order_by(ranked.c.lead_id, ranked.c.kind)
-    )
-    wanted = set(lead_ids)
-    return [
-        KindPoints(int(lead), str(kind), int(n), float(total))
-        for lead, kind, n, total in session.execute(query)
-        if int(lead) in wanted
-    ]
+    k = chunk_kind.c
+    rows = session.execute(select(k.lead_id, k.kind, k.events, k.points).order_by(k.lead_id, k.kind))
+    return [KindPoints(int(lead), str(kind), int(n), float(total)) for lead, kind, n, total in rows]
 
 
 # ---------------------------------------------------------------------------- a chunk scored in the database
@@ -178,6 +141,7 @@ chunk_kind = Table(
     _scratch,
     Column("lead_id", _Id),
     Column("kind", Text),
+    Column("events", Integer),
     Column("counted", Integer),
     Column("points", Float),
     **_TEMP,
@@ -234,12 +198,7 @@ def score_chunk(
     if not lead_ids:
         return result
     dialect = session.get_bind().dialect.name
-    _clear_scratch(session, dialect)
-    session.execute(insert(chunk_lead), [{"lead_id": i} for i in sorted(set(lead_ids))])
-    if dialect == "postgresql":
-        # A temporary table has no statistics until analysed: without them the planner takes a cycle's
-        # scattered leads for a large part of the id range and scans every lead instead of probing the key.
-        session.execute(text("ANALYZE nurture_chunk_lead"))
+    _start_chunk(session, lead_ids)
     lo, hi = min(lead_ids), max(lead_ids)
     _match_fit(session, dialect, playbook.scoring.fit, lo=lo, hi=hi)
     _sum_points(session, dialect, playbook, now, replay=replay, lo=lo, hi=hi)
@@ -263,10 +222,16 @@ def score_chunk(
     return result
 
 
-def _clear_scratch(session: Session, dialect: str) -> None:
+def _start_chunk(session: Session, lead_ids: Sequence[int]) -> None:
+    """Empty scratch tables (created on the connection's first chunk) holding this chunk's lead ids."""
     for table in _scratch.sorted_tables:
         session.execute(CreateTable(table, if_not_exists=True))
         session.execute(table.delete())
+    session.execute(insert(chunk_lead), [{"lead_id": i} for i in sorted(set(lead_ids))])
+    if session.get_bind().dialect.name == "postgresql":
+        # A temporary table has no statistics until analysed: without them the planner takes a cycle's
+        # scattered leads for a large part of the id range and scans every lead instead of probing the key.
+        session.execute(text("ANALYZE nurture_chunk_lead"))
 
 
 # The text of a lead's field that a fit rule reads, and how Python reads that text back into the value
@@ -287,7 +252,10 @@ def _field_text(dialect: str, field_path: str) -> tuple[Any, Callable[[str], Any
     document = col(Lead.attributes)
     keys = rest.split(".") if rest else []
     if dialect == "postgresql":
-        value = func.json_extract_path(document, *keys) if keys else document
+        # Key by key into objects only, as profile_value: json_extract_path would also index an array by "0".
+        value: Any = document
+        for key in keys:
+            value = case((func.json_typeof(value) == "object", value.op("->")(key)), else_=literal(None))
         return cast(value, Text), json.loads
     if not keys:
         return cast(document, Text), json.loads
@@ -330,7 +298,7 @@ def _sum_points(
     events not yet scored, a daily cap counting those of the same day already in the score."""
     query = _points_query(dialect, playbook, now, replay=replay, lo=lo, hi=hi)
     if query is not None:
-        session.execute(insert(chunk_kind).from_select(["lead_id", "kind", "counted", "points"], query))
+        session.execute(insert(chunk_kind).from_select(["lead_id", "kind", "events", "counted", "points"], query))
 
 
 def _points_query(dialect: str, playbook: Playbook, now: datetime, *, replay: bool, lo: int, hi: int) -> Any:
@@ -385,6 +353,7 @@ def _points_query(dialect: str, playbook: Playbook, now: datetime, *, replay: bo
         select(
             ranked.c.lead_id,
             ranked.c.kind,
+            func.count(),
             func.sum(case((counts, 1), else_=0)),
             func.coalesce(func.sum(case((counts, each), else_=literal(0.0))), 0.0),
         )

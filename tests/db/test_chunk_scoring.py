@@ -42,8 +42,10 @@ ATTRIBUTE_VALUES: list[Any] = ["saas", "SaaS", "retail", 5, 5.0, 12.5, True, Fal
 fit_rules = st.one_of(
     st.builds(
         lambda field, value, points: FitRule.model_validate({"field": field, "equals": value, "points": points}),
-        st.sampled_from(["job_title", "country", "attributes.industry", "attributes.flag", "company_size"]),
-        st.sampled_from(["us", "saas", "True", "true", "5", "5.0", "250", "strasse lead", True, 5]),
+        st.sampled_from(
+            ["job_title", "country", "attributes.industry", "attributes.flag", "company_size", "attributes.size.0"]
+        ),
+        st.sampled_from(["us", "saas", "True", "true", "5", "5.0", "250", "strasse lead", True, 5, "small"]),
         st.integers(-10, 20),
     ),
     st.builds(
@@ -103,7 +105,8 @@ profiles = st.fixed_dictionaries(
             optional={
                 "flag": st.sampled_from([True, False, "true", 1]),
                 "employees": st.sampled_from([3, 12.5, "60", "many", None]),
-                "size": st.sampled_from([{"band": "small"}, {"band": 5}, "small", []]),
+                # An array is not indexed by "attributes.size.0"; an object's key "0" is.
+                "size": st.sampled_from([{"band": "small"}, {"band": 5}, "small", [], ["small"], {"0": "small"}]),
             },
         ),
     }
@@ -256,3 +259,24 @@ def _same(engine: Engine, expected: ChunkPlan, moves: list[Any], score_changes: 
         for key, value in row.contributions.items():
             # Both rounded to 4 places; a value on a rounding boundary may land one unit apart.
             assert got_row.contributions[key] == pytest.approx(value, abs=1.01e-4, rel=0)
+
+
+def test_a_json_path_reads_object_keys_only(engine: Engine, playbook: Playbook) -> None:
+    """``attributes.size.0`` is the key "0" of an object, never an array's first element (profile_value)."""
+    rule = FitRule.model_validate({"field": "attributes.size.0", "equals": "small", "points": 7})
+    rules = playbook.model_copy(update={"scoring": playbook.scoring.model_copy(update={"fit": (rule,)})})
+    sizes: list[Any] = [["small"], {"0": "small"}, {"0": ["small"]}, "small"]
+    with session_scope(engine) as session:
+        _clear(session)
+        leads = [
+            Lead(email=f"size{n}@example.com", attributes={"size": v}, created_at=T0, updated_at=T0)
+            for n, v in enumerate(sizes)
+        ]
+        session.add_all(leads)
+        session.flush()
+        ids = [lead.id for lead in leads if lead.id is not None]
+        expected = reference_plan(session, ids, rules, T0, replay=True)
+        score_chunk(session=session, lead_ids=ids, playbook=rules, now=T0, replay=True)
+    with session_scope(engine) as session:
+        fits = [session.get(Lead, i).fit_score for i in ids]  # type: ignore[union-attr]
+    assert fits == [s.fit for s in expected.scores] == [0.0, 7.0, 0.0, 0.0]
