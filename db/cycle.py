@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, func, insert, select, union, update
-from sqlalchemy.orm import Session
+from sqlalchemy import BigInteger, any_, case, func, insert, literal, select, union, update
+from sqlalchemy.orm import Session, aliased
 from sqlmodel import col
 
-from db.engine import dialect_insert
+from db.engine import array_param, dialect_insert
 from db.models import (
     Enrollment,
     Event,
@@ -121,11 +121,16 @@ def lock_leads(*, session: Session, lead_ids: Sequence[int]) -> None:
 
     PostgreSQL: a concurrent cycle waits instead of double-transitioning. NO KEY: events and
     messages inserted for these leads (foreign keys) by the API do not wait for the chunk.
+    SQLite: nothing to do, the transaction took the database's write lock when it began.
     """
-    for ids in batched(sorted(set(lead_ids))):
-        session.execute(
-            select(col(Lead.id)).where(col(Lead.id).in_(ids)).order_by(col(Lead.id)).with_for_update(key_share=True)
-        ).all()
+    if session.get_bind().dialect.name != "postgresql" or not lead_ids:
+        return
+    session.execute(
+        select(col(Lead.id))
+        .where(col(Lead.id) == any_(array_param(sorted(set(lead_ids)), BigInteger)))
+        .order_by(col(Lead.id))
+        .with_for_update(key_share=True)
+    ).all()
 
 
 def pending_events(
@@ -156,26 +161,23 @@ def all_lead_ids(*, session: Session, after_id: int, limit: int) -> list[int]:
 
 def held_by_hand(*, session: Session, lead_ids: Sequence[int]) -> frozenset[int]:
     """Leads whose last transition an operator made (``manual:``) and with no event since it (a replay keeps
-    their stage)."""
-    held: set[int] = set()
-    for ids in batched(list(lead_ids)):
-        held |= _held_by_hand(session, ids)
-    return frozenset(held)
-
-
-def _held_by_hand(session: Session, lead_ids: Sequence[int]) -> frozenset[int]:
-    last = (
-        select(func.max(col(StageTransition.id)))
-        .where(col(StageTransition.lead_id).in_(lead_ids))
-        .group_by(col(StageTransition.lead_id))
-    )
+    their stage). Found from the manual transitions of the chunk's id range: few, whatever its size."""
+    if not lead_ids:
+        return frozenset()
+    chunk = set(lead_ids)
+    later = aliased(StageTransition)
     manual = {
         int(lead_id): at
         for lead_id, at in session.execute(
             select(col(StageTransition.lead_id), col(StageTransition.at)).where(
-                col(StageTransition.id).in_(last), col(StageTransition.reason).startswith("manual:")
+                col(StageTransition.lead_id).between(min(chunk), max(chunk)),
+                col(StageTransition.reason).startswith("manual:"),
+                ~select(literal(1))
+                .where(col(later.lead_id) == col(StageTransition.lead_id), col(later.id) > col(StageTransition.id))
+                .exists(),
             )
         )
+        if lead_id in chunk
     }
     if not manual:
         return frozenset()

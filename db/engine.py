@@ -7,14 +7,15 @@ cascade behaves as on PostgreSQL.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Engine, bindparam, create_engine, event, inspect
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session
@@ -83,6 +84,12 @@ def dialect_insert(session: Session, table: Any) -> Any:
     """INSERT with ON CONFLICT support, for the session's database."""
     dialect = session.get_bind().dialect.name
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
+def array_param(values: Iterable[Any], item: Any) -> Any:
+    """A list bound as ONE PostgreSQL array value (``= ANY(…)``, ``unnest(…)``): thousands of ids cost one
+    parameter, not thousands of placeholders or an executemany."""
+    return bindparam(None, list(values), type_=ARRAY(item))
 
 
 def head_revision() -> str:
