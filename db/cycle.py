@@ -29,6 +29,8 @@ from db.models import (
     SequencePause,
     StageTransition,
     UTCDateTime,
+    is_pending,
+    needs_rescore,
 )
 from nurture.advancing import StageMove
 from nurture.delivery import MessageStatus
@@ -70,9 +72,9 @@ def batched(items: Sequence[Any], size: int = _IN_BATCH) -> Iterable[Sequence[An
 def _candidates(now: datetime) -> Any:
     """Ids of leads a cycle at ``now`` must look at (three indexed lookups)."""
     with_events: Any = select(col(Event.lead_id).label("id")).where(
-        col(Event.applied).is_(False), col(Event.occurred_at) <= now
+        is_pending(col(Event.applied)), col(Event.occurred_at) <= now
     )
-    profile_changed = select(col(Lead.id)).where(col(Lead.needs_rescore).is_(True))
+    profile_changed = select(col(Lead.id)).where(needs_rescore(col(Lead.needs_rescore)))
     review_due = select(col(Lead.id)).where(col(Lead.next_review_at) <= now)
     return union(with_events, profile_changed, review_due).subquery()
 
@@ -146,7 +148,7 @@ def pending_events(
             col(Event.lead_id).in_(ids),
             col(Event.kind).in_(kinds),
             col(Event.occurred_at) <= now,
-            col(Event.applied).is_(False),
+            is_pending(col(Event.applied)),
         )
         for lead_id, kind, at in session.execute(query):
             events[lead_id].append(ActivityEvent(kind=kind, occurred_at=at))

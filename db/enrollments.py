@@ -19,7 +19,7 @@ from sqlmodel import col
 
 from db.cycle import batched, end_enrollments
 from db.engine import dialect_insert
-from db.models import Enrollment, Event, Lead, Message, SequencePause
+from db.models import Enrollment, Event, Lead, Message, SequencePause, is_pending
 from nurture.delivery import MessageStatus
 from nurture.sequences import EnrollmentState
 
@@ -165,7 +165,7 @@ def unscored_changes(*, session: Session, email: str, now: datetime) -> int:
         return 0
     events = session.scalar(
         select(func.count()).where(
-            col(Event.lead_id) == lead.id, col(Event.applied).is_(False), col(Event.occurred_at) <= now
+            col(Event.lead_id) == lead.id, is_pending(col(Event.applied)), col(Event.occurred_at) <= now
         )
     )
     return int(events or 0) + int(bool(lead.needs_rescore))

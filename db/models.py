@@ -12,8 +12,47 @@ from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, String, UniqueConstraint, text
 from sqlalchemy.engine import Dialect
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.visitors import InternalTraversal
+from sqlalchemy.types import NullType, TypeDecorator
 from sqlmodel import Field, SQLModel
+
+
+class Flag(ColumnElement[bool]):
+    """A boolean column tested as the partial indexes state it: ``applied`` / ``NOT applied``.
+
+    SQLAlchemy writes ``applied = 0`` on SQLite and ``applied IS false`` for ``is_(False)``; neither
+    matches an index's ``WHERE NOT applied``, so both engines would scan the whole table instead.
+    """
+
+    inherit_cache = True
+    _traverse_internals = [  # noqa: RUF012 (SQLAlchemy reads it from the class)
+        ("column", InternalTraversal.dp_clauseelement),
+        ("value", InternalTraversal.dp_boolean),
+    ]
+    # Untyped: a Boolean would make SQLAlchemy append "= 1" on SQLite, the form the index does not state.
+    type = NullType()  # type: ignore[assignment]
+
+    def __init__(self, column: Any, value: bool) -> None:
+        self.column = column
+        self.value = value
+
+
+@compiles(Flag)
+def _compile_flag(element: Flag, compiler: Any, **kw: Any) -> str:
+    column = compiler.process(element.column, **kw)
+    return column if element.value else f"NOT {column}"
+
+
+def is_pending(applied: Any) -> Flag:
+    """An event not yet counted in its lead's score, as ``ix_event_pending`` states it."""
+    return Flag(applied, value=False)
+
+
+def needs_rescore(column: Any) -> Flag:
+    """A lead whose profile changed since its score, as ``ix_lead_needs_rescore`` states it."""
+    return Flag(column, value=True)
 
 
 class UTCDateTime(TypeDecorator[datetime]):

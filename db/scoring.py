@@ -38,7 +38,6 @@ from sqlalchemy import (
     insert,
     literal,
     literal_column,
-    not_,
     select,
     text,
     union_all,
@@ -50,7 +49,7 @@ from sqlalchemy.schema import CreateTable
 from sqlmodel import col
 
 from db.engine import array_param
-from db.models import Event, Lead, ScoreChange, UTCDateTime
+from db.models import Event, Flag, Lead, ScoreChange, UTCDateTime, is_pending
 from nurture.advancing import StageMove, check_move
 from nurture.lifecycle import review_thresholds, transition_reason
 from nurture.playbook import FitRule, Playbook, Stage
@@ -215,7 +214,7 @@ def score_chunk(
         .where(
             col(Event.lead_id).in_(select(chunk_lead.c.lead_id)),
             # As the partial index ix_event_pending says it: its entries are all there is to mark.
-            not_(col(Event.applied)),
+            is_pending(col(Event.applied)),
             col(Event.occurred_at) <= bindparam("now", now, type_=UTCDateTime()),
         )
         .values(applied=True)
@@ -326,7 +325,8 @@ def _points_query(dialect: str, playbook: Playbook, now: datetime, *, replay: bo
     in_chunk = col(Event.lead_id).in_(select(chunk_lead.c.lead_id))
     # A replay reads every event of a range of leads (the index's prefix); a cycle reads the pending ones
     # (the partial index ix_event_pending), wherever its scattered leads are.
-    chunk_events = [col(Event.lead_id).between(lo, hi), in_chunk] if replay else [in_chunk, not_(col(Event.applied))]
+    pending = is_pending(col(Event.applied))
+    chunk_events = [col(Event.lead_id).between(lo, hi), in_chunk] if replay else [in_chunk, pending]
     ranked = (
         select(
             col(Event.lead_id).label("lead_id"),
@@ -351,7 +351,7 @@ def _points_query(dialect: str, playbook: Playbook, now: datetime, *, replay: bo
             .where(
                 col(scored.lead_id) == ranked.c.lead_id,
                 col(scored.kind) == ranked.c.kind,
-                col(scored.applied).is_(True),
+                Flag(col(scored.applied), value=True),
                 _utc_day(dialect, col(scored.occurred_at)) == ranked.c.day,
             )
             .scalar_subquery()
@@ -422,7 +422,7 @@ def _assemble(
             select(literal(1))
             .where(
                 col(Event.lead_id) == lead.c.id,
-                col(Event.applied).is_(False),
+                is_pending(col(Event.applied)),
                 col(Event.occurred_at) <= at,
             )
             .exists()
