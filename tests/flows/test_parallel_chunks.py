@@ -27,6 +27,7 @@ from db.models import Enrollment, Event, Lead, ScoreChange, StageTransition
 from flows.cycle import nurture_cycle
 from flows.runtime import reset_runtime
 from nurture.population import generate_population
+from nurture.settings import Settings
 from tests.conftest import T0, postgres_url
 
 NOW = T0 + timedelta(days=20)
@@ -37,6 +38,17 @@ def _populate(engine: Engine, leads: int = 300) -> None:
     with session_scope(engine) as session:
         upsert_leads(session=session, records=population.leads, now=T0)
         add_events(session=session, records=population.events, now=T0)
+
+
+def test_chunk_concurrency_is_two_on_postgresql_and_one_on_sqlite() -> None:
+    postgres = "postgresql+psycopg://nurture@db/nurture"
+    assert Settings(nurture_database_url=postgres).chunk_concurrency == 2
+    assert Settings(nurture_database_url=postgres, nurture_chunk_concurrency=8).chunk_concurrency == 8
+    # SQLite's writers take turns: more threads would only wait for each other's lock.
+    assert Settings(nurture_database_url="sqlite:///n.db", nurture_chunk_concurrency=8).chunk_concurrency == 1
+    for out_of_bounds in (0, 17):
+        with pytest.raises(ValueError, match="nurture_chunk_concurrency"):
+            Settings(nurture_database_url=postgres, nurture_chunk_concurrency=out_of_bounds)
 
 
 def _check_cut(ranges: list[LeadRange], ids: list[int], size: int, in_range: Any) -> None:
