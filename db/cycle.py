@@ -69,24 +69,29 @@ def batched(items: Sequence[Any], size: int = _IN_BATCH) -> Iterable[Sequence[An
         yield items[start : start + size]
 
 
-def _candidates(now: datetime) -> Any:
-    """Ids of leads a cycle at ``now`` must look at (three indexed lookups)."""
+def candidate_ids(now: datetime, *, lo: int | None = None, hi: int | None = None) -> Any:
+    """Ids of leads a cycle at ``now`` must look at (three indexed lookups), as a subquery with column ``id``;
+    only those among ``lo..hi`` when given (each lookup is bounded, not the union)."""
     with_events: Any = select(col(Event.lead_id).label("id")).where(
         is_pending(col(Event.applied)), col(Event.occurred_at) <= now
     )
     profile_changed = select(col(Lead.id)).where(needs_rescore(col(Lead.needs_rescore)))
     review_due = select(col(Lead.id)).where(col(Lead.next_review_at) <= now)
+    if lo is not None and hi is not None:
+        with_events = with_events.where(col(Event.lead_id).between(lo, hi))
+        profile_changed = profile_changed.where(col(Lead.id).between(lo, hi))
+        review_due = review_due.where(col(Lead.id).between(lo, hi))
     return union(with_events, profile_changed, review_due).subquery()
 
 
 def count_leads_to_advance(*, session: Session, now: datetime) -> int:
     """How many leads the cycle at ``now`` will touch (to name chunks ``k/n``)."""
-    return int(session.scalar(select(func.count()).select_from(_candidates(now))) or 0)
+    return int(session.scalar(select(func.count()).select_from(candidate_ids(now))) or 0)
 
 
 def next_lead_ids(*, session: Session, now: datetime, after_id: int, limit: int) -> list[int]:
     """The next chunk of leads to advance, in id order after ``after_id``."""
-    candidates = _candidates(now)
+    candidates = candidate_ids(now)
     query = select(candidates.c.id).where(candidates.c.id > after_id).order_by(candidates.c.id).limit(limit)
     return [int(i) for i in session.scalars(query)]
 

@@ -8,8 +8,8 @@ only orders the steps and reports them (artifacts, events, logs).
 
 from __future__ import annotations
 
-import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,24 +24,15 @@ from prefect.states import Failed
 from sqlalchemy import func, select
 from sqlmodel import col
 
-from db.cycle import (
-    ChunkResult,
-    all_lead_ids,
-    count_leads_to_advance,
-    next_lead_ids,
-    record_scoring_version,
-    scoring_version_in_use,
-)
+from db.cycle import ChunkResult, record_scoring_version, scoring_version_in_use
 from db.engine import session_scope
 from db.models import Lead
 from db.reports import STAGE_ORDER, funnel
-from flows.advancing import WalkResult, advance_leads, replay_chunk_size, walk_sequences
+from flows.advancing import WalkResult, replay_chunk_size, walk_sequences
+from flows.chunks import ARTIFACT_ROWS, Advanced, advance_in_chunks
 from flows.pacing import send_pacer
 from flows.runtime import current_runtime
 from flows.sending import DispatchResult, dispatch_due
-
-# Rows shown in a run's per-lead tables; the counts above them are always complete.
-ARTIFACT_ROWS = 500
 
 
 def run_name(prefix: str) -> str:
@@ -55,80 +46,6 @@ def as_utc(value: datetime | None) -> datetime:
     if value is None:
         return datetime.now(UTC)
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def emit_transition_events(result: ChunkResult, playbook_version: str) -> None:
-    """One Prefect event per transition, for Automations ("tell sales when a lead turns hot").
-
-    ``emit_event`` only queues the event for Prefect's background worker, so a
-    chunk with thousands of transitions is not slowed by round trips.
-    """
-    for move in result.moved:
-        emit_event(
-            event="nurture.lead.transitioned",
-            resource={
-                "prefect.resource.id": f"nurture.lead.{move.lead_id}",
-                "nurture.stage": move.to_stage.value,
-                "nurture.stage.from": move.from_stage.value,
-            },
-            payload={
-                "from": move.from_stage.value,
-                "to": move.to_stage.value,
-                "score": round(move.score, 2),
-                "playbook_version": playbook_version,
-            },
-        )
-
-
-# Safe to retry: a failed chunk rolled back, and a committed one has no candidates left.
-@task(
-    name="advance-leads",
-    task_run_name="advance-leads-{chunk}/{chunks}",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=10,
-)
-def advance_leads_task(
-    now: datetime, after_id: int, batch_size: int, chunk: int, chunks: int, replay: bool = False, dry_run: bool = False
-) -> ChunkResult:
-    """Score one chunk of leads, apply their transitions and enrollments in one transaction.
-
-    A dry run does the same work and rolls it back: the result says what would happen.
-    """
-    runtime = current_runtime()
-    run_id = str(flow_run.id) if flow_run.id else None
-    with session_scope(runtime.engine, commit=not dry_run) as session:
-        if replay:
-            lead_ids = all_lead_ids(session=session, after_id=after_id, limit=batch_size)
-        else:
-            lead_ids = next_lead_ids(session=session, now=now, after_id=after_id, limit=batch_size)
-        result = advance_leads(
-            session=session,
-            lead_ids=lead_ids,
-            playbook=runtime.playbook,
-            now=now,
-            flow_run_id=run_id,
-            replay=replay,
-        )
-    if not dry_run:
-        emit_transition_events(result, runtime.playbook.version)
-    return result
-
-
-def advance_all(
-    at: datetime, batch_size: int, total: int, *, replay: bool = False, dry_run: bool = False
-) -> ChunkResult:
-    """Run advance-leads over every chunk, ``k/n`` in the task names."""
-    chunks = max(math.ceil(total / batch_size), 1)
-    advanced = ChunkResult()
-    chunk, after_id = 0, 0
-    while True:
-        chunk += 1
-        result = advance_leads_task(at, after_id, batch_size, chunk, max(chunks, chunk), replay, dry_run)
-        advanced.add(result)
-        if result.leads < batch_size:
-            return advanced
-        after_id = result.last_lead_id
 
 
 # Safe to retry: a failed chunk rolled back, and a committed one left no enrollment due.
@@ -198,23 +115,35 @@ def dispatch_task(now: datetime, batch_size: int) -> DispatchResult:
     return result
 
 
-def delivery_verdict(dispatched: DispatchResult, summary: dict[str, Any]) -> dict[str, Any] | State[Any]:
-    """The run's end: its summary, or a Failed state carrying it when messages failed or are in doubt.
+def run_verdict(
+    dispatched: DispatchResult, summary: dict[str, Any], *, failed_chunks: Sequence[str] = ()
+) -> dict[str, Any] | State[Any]:
+    """The run's end: its summary, or a Failed state carrying it when chunks of leads failed or
+    messages failed or are in doubt.
 
     An operator must see such a run in the runs list, not a green "Completed"; the
-    ``nurture.delivery.problems`` event lets an Automation alert on it.
+    ``nurture.delivery.problems`` event lets an Automation alert on delivery problems.
+    A failed chunk rolled back: the next cycle advances its leads.
     """
-    if not dispatched.failed and not dispatched.in_doubt:
+    problems = []
+    if failed_chunks:
+        problems.append(
+            f"{len(failed_chunks)} chunks of leads failed and were rolled back ({', '.join(failed_chunks)}): "
+            "the other chunks are kept and the next cycle advances their leads"
+        )
+    if dispatched.failed or dispatched.in_doubt:
+        problems.append(
+            f"{dispatched.failed} messages failed, {dispatched.in_doubt} in doubt: "
+            "see the messages artifact, `nurture messages list` and `nurture messages retry`"
+        )
+        emit_event(
+            event="nurture.delivery.problems",
+            resource={"prefect.resource.id": f"nurture.flow-run.{flow_run.id or 'local'}"},
+            payload={"failed": dispatched.failed, "in_doubt": dispatched.in_doubt},
+        )
+    if not problems:
         return summary
-    message = (
-        f"{dispatched.failed} messages failed, {dispatched.in_doubt} in doubt: "
-        "see the messages artifact, `nurture messages list` and `nurture messages retry`"
-    )
-    emit_event(
-        event="nurture.delivery.problems",
-        resource={"prefect.resource.id": f"nurture.flow-run.{flow_run.id or 'local'}"},
-        payload={"failed": dispatched.failed, "in_doubt": dispatched.in_doubt},
-    )
+    message = "; ".join(problems)
     get_run_logger().error(message)
     return Failed(message=message, data=summary)
 
@@ -234,9 +163,10 @@ def publish_report(advanced: ChunkResult, dispatched: DispatchResult, *, dry_run
     with session_scope(current_runtime().engine) as session:
         totals = funnel(session=session)
     change: Counter[str] = Counter()
-    for move in advanced.moved:
-        change[move.from_stage.value] -= 1
-        change[move.to_stage.value] += 1
+    for path, n in advanced.transitions.items():
+        from_stage, to_stage = path.split("→")
+        change[from_stage] -= n
+        change[to_stage] += n
     create_table_artifact(
         key="nurture-cycle-transitions",
         table=[
@@ -289,33 +219,40 @@ def publish_messages(dispatched: DispatchResult, *, key: str) -> None:
 
 @flow(name="nurture-cycle", flow_run_name=lambda: run_name("cycle"), log_prints=False)
 def nurture_cycle(
-    now: datetime | None = None, batch_size: int = 2000, dispatch: bool = True, dry_run: bool = False
+    now: datetime | None = None,
+    batch_size: int = 2000,
+    dispatch: bool = True,
+    dry_run: bool = False,
+    fan_out: bool = False,
 ) -> dict[str, Any] | State[Any]:
     """Rescore leads that changed, move them between stages, enroll them, take due steps, send what is due.
 
     Args:
         now: Run as of this time (default: now); pass a time to replay or simulate.
-        batch_size: Leads per advance-leads task and messages per dispatch claim.
+        batch_size: Leads per advance-leads chunk and messages per dispatch claim.
         dispatch: Send due messages at the end (off to only score and enroll).
         dry_run: Compute everything and report what would happen, then roll it back; send nothing.
+        fan_out: Advance the chunks as runs of the advance-chunk deployment, shared by every worker
+            of the pool (off: as tasks of this run, NURTURE_CHUNK_CONCURRENCY at a time).
 
-    The run ends Failed (with its summary) when messages failed or are in doubt.
+    The run ends Failed (with its summary) when a chunk of leads failed, or messages failed or are in doubt.
     """
     logger = get_run_logger()
     at = as_utc(now)
-    rescore = check_scoring_version(at, batch_size, dry_run=dry_run)
-    with session_scope(current_runtime().engine) as session:
-        to_advance = count_leads_to_advance(session=session, now=at)
-    advanced = advance_all(at, batch_size, to_advance, dry_run=dry_run)
+    rescore = check_scoring_version(at, batch_size, dry_run=dry_run, fan_out=fan_out)
+    chunks = advance_in_chunks(at, batch_size, dry_run=dry_run, fan_out=fan_out)
+    advanced = chunks.result
     if rescore.rescored is not None:
-        advanced.add(rescore.rescored)
+        advanced.add(rescore.rescored.result)
+    failed_chunks = [*(rescore.rescored.failed if rescore.rescored else []), *chunks.failed]
     walked = walk_all(at, batch_size, dry_run=dry_run)
     dispatched = dispatch_task(at, batch_size) if dispatch and not dry_run else DispatchResult()
     totals = publish_report(advanced, dispatched, dry_run=dry_run)
     logger.info(
-        "cycle at %s: %d leads rescored, %d transitions, %d messages queued, %d sent, %d failed",
+        "cycle at %s: %d leads rescored in %d chunks, %d transitions, %d messages queued, %d sent, %d failed",
         at.isoformat(),
         advanced.leads,
+        chunks.chunks,
         sum(advanced.transitions.values()),
         walked.messages_queued,
         dispatched.by_status.get("sent", 0),
@@ -325,6 +262,8 @@ def nurture_cycle(
         "now": at.isoformat(),
         "dry_run": dry_run,
         "leads_advanced": advanced.leads,
+        "chunks": chunks.chunks,
+        "chunks_failed": failed_chunks,
         "score_changes": advanced.score_changes,
         "transitions": dict(advanced.transitions),
         "enrollments": advanced.enrollments,
@@ -341,9 +280,9 @@ def nurture_cycle(
         "claims_released_from_stopped_dispatchers": dispatched.released,
         "funnel": totals,
         "rescore_needed": rescore.needed,
-        "rescored_all_leads": rescore.rescored is not None,
+        "rescored_all_leads": rescore.rescored is not None and not rescore.rescored.failed,
     }
-    return delivery_verdict(dispatched, summary)
+    return run_verdict(dispatched, summary, failed_chunks=failed_chunks)
 
 
 @dataclass(frozen=True)
@@ -352,12 +291,14 @@ class ScoringCheck:
     nothing rescored them); ``rescored`` when this cycle rescored every lead first."""
 
     needed: bool
-    rescored: ChunkResult | None = None
+    rescored: Advanced | None = None
 
 
-def check_scoring_version(at: datetime, batch_size: int, *, dry_run: bool) -> ScoringCheck:
+def check_scoring_version(at: datetime, batch_size: int, *, dry_run: bool, fan_out: bool = False) -> ScoringCheck:
     """Compare the scoring rules of the stored scores with the playbook's; rescore every lead first
-    when they changed and NURTURE_RESCORE_ON_SCORING_CHANGE is on, else say a rescore-all is needed."""
+    when they changed and NURTURE_RESCORE_ON_SCORING_CHANGE is on, else say a rescore-all is needed.
+
+    The new rules are recorded as current only when every chunk of the rescore committed."""
     runtime = current_runtime()
     version = runtime.playbook.scoring_version
     with session_scope(runtime.engine, commit=not dry_run) as session:
@@ -376,12 +317,19 @@ def check_scoring_version(at: datetime, batch_size: int, *, dry_run: bool) -> Sc
         )
         return ScoringCheck(needed=True)
     get_run_logger().info("scoring rules changed (%s → %s): rescoring every lead first", in_use, version)
-    with session_scope(runtime.engine) as session:
-        total = int(session.scalar(select(func.count(col(Lead.id)))) or 0)
-    rescored = advance_all(at, replay_chunk_size(total, batch_size), total, replay=True)
+    rescored = rescore_in_chunks(at, batch_size, fan_out=fan_out)
+    if rescored.failed:
+        return ScoringCheck(needed=True, rescored=rescored)
     with session_scope(runtime.engine) as session:
         record_scoring_version(session=session, version=version, now=at, set_by="rescore-all")
     return ScoringCheck(needed=False, rescored=rescored)
+
+
+def rescore_in_chunks(at: datetime, batch_size: int, *, dry_run: bool = False, fan_out: bool = False) -> Advanced:
+    """Recompute every lead's score from its events, in at most ``REPLAY_TASK_RUNS`` chunks below 1.25M leads."""
+    with session_scope(current_runtime().engine) as session:
+        total = int(session.scalar(select(func.count(col(Lead.id)))) or 0)
+    return advance_in_chunks(at, replay_chunk_size(total, batch_size), replay=True, dry_run=dry_run, fan_out=fan_out)
 
 
 @flow(name="dispatch", flow_run_name=lambda: run_name("dispatch"))
@@ -403,4 +351,4 @@ def dispatch_messages(now: datetime | None = None, batch_size: int = 500) -> dic
     summary: dict[str, Any] = {str(k): v for k, v in result.by_status.items()}
     if result.found_in_doubt:
         summary["in_doubt_from_stopped_dispatchers"] = result.found_in_doubt
-    return delivery_verdict(result, summary)
+    return run_verdict(result, summary)

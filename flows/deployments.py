@@ -2,7 +2,7 @@
 
 `nurture serve` is the embedded way to run on a schedule (no work pool, no
 worker); prefect.yaml is the production way (`prefect deploy --all` + workers).
-Both declare the same five deployments with the same default schedules; an
+Both declare the same six deployments with the same default schedules; an
 operator may change the intervals of `nurture serve` with its options.
 """
 
@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect.schedules import Cron, Interval
 
+from flows.chunks import advance_chunk
 from flows.cycle import dispatch_messages, nurture_cycle
 from flows.maintenance import import_events, import_leads, rescore_all
 
@@ -30,7 +31,7 @@ def served_deployments(
             name="nurture-cycle",
             schedules=[Interval(cycle_every)],
             concurrency_limit=1,
-            parameters={"batch_size": 2000, "dispatch": True},
+            parameters={"batch_size": 2000, "dispatch": True, "fan_out": True},
             tags=["nurture"],
         ),
         dispatch_messages.to_deployment(
@@ -40,8 +41,14 @@ def served_deployments(
             tags=["nurture"],
         ),
         rescore_all.to_deployment(
-            name="rescore-all", schedules=[Cron(RESCORE_CRON, timezone=timezone)], concurrency_limit=1, tags=["nurture"]
+            name="rescore-all",
+            schedules=[Cron(RESCORE_CRON, timezone=timezone)],
+            concurrency_limit=1,
+            parameters={"batch_size": 2000, "fan_out": True},
+            tags=["nurture"],
         ),
+        # The chunks of a cycle or rescore-all that fans out: run by this process's runner too.
+        advance_chunk.to_deployment(name="advance-chunk", tags=["nurture"]),
         import_leads.to_deployment(name="import-leads", tags=["nurture"]),
         import_events.to_deployment(name="import-events", tags=["nurture"]),
     ]

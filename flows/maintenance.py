@@ -9,21 +9,21 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from sqlalchemy import func, select
-from sqlmodel import col
+from prefect.client.schemas.objects import State
 
 from db.cycle import record_scoring_version
 from db.engine import session_scope
 from db.imports import import_file
-from db.models import Lead
-from flows.advancing import replay_chunk_size
-from flows.cycle import ARTIFACT_ROWS, advance_all, as_utc, publish_report, run_name
+from flows.chunks import ARTIFACT_ROWS
+from flows.cycle import as_utc, publish_report, rescore_in_chunks, run_name, run_verdict
 from flows.runtime import current_runtime
 from flows.sending import DispatchResult
 
 
 @flow(name="rescore-all", flow_run_name=lambda: run_name("rescore-all"))
-def rescore_all(now: datetime | None = None, batch_size: int = 2000, dry_run: bool = False) -> dict[str, Any]:
+def rescore_all(
+    now: datetime | None = None, batch_size: int = 2000, dry_run: bool = False, fan_out: bool = False
+) -> dict[str, Any] | State[Any]:
     """Recompute every lead's score from all its events under the current playbook, in chunks.
 
     Run it after changing scoring rules or thresholds; stage changes it causes start their
@@ -31,34 +31,42 @@ def rescore_all(now: datetime | None = None, batch_size: int = 2000, dry_run: bo
 
     Args:
         now: Score as of this time (default: now).
-        batch_size: Leads per advance-leads task at least; more when that keeps the task runs to 50.
+        batch_size: Leads per advance-leads chunk at least; more when that keeps the chunks to 50.
         dry_run: Compute everything and report what would change, then roll it back.
+        fan_out: Advance the chunks as runs of the advance-chunk deployment, shared by every worker
+            of the pool (off: as tasks of this run, NURTURE_CHUNK_CONCURRENCY at a time).
+
+    The run ends Failed when a chunk failed (rolled back); the rules are then not recorded as
+    current, so `nurture status` and the cycles keep saying a rescore-all is needed.
     """
     at = as_utc(now)
     runtime = current_runtime()
-    with session_scope(runtime.engine) as session:
-        total = int(session.scalar(select(func.count(col(Lead.id)))) or 0)
-    advanced = advance_all(at, replay_chunk_size(total, batch_size), total, replay=True, dry_run=dry_run)
+    chunks = rescore_in_chunks(at, batch_size, dry_run=dry_run, fan_out=fan_out)
+    advanced = chunks.result
     publish_report(advanced, DispatchResult(), dry_run=dry_run)
-    if not dry_run:
+    if not dry_run and not chunks.failed:
         with session_scope(runtime.engine) as session:
             record_scoring_version(
                 session=session, version=runtime.playbook.scoring_version, now=at, set_by="rescore-all"
             )
     get_run_logger().info(
-        "%s %d leads under playbook %s: %d scores changed, %d transitions",
+        "%s %d leads in %d chunks under playbook %s: %d scores changed, %d transitions",
         "would rescore" if dry_run else "rescored",
         advanced.leads,
+        chunks.chunks,
         runtime.playbook.version,
         advanced.score_changes,
         sum(advanced.transitions.values()),
     )
-    return {
+    summary = {
         "dry_run": dry_run,
         "leads": advanced.leads,
+        "chunks": chunks.chunks,
+        "chunks_failed": chunks.failed,
         "score_changes": advanced.score_changes,
         "transitions": dict(advanced.transitions),
     }
+    return run_verdict(DispatchResult(), summary, failed_chunks=chunks.failed)
 
 
 @task(name="import-file", cache_policy=NO_CACHE, retries=0)

@@ -227,7 +227,7 @@ def run_cycle(
     with temporary_prefect_api():
         summary, ok = run_and_report(nurture_cycle, now=at, batch_size=batch_size)
     console.print_json(json.dumps(summary, default=str))
-    _exit_on_delivery_problems(ok)
+    _exit_on_problems(summary, ok)
 
 
 @run_app.command("dispatch")
@@ -247,7 +247,7 @@ def run_dispatch(
     with temporary_prefect_api():
         summary, ok = run_and_report(dispatch_messages, now=at, batch_size=batch_size)
     console.print_json(json.dumps(summary, default=str))
-    _exit_on_delivery_problems(ok)
+    _exit_on_problems(summary, ok)
 
 
 @run_app.command("rescore-all")
@@ -268,22 +268,34 @@ def run_rescore_all(
     _checked_playbook()
     _engine()
     _quiet_prefect_console()
+    from flows.cycle import run_and_report
     from flows.maintenance import rescore_all
     from flows.prefect_server import temporary_prefect_api
 
     with temporary_prefect_api():
-        summary = rescore_all(now=at, batch_size=batch_size, dry_run=dry_run)
+        summary, ok = run_and_report(rescore_all, now=at, batch_size=batch_size, dry_run=dry_run)
     console.print_json(json.dumps(summary, default=str))
+    _exit_on_problems(summary, ok)
 
 
-def _exit_on_delivery_problems(ok: bool) -> None:
-    """A run that failed messages or left some in doubt exits 2, so cron and supervisors notice."""
-    if not ok:
+def _exit_on_problems(summary: dict[str, Any], ok: bool) -> None:
+    """A run with a failed chunk of leads, or that failed messages or left some in doubt, exits 2, so cron and
+    supervisors notice."""
+    if ok:
+        return
+    failed_chunks = summary.get("chunks_failed") or []
+    if failed_chunks:
+        errors.print(
+            f"[red]chunks failed:[/] {', '.join(failed_chunks)} rolled back, the others are kept; "
+            "the next run takes their leads up"
+        )
+    messages = summary.get("messages", summary)  # a cycle's summary nests them, dispatch's is them
+    if messages.get("failed") or messages.get("in_doubt") or not failed_chunks:
         errors.print(
             "[red]delivery problems:[/] some messages failed or are in doubt; "
             "see `nurture messages list --status failed` and `--status in_doubt`, then `nurture messages retry`"
         )
-        raise typer.Exit(2)
+    raise typer.Exit(2)
 
 
 def _count_table(title: str, label: str, unit: str, counts: dict[str, int]) -> Table:

@@ -19,6 +19,8 @@ from nurture.errors import ConfigurationError
 DEFAULT_SECRET_KEY = "change-me-nurture-development-key"  # noqa: S105
 # Links must work at least 30 days after sending (CAN-SPAM); twice that leaves room for late readers.
 MIN_UNSUBSCRIBE_LINK_DAYS = 60
+# Chunks scored at once on PostgreSQL unless NURTURE_CHUNK_CONCURRENCY says otherwise.
+DEFAULT_CHUNK_CONCURRENCY = 2
 
 
 class Settings(BaseSettings):
@@ -75,6 +77,13 @@ class Settings(BaseSettings):
     nurture_webhook_tolerance_seconds: int = Field(default=600, ge=1, description="Oldest accepted signature")
     nurture_max_body_bytes: int = Field(default=5_000_000, ge=1024, description="Largest accepted request body")
     nurture_send_concurrency: int = Field(default=4, ge=1, le=64, description="Parallel requests per dispatcher")
+    nurture_chunk_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        le=16,
+        description="Chunks of leads a cycle or rescore-all scores at once (threads, one transaction each): "
+        "2 by default on PostgreSQL; always 1 on SQLite, whose writers take turns",
+    )
     nurture_send_lease_seconds: int = Field(
         default=600,
         ge=1,
@@ -112,6 +121,14 @@ class Settings(BaseSettings):
         given = self.nurture_secret_key_previous.get_secret_value() if self.nurture_secret_key_previous else ""
         previous = (key.strip() for key in given.split(","))
         return (current, *dict.fromkeys(key for key in previous if key and key != current))
+
+    @property
+    def chunk_concurrency(self) -> int:
+        """How many chunks of leads to score at once: NURTURE_CHUNK_CONCURRENCY (2 by default) on PostgreSQL,
+        1 on SQLite (one writer at a time: more threads would only wait for each other's lock)."""
+        if self.nurture_database_url.startswith("sqlite"):
+            return 1
+        return self.nurture_chunk_concurrency or DEFAULT_CHUNK_CONCURRENCY
 
     @property
     def database_url(self) -> str:

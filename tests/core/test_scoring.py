@@ -203,6 +203,6 @@ def test_a_replay_takes_at_most_50_task_runs_below_1_25_million_leads(total: int
     size = replay_chunk_size(total, batch)
     assert size >= batch
     assert size <= max(batch, MAX_CHUNK)
-    # advance_all stops after the first chunk smaller than `size` (one more, empty, when `size` divides the total).
-    runs = total // size + 1
+    # The replay's leads are cut into ranges of `size` leads: one advance-leads task run per range.
+    runs = -(-total // size)
     assert runs <= REPLAY_TASK_RUNS

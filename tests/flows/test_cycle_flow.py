@@ -63,8 +63,12 @@ def test_the_cycle_flow_advances_leads_sends_and_publishes_artifacts(
         assert all(run.state is not None and run.state.is_completed() for run in runs)
         ids = FlowRunFilter(id=FlowRunFilterId(any_=[run.id for run in runs]))
         task_names = {t.name for t in client.read_task_runs(flow_run_filter=ids)}
-        # The first run had 60 leads in chunks of 25; the second had nothing to do.
-        assert {"advance-leads-1/3", "advance-leads-2/3", "advance-leads-3/3", "advance-leads-1/1"} <= task_names
+        # The dry run and the first run had 60 leads in 3 ranges of 25 at most; the last had nothing to do.
+        assert {n for n in task_names if n.startswith("advance-leads")} == {
+            "advance-leads-1/3",
+            "advance-leads-2/3",
+            "advance-leads-3/3",
+        }
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(
                 key=ArtifactFilterKey(any_=["nurture-cycle-transitions", "nurture-cycle-messages", "nurture-funnel"])

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from flows.chunks import advance_chunk
 from flows.cycle import dispatch_messages, nurture_cycle
 from flows.deployments import served_deployments
 from flows.maintenance import import_events, import_leads, rescore_all
@@ -23,6 +24,7 @@ FLOWS: dict[str, Any] = {
     "rescore-all": rescore_all,
     "import-leads": import_leads,
     "import-events": import_events,
+    "advance-chunk": advance_chunk,
 }
 
 
@@ -73,6 +75,10 @@ def test_nurture_serve_declares_what_prefect_yaml_declares() -> None:
     assert from_serve == from_yaml
     assert from_yaml["nurture-cycle"]["schedules"] == [("interval", 600, "UTC")]
     assert from_yaml["dispatch"]["schedules"] == [("interval", 60, "UTC")]
+    # Deployed, the cycle and rescore-all share their chunks with every worker; started by hand, they do not.
+    assert from_yaml["nurture-cycle"]["parameters"]["fan_out"] is True
+    assert from_yaml["rescore-all"]["parameters"]["fan_out"] is True
+    assert from_yaml["advance-chunk"]["schedules"] == []
 
 
 def test_nurture_serve_intervals_are_the_operators_choice() -> None:

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import select
 from sqlmodel import col
 
-import flows.cycle
+import flows.chunks
 from db.engine import get_engine, session_scope, upgrade_schema
 from db.models import Lead, ScoreChange, StageTransition
 from flows.cycle import nurture_cycle
@@ -54,7 +54,7 @@ def test_import_flows_then_cycle_then_rescore_all_after_a_playbook_change(
     assert import_events(path=str(events))["rows_kept"] == 20
 
     emitted: list[dict[str, Any]] = []
-    monkeypatch.setattr(flows.cycle, "emit_event", lambda **kw: emitted.append(kw))
+    monkeypatch.setattr(flows.chunks, "emit_event", lambda **kw: emitted.append(kw))
     first = nurture_cycle(now=T0 + timedelta(hours=1), dispatch=False)
     # CTOs at 50+ people: 15 + 10 + 10 (form) = 35, below warm (40): nobody moves yet.
     assert first["transitions"] == {}

@@ -102,7 +102,14 @@ def test_deploy_run_with_a_worker_and_read_the_artifacts(server: tuple[str, dict
 
     with httpx.Client(base_url=api, timeout=30) as client:
         deployments = {d["name"]: d for d in client.post("/deployments/filter", json={}).json()}
-        assert set(deployments) == {"nurture-cycle", "dispatch", "rescore-all", "import-leads", "import-events"}
+        assert set(deployments) == {
+            "nurture-cycle",
+            "dispatch",
+            "rescore-all",
+            "advance-chunk",
+            "import-leads",
+            "import-events",
+        }
         cycle = deployments["nurture-cycle"]
         assert cycle["schedules"][0]["schedule"]["interval"] == 600
         assert cycle["global_concurrency_limit"]["limit"] == 1  # runs never overlap
