@@ -4,18 +4,19 @@ For each engine, in a database created for the run and dropped after it:
 
 1. ``benchmarks.generate`` writes L leads and 10·L events, the events already counted (as cycles leave
    them: what a nightly rescore-all or one after a scoring change meets), the leads unscored.
-2. **Full rescore as nurture does it today**: the replay path of the ``rescore-all`` flow
-   (``all_lead_ids`` → ``advance_leads(replay=True)`` per chunk, sized as rescore-all sizes it, one transaction
-   each), called directly, without Prefect: the flow runs one ``advance-leads`` task per chunk,
-   so the task runs it would take are printed, but their overhead is not in the time.
+2. **Full rescore as nurture does it**: the replay path of the ``rescore-all`` flow (every lead cut
+   into disjoint id ranges sized as rescore-all sizes them, ``advance_leads(replay=True)`` per range in
+   its own transaction, NURTURE_CHUNK_CONCURRENCY ranges at a time: 2 on PostgreSQL, 1 on SQLite),
+   called directly, without Prefect: the flow runs one ``advance-leads`` task per range, so the task
+   runs it would take are printed, but their overhead is not in the time.
 3. **The bare SQL baseline**: ONE statement per engine that computes every lead's score as
    ``nurture.scoring`` defines it for a replay (decayed points of every event, the per-kind
    daily caps through a window function, plus fit) and writes it to ``lead``. It runs on the
    same tables after nurture's rescore; both results are compared (max |Δscore|), so the
    baseline is known to compute the same thing. It writes scores only, where nurture also
    writes the ledger, the transitions and the enrollments they start.
-4. **An incremental cycle** (the scoring part of ``nurture-cycle``: ``next_lead_ids`` →
-   ``advance_leads``) after 10,000 new events for 2,000 leads, at L and at L/10 leads: the
+4. **An incremental cycle** (the scoring part of ``nurture-cycle``: ``candidate_ranges`` →
+   ``advance_leads`` per range) after 10,000 new events for 2,000 leads, at L and at L/10 leads: the
    cycle's cost should follow what changed, so the ratio of the two should stay near 1.
 5. **A naive baseline** at L/10 leads over its first few thousand: one ORM object per
    lead, its events loaded by a query per lead, scored by ``nurture.scoring.rescore``.
@@ -42,6 +43,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import timedelta
@@ -55,12 +57,14 @@ from sqlalchemy.orm import Session
 from sqlmodel import col
 
 from benchmarks.generate import KINDS, NOW, generate
-from db.cycle import PROFILE_COLUMNS, ChunkResult, all_lead_ids, next_lead_ids
+from db.chunks import LeadRange, candidate_ranges, candidates_in_range, lead_ranges, leads_in_range
+from db.cycle import PROFILE_COLUMNS, ChunkResult
 from db.engine import get_engine, session_scope
 from db.models import Event, Lead
 from flows.advancing import advance_leads, replay_chunk_size
 from nurture.playbook import FitRule, Playbook, load_playbook
 from nurture.scoring import MAX_MATCHED, ActivityEvent, LeadScoreState, rescore
+from nurture.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -105,38 +109,46 @@ def measure(step: Callable[[], Any]) -> tuple[Measured, Any]:
 # ---------------------------------------------------------------------------- nurture's paths
 
 
+def _advance_ranges(url: str, playbook: Playbook, ranges: list[LeadRange], *, replay: bool, at: Any) -> ChunkResult:
+    """Each range in its own transaction, ``chunk_concurrency`` at a time, as the flows' ``advance-leads``
+    tasks run them (a thread pool; Prefect's task overhead is not in the time)."""
+    engine = get_engine(url)
+    workers = max(1, min(chunk_concurrency(url), len(ranges)))
+
+    def one(lead_range: LeadRange) -> ChunkResult:
+        with session_scope(engine) as session:
+            if replay:
+                lead_ids = leads_in_range(session=session, lo=lead_range.lo, hi=lead_range.hi)
+            else:
+                lead_ids = candidates_in_range(session=session, now=at, lo=lead_range.lo, hi=lead_range.hi)
+            return advance_leads(session=session, lead_ids=lead_ids, playbook=playbook, now=at, replay=replay)
+
+    advanced = ChunkResult()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for result in pool.map(one, ranges):
+            advanced.add(result)
+    return advanced
+
+
+def chunk_concurrency(url: str) -> int:
+    """NURTURE_CHUNK_CONCURRENCY as the flows read it for this database (1 on SQLite)."""
+    return Settings(nurture_database_url=url).chunk_concurrency
+
+
 def nurture_replay(url: str, playbook: Playbook) -> tuple[ChunkResult, int]:
-    """What ``rescore-all`` does, chunk by chunk (each chunk is an ``advance-leads`` task there)."""
+    """What ``rescore-all`` does: every lead cut into ranges sized as it sizes them, one task run each."""
     engine = get_engine(url)
     with session_scope(engine) as session:
         size = replay_chunk_size(int(session.scalar(select(func.count(col(Lead.id)))) or 0), BATCH)
-    advanced = ChunkResult()
-    chunks, after_id = 0, 0
-    while True:
-        chunks += 1
-        with session_scope(engine) as session:
-            lead_ids = all_lead_ids(session=session, after_id=after_id, limit=size)
-            result = advance_leads(session=session, lead_ids=lead_ids, playbook=playbook, now=NOW, replay=True)
-        advanced.add(result)
-        if result.leads < size:
-            return advanced, chunks
-        after_id = result.last_lead_id
+        ranges = lead_ranges(session=session, size=size)
+    return _advance_ranges(url, playbook, ranges, replay=True, at=NOW), len(ranges)
 
 
 def nurture_cycle_scoring(url: str, playbook: Playbook) -> tuple[ChunkResult, int]:
     """The scoring part of ``nurture-cycle`` (its advance-leads tasks), at ``CYCLE_AT``."""
-    engine = get_engine(url)
-    advanced = ChunkResult()
-    chunks, after_id = 0, 0
-    while True:
-        chunks += 1
-        with session_scope(engine) as session:
-            lead_ids = next_lead_ids(session=session, now=CYCLE_AT, after_id=after_id, limit=BATCH)
-            result = advance_leads(session=session, lead_ids=lead_ids, playbook=playbook, now=CYCLE_AT)
-        advanced.add(result)
-        if result.leads < BATCH:
-            return advanced, chunks
-        after_id = result.last_lead_id
+    with session_scope(get_engine(url)) as session:
+        ranges = candidate_ranges(session=session, now=CYCLE_AT, size=BATCH)
+    return _advance_ranges(url, playbook, ranges, replay=False, at=CYCLE_AT), len(ranges)
 
 
 def add_new_events(url: str, leads: int, seed: int) -> None:
@@ -372,7 +384,8 @@ def run_engine(
         _line(
             "nurture full rescore (rescore-all replay)",
             replay,
-            f"{large / replay.seconds:8,.0f} leads/s, {chunks} advance-leads task runs, "
+            f"{large / replay.seconds:8,.0f} leads/s, {chunks} advance-leads task runs "
+            f"({chunk_concurrency(url)} at a time), "
             f"{advanced.score_changes:,} ledger rows, {sum(advanced.transitions.values()):,} transitions",
         )
         keep_scores(url, "bench_nurture_scores")
