@@ -17,7 +17,7 @@ from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from db.bulk import insert_many, one_of
+from db.bulk import insert_many, one_of, widen_cache
 from db.engine import dialect_insert as dialect_insert  # re-exported: older callers import it from here
 from db.engine import session_scope
 from db.models import Event, Lead
@@ -270,6 +270,7 @@ def import_file(
 
     def store(records: Sequence[Any]) -> None:
         with session_scope(engine) as session:
+            widen_cache(session)
             if kind == "leads":
                 upserted = upsert_leads(session=session, records=records, now=now)
                 result.created += upserted.created
