@@ -6,8 +6,9 @@ what an update keeps) once for both engines; this module only moves the rows int
 - **PostgreSQL**: the rows stream with ``COPY … FROM STDIN (FORMAT BINARY)`` into a
   temporary table, then the statement runs once as ``INSERT … SELECT`` from it, in the
   rows' order. The temporary table lives for the statement (and at most until commit).
-- **SQLite**: one ``executemany`` of the statement (no ``RETURNING``: SQLAlchemy would
-  split it into multi-row statements).
+- **SQLite**, and PostgreSQL for fewer than ``COPY_FROM`` rows (an API call's events): one
+  ``executemany`` of the statement (no ``RETURNING``: SQLAlchemy would split it into
+  multi-row statements).
 
 Both run in the caller's transaction: a batch is written whole or not at all.
 """
@@ -42,6 +43,9 @@ from db.models import UTCDateTime
 # The scratch table's name; one statement uses it at a time on a connection, and drops it.
 SCRATCH = "nurture_bulk_rows"
 _ORDER = "nurture_row_order"
+# Fewer rows go as one executemany on PostgreSQL too: the temporary table costs three more
+# round trips, which a webhook's or an API call's few events would pay on every request.
+COPY_FROM = 100
 # SQLAlchemy keeps the driver's row count only for UPDATE and DELETE unless asked.
 _COUNTED = {"preserve_rowcount": True}
 
@@ -54,7 +58,7 @@ def insert_many(*, session: Session, statement: Insert, rows: Sequence[Mapping[s
     """
     if not rows:
         return 0
-    if session.get_bind().dialect.name == "postgresql":
+    if session.get_bind().dialect.name == "postgresql" and len(rows) >= COPY_FROM:
         return _copy_then_insert(session, statement, rows)
     return int(session.connection().execute(statement, list(rows), execution_options=_COUNTED).rowcount)
 
