@@ -2,6 +2,7 @@
 #   make demo   — install, create ./nurture.db, run the demo
 #   make test   — install, then lint, type-check, check the layers and run the tests
 #   make bench  — the scoring benchmark (docs/benchmarks.md); `make bench-quick` at 1/10 scale
+#   make bench-imports — imports against a bare COPY / executemany (docs/benchmarks.md); ARGS=--quick at 100k events
 PYTHON ?= python3
 UV_VERSION := 0.13.9
 TOOLS := .tools
@@ -11,7 +12,7 @@ export UV_PYTHON_DOWNLOADS := never
 # Compiled bytecode at install: every `nurture` command starts several times faster.
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: setup demo test lint typecheck bench bench-quick clean
+.PHONY: setup demo test lint typecheck bench bench-quick bench-imports clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -43,6 +44,10 @@ bench: setup
 
 bench-quick: setup
 	$(UV) run --locked python -m benchmarks.scoring --quick $(ARGS)
+
+# Imports on SQLite and PostgreSQL next to a bare bulk write (docs/benchmarks.md): `make bench-imports ARGS=--quick`.
+bench-imports: setup
+	$(UV) run --locked python -m benchmarks.imports $(ARGS)
 
 clean:
 	rm -rf $(TOOLS) .venv nurture.db nurture.db-* outbox .pytest_cache .mypy_cache .ruff_cache

@@ -1,6 +1,7 @@
 """Bulk loads: upsert leads by email, append events by lead email.
 
-One query to read what exists and one bulk statement to write, per batch of rows.
+One query to read what exists and one bulk statement to write, per batch of rows (on
+PostgreSQL the rows reach it by ``COPY``: db/bulk.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
+from db.bulk import insert_many, one_of, widen_cache
 from db.engine import dialect_insert as dialect_insert  # re-exported: older callers import it from here
 from db.engine import session_scope
 from db.models import Event, Lead
@@ -73,7 +75,9 @@ def upsert_leads(*, session: Session, records: Sequence[LeadRecord], now: dateti
     existing = {
         row.email: row
         for row in session.execute(
-            select(col(Lead.email), col(Lead.attributes), col(Lead.timezone)).where(col(Lead.email).in_(list(merged)))
+            select(col(Lead.email), col(Lead.attributes), col(Lead.timezone)).where(
+                one_of(session, col(Lead.email), list(merged))
+            )
         )
     }
     rows = []
@@ -95,7 +99,7 @@ def upsert_leads(*, session: Session, records: Sequence[LeadRecord], now: dateti
             index_elements=["email"],
             set_={**keep, "attributes": excluded.attributes, "needs_rescore": True, "updated_at": excluded.updated_at},
         )
-        session.execute(statement, rows)
+        insert_many(session=session, statement=statement, rows=rows)
     return LeadUpsertResult(created=len(merged) - len(existing), updated=len(existing))
 
 
@@ -117,29 +121,23 @@ class LeadIds:
 def lead_ids_for(*, session: Session, emails: Sequence[str], now: datetime, create: bool) -> LeadIds:
     """Lead ids by email; with ``create``, unknown addresses become new cold leads.
 
-    ``created`` counts only the rows this insert returned: a lead another transaction
+    ``created`` counts only the rows this insert wrote: a lead another transaction
     created at the same moment (our insert waited for it, then skipped) is not ours.
     """
     wanted = sorted(set(emails))
-    found = {
-        row.email: int(row.id)
-        for row in session.execute(select(col(Lead.email), col(Lead.id)).where(col(Lead.email).in_(wanted)))
-    }
+    found = _ids_by_email(session, wanted)
     missing = [e for e in wanted if e not in found]
     if not (missing and create):
         return LeadIds(found)
     statement = dialect_insert(session, Lead).on_conflict_do_nothing(index_elements=["email"])
-    inserted = dict(
-        session.execute(statement.returning(col(Lead.email), col(Lead.id)), [_new_lead_row(e, now) for e in missing])
-        .tuples()
-        .all()
-    )
-    found.update(inserted)
-    taken = [e for e in missing if e not in inserted]
-    if taken:
-        query = select(col(Lead.email), col(Lead.id)).where(col(Lead.email).in_(taken))
-        found.update({row.email: int(row.id) for row in session.execute(query)})
-    return LeadIds(found, created=len(inserted))
+    created = insert_many(session=session, statement=statement, rows=[_new_lead_row(e, now) for e in missing])
+    found.update(_ids_by_email(session, missing))
+    return LeadIds(found, created=created)
+
+
+def _ids_by_email(session: Session, emails: Sequence[str]) -> dict[str, int]:
+    query = select(col(Lead.email), col(Lead.id)).where(one_of(session, col(Lead.email), emails))
+    return {row.email: int(row.id) for row in session.execute(query)}
 
 
 @dataclass
@@ -189,7 +187,7 @@ def add_events(
     # insert then queue behind a cycle instead of deadlocking with it.
     rows.sort(key=lambda row: (row["lead_id"], row["external_id"] or ""))
     statement = dialect_insert(session, Event).on_conflict_do_nothing(index_elements=["source", "external_id"])
-    stored = len(list(session.execute(statement.returning(col(Event.id)), rows)))
+    stored = insert_many(session=session, statement=statement, rows=rows)
     suppressions = plan_suppressions((r.email, r.kind) for r in records)
     added = apply_suppressions(session=session, suppressions=suppressions, lead_ids=ids, now=now, source=source)
     return EventInsertResult(
@@ -250,7 +248,7 @@ def import_file(
     path: Path,
     kind: Literal["leads", "events"],
     now: datetime,
-    batch_size: int = 2000,
+    batch_size: int = 5000,
     on_progress: Callable[[int], None] | None = None,
 ) -> FileImportResult:
     """Import a CSV/JSONL file in batches; each batch commits on its own, bad rows are reported."""
@@ -272,6 +270,7 @@ def import_file(
 
     def store(records: Sequence[Any]) -> None:
         with session_scope(engine) as session:
+            widen_cache(session)
             if kind == "leads":
                 upserted = upsert_leads(session=session, records=records, now=now)
                 result.created += upserted.created

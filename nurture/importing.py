@@ -67,7 +67,11 @@ def canonical_address(text: str) -> str:
     ``f.example``); and with each punycode label (``xn--bcher-kva``) in its Unicode form
     (``bücher``), the form stored addresses already have.
     """
-    email = unicodedata.normalize("NFC", unicodedata.normalize("NFC", text.strip()).lower())
+    stripped = text.strip()
+    if stripped.isascii():  # most addresses: NFC leaves ASCII as it is
+        email = stripped.lower()
+    else:
+        email = unicodedata.normalize("NFC", unicodedata.normalize("NFC", stripped).lower())
     local, at, domain = email.rpartition("@")
     if not at:
         return email
@@ -117,7 +121,7 @@ def _well_formed(email: str) -> bool:
     local, _, domain = email.rpartition("@")
     if "" in local.split(".") or "" in domain.split("."):
         return False
-    return all(ch.isascii() or unicodedata.category(ch)[0] not in "CZ" for ch in email)
+    return email.isascii() or all(ch.isascii() or unicodedata.category(ch)[0] not in "CZ" for ch in email)
 
 
 def parse_timestamp(value: object) -> datetime:
