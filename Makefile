@@ -2,6 +2,7 @@
 #   make demo   — install, create ./nurture.db, run the demo
 #   make test   — install, then lint, type-check, check the layers and run the tests
 #   make bench  — the scoring benchmark (docs/benchmarks.md); `make bench-quick` at 1/10 scale
+#   make bench-dispatch — dispatch throughput at 80 ms provider latency, SQLite and PostgreSQL (docs/benchmarks.md)
 PYTHON ?= python3
 UV_VERSION := 0.13.9
 TOOLS := .tools
@@ -11,7 +12,7 @@ export UV_PYTHON_DOWNLOADS := never
 # Compiled bytecode at install: every `nurture` command starts several times faster.
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: setup demo test lint typecheck bench bench-quick clean
+.PHONY: setup demo test lint typecheck bench bench-quick bench-dispatch clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -43,6 +44,11 @@ bench: setup
 
 bench-quick: setup
 	$(UV) run --locked python -m benchmarks.scoring --quick $(ARGS)
+
+# Dispatch at 80 ms provider latency against the raw sendgrid client (docs/benchmarks.md):
+# `make bench-dispatch ARGS="--in-flight 256 --engine sqlite"`.
+bench-dispatch: setup
+	$(UV) run --locked python -m benchmarks.dispatch_throughput $(ARGS)
 
 clean:
 	rm -rf $(TOOLS) .venv nurture.db nurture.db-* outbox .pytest_cache .mypy_cache .ruff_cache

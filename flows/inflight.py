@@ -11,8 +11,8 @@ No database and no Prefect here: only threads.
 from __future__ import annotations
 
 import queue
+import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Generic, TypeVar
 
@@ -27,8 +27,10 @@ class InFlight(Generic[Item]):
     def __init__(self, send: Callable[[Item], SendOutcome], *, concurrency: int) -> None:
         self.concurrency = max(concurrency, 1)
         self._send = send
-        self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="nurture-send")
+        # Plain threads on two queues: a Future (and its Condition) per send costs more than the send's own work.
+        self._inbox: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
         self._done: queue.SimpleQueue[tuple[Item, SendOutcome | BaseException]] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
         self.count = 0  # launched, outcome not yet taken
 
     @property
@@ -37,15 +39,21 @@ class InFlight(Generic[Item]):
 
     def launch(self, items: Iterable[Item]) -> None:
         for item in items:
-            self._pool.submit(self._run, item)
+            self._inbox.put(item)
             self.count += 1
+        # A thread per slot in use, started as needed (each keeps its own connection).
+        while len(self._threads) < min(self.count, self.concurrency):
+            thread = threading.Thread(target=self._work, name=f"nurture-send-{len(self._threads)}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
-    def _run(self, item: Item) -> None:
-        try:
-            outcome: SendOutcome | BaseException = self._send(item)
-        except BaseException as exc:  # handed to the loop, which records what is known, then raises it
-            outcome = exc
-        self._done.put((item, outcome))
+    def _work(self) -> None:
+        while (item := self._inbox.get()) is not None:
+            try:
+                outcome: SendOutcome | BaseException = self._send(item)
+            except BaseException as exc:  # handed to the loop, which records what is known, then raises it
+                outcome = exc
+            self._done.put((item, outcome))
 
     def finished(self, *, at_least: int) -> tuple[list[tuple[Item, SendOutcome]], BaseException | None]:
         """Wait until ``at_least`` sends have finished (or one failed unexpectedly); take every finished one.
@@ -75,4 +83,7 @@ class InFlight(Generic[Item]):
     ) -> None:
         # On an error the sends already launched still go (they are marked `sending`, so they leave as
         # promised), unrecorded: their messages become `in_doubt` when the lease runs out.
-        self._pool.shutdown(wait=True)
+        for _ in self._threads:
+            self._inbox.put(None)
+        for thread in self._threads:
+            thread.join()

@@ -59,7 +59,7 @@ class FakeSendGrid:
         self.accepted_at: list[float] = []  # time.monotonic() of each accepted request
         self.rejected: list[tuple[int, dict[str, Any] | None]] = []
         self.schema_errors: list[str] = []
-        self.connections = 0  # TCP connections accepted
+        self.connections = 0  # connections that carried a mail send (the fake's own GETs not counted)
         self.requests = 0  # POSTs to the mail send endpoint
         self.in_flight = 0
         self.max_in_flight = 0  # the most POSTs being answered at once
@@ -126,25 +126,34 @@ class FakeSendGrid:
             def log_message(self, format: str, *args: Any) -> None:  # keep test output clean
                 return
 
-            def setup(self) -> None:
-                super().setup()
-                with fake._lock:
-                    fake.connections += 1
+            posted = False  # this connection has carried a POST (one handler serves one connection)
+            answered = True  # the current POST has been answered (or there is none)
 
             def do_POST(self) -> None:
                 with fake._lock:
+                    if not self.posted:
+                        self.posted = True
+                        fake.connections += 1
                     fake.requests += 1
                     fake.in_flight += 1
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
                     fake.last_headers = {name.lower(): value for name, value in self.headers.items()}
+                self.answered = False
                 try:
                     self._post()
                 finally:
+                    self._answered()
+
+            def _answered(self) -> None:
+                # Before the answer is written: the client may send its next request as soon as it reads it.
+                if not self.answered:
+                    self.answered = True
                     with fake._lock:
                         fake.in_flight -= 1
 
             def _answer(self, status: int, body: dict[str, Any] | None, headers: dict[str, str] | None = None) -> None:
                 data = json.dumps(body).encode() if body is not None else b""
+                self._answered()
                 self.send_response(status)
                 for name, value in (headers or {}).items():
                     self.send_header(name, value)
@@ -158,6 +167,11 @@ class FakeSendGrid:
                     with fake._lock:
                         log = {"requested": list(fake.requested), "accepted": fake.message_ids()}
                     self._answer(200, log)
+                    return
+                if self.path == "/_reset_counts":  # a benchmark measures each run on its own
+                    with fake._lock:
+                        fake.connections = fake.requests = fake.max_in_flight = 0
+                    self._answer(200, {})
                     return
                 if self.path != "/_stats":
                     self._answer(404, {"errors": [{"message": "not found"}]})
@@ -242,7 +256,8 @@ def main() -> None:
     """Serve a fake in its own process (benchmarks, suites): prints its URL, serves until killed.
 
     ``python -m tests.fakes.fake_sendgrid [API_KEY] [--latency S] [--failure-rate R] [--seed N]``;
-    ``GET /_log`` lists the message ids requested and accepted.
+    ``GET /_log`` lists the message ids requested and accepted, ``GET /_stats`` counts requests,
+    connections and the most requests in flight, ``GET /_reset_counts`` zeroes those counts.
     """
     import argparse
 
