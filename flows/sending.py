@@ -175,12 +175,12 @@ def send_with_retries(
             provider_id = transport.send(email)
         except TransientDeliveryError as exc:
             last = exc
-            wait = exc.retry_after_seconds
-            if wait is None:
-                wait = backoff_seconds(policy, tries - 1, rng)
-            if wait > policy.max_rate_limit_wait_seconds or tries == policy.attempts_per_dispatch:
+            asked = exc.retry_after_seconds
+            if (asked or 0.0) > policy.max_rate_limit_wait_seconds or tries == policy.attempts_per_dispatch:
                 break
-            time.sleep(wait)
+            # Never before the time SendGrid named; jitter on top, so the sends it held back
+            # (up to NURTURE_SEND_CONCURRENCY of them) do not all come back in the same instant.
+            time.sleep((asked or 0.0) + backoff_seconds(policy, tries - 1, rng))
             continue
         except PermanentDeliveryError as exc:
             return SendOutcome(MessageStatus.failed, tries, error=str(exc))
