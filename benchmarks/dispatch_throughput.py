@@ -50,6 +50,7 @@ from db.models import Enrollment, Lead, Message, StageTransition
 from flows.sending import Sender, dispatch_due
 from nurture.playbook import ContactPolicy, load_playbook
 from nurture.rendering import EmailRenderer, sample_context
+from nurture.transports import InMemoryTransport
 from nurture.transports.base import OutgoingEmail
 from nurture.transports.sendgrid_v3 import SendGridTransport, build_mail
 
@@ -204,11 +205,18 @@ def _raw_client(fake: FakeInAProcess, bodies: list[dict[str, object]], in_flight
     return time.perf_counter() - started
 
 
-def _dispatch(fake: FakeInAProcess, url: str, in_flight: int, profile: str | None) -> tuple[float, int, int]:
-    """Seconds to dispatch every queued message, how many were sent, and the connections the transport opened."""
+def _dispatch(fake: FakeInAProcess | None, url: str, in_flight: int, profile: str | None) -> tuple[float, int, int]:
+    """Seconds to dispatch every queued message, how many were sent, and the connections the transport opened.
+
+    Without a fake, through the in-memory transport: the bookkeeping alone.
+    """
     # The contact policy would hold some messages for quiet hours: off, to measure sending alone.
     playbook = load_playbook(ROOT / "nurture.yaml").model_copy(update={"contact_policy": ContactPolicy()})
-    transport = SendGridTransport(api_key=fake.api_key, host=fake.url, timeout_seconds=30)
+    transport: SendGridTransport | InMemoryTransport
+    if fake is None:
+        transport = InMemoryTransport()
+    else:
+        transport = SendGridTransport(api_key=fake.api_key, host=fake.url, timeout_seconds=30)
     profiler = cProfile.Profile() if profile else None
     started = time.perf_counter()
     if profiler is not None:
@@ -228,8 +236,54 @@ def _dispatch(fake: FakeInAProcess, url: str, in_flight: int, profile: str | Non
     if profiler is not None and profile:
         profiler.disable()
         profiler.dump_stats(profile)
+    if isinstance(transport, InMemoryTransport):
+        return elapsed, result.by_status["sent"], 0
     transport.close()
     return elapsed, result.by_status["sent"], transport.connections_opened
+
+
+def _transport_only(fake: FakeInAProcess, count: int, in_flight: int) -> float:
+    """Seconds for nurture's SendGrid transport alone (body built, pooled request) to send ``count`` emails."""
+    playbook = load_playbook(ROOT / "nurture.yaml")
+    rendered = EmailRenderer(ROOT / "templates").render(
+        template="demo_offer", subject="See it on your own data", context=sample_context(playbook)
+    )
+    emails = [
+        OutgoingEmail(
+            message_id=i,
+            idempotency_key=f"t-{i}",
+            to_email=f"lead{i}@bench.example",
+            from_email="Acme <hello@acme.example>",
+            subject=rendered.subject,
+            html=rendered.html,
+            text=rendered.text,
+            unsubscribe_url="https://nurture.example/unsubscribe/x",
+            category="demo_offer",
+            custom_args={"nurture_message_id": str(i)},
+        )
+        for i in range(count)
+    ]
+    transport = SendGridTransport(api_key=fake.api_key, host=fake.url, timeout_seconds=30)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=in_flight) as pool:
+        list(pool.map(transport.send, emails))
+    elapsed = time.perf_counter() - started
+    transport.close()
+    return elapsed
+
+
+def _cpu() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+@contextmanager
+def _measured(fake: FakeInAProcess, count: int, into: dict[str, float]) -> Iterator[None]:
+    """CPU microseconds per email of this process and of the fake, while the block runs."""
+    mine, theirs = _cpu(), fake.cpu_seconds()
+    yield
+    into["cpu_us"] = (_cpu() - mine) / count * 1e6
+    into["fake_cpu_us"] = (fake.cpu_seconds() - theirs) / count * 1e6
 
 
 class FakeInAProcess:
@@ -255,6 +309,14 @@ class FakeInAProcess:
         with urllib.request.urlopen(f"{self.url}/_stats", timeout=10) as answer:
             return dict(json.load(answer))
 
+    def cpu_seconds(self) -> float:
+        """CPU seconds the fake's process has used (Linux /proc; 0 elsewhere)."""
+        try:
+            fields = Path(f"/proc/{self._process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def reset_counts(self) -> None:
         with urllib.request.urlopen(f"{self.url}/_reset_counts", timeout=10) as answer:
             answer.read()
@@ -276,33 +338,49 @@ def main() -> None:
     print(f"messages: {args.messages}, latency: {args.latency * 1000:.0f} ms, in flight: {args.in_flight}")
     print(f"ceiling at this latency: {args.in_flight / args.latency:,.0f} emails/s (in flight / round trip)")
     rows: list[tuple[str, float, dict[str, Any]]] = []
+    cpu: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as workdir, FakeInAProcess(args.latency) as fake:
         bodies = _bodies(args.messages)
         _raw_client(fake, bodies[: min(args.messages, 2 * args.in_flight)], args.in_flight)  # warm up
         fake.reset_counts()
-        raw = _raw_client(fake, bodies, args.in_flight)
+        with _measured(fake, args.messages, cpu.setdefault("raw", {})):
+            raw = _raw_client(fake, bodies, args.in_flight)
         rows.append(("raw sendgrid client (pre-built bodies)", args.messages / raw, fake.stats()))
+        fake.reset_counts()
+        with _measured(fake, args.messages, cpu.setdefault("transport", {})):
+            alone = _transport_only(fake, args.messages, args.in_flight)
+        rows.append(("nurture's transport alone (build + pooled post)", args.messages / alone, fake.stats()))
         profile = args.profile
         for engine in engines:
+            label = "PostgreSQL" if engine == "postgresql" else "SQLite"
             with _database_url(engine, Path(workdir)) as url:
                 _queue(url, args.messages)
                 fake.reset_counts()
-                elapsed, sent, opened = _dispatch(fake, url, args.in_flight, profile)
+                with _measured(fake, args.messages, cpu.setdefault(label, {})):
+                    elapsed, sent, opened = _dispatch(fake, url, args.in_flight, profile)
                 profile = None
                 assert sent == args.messages, f"only {sent} of {args.messages} sent"
                 stats = fake.stats()
                 assert stats["connections"] == opened, stats
-                label = "PostgreSQL" if engine == "postgresql" else "SQLite"
                 rows.append((f"nurture dispatch, {label} (claim+render+send+record)", sent / elapsed, stats))
+            with _database_url(engine, Path(workdir) / "memory") as url:  # the bookkeeping alone
+                _queue(url, args.messages)
+                with _measured(fake, args.messages, cpu.setdefault(f"{label} in memory", {})):
+                    elapsed, sent, _ = _dispatch(None, url, args.in_flight, None)
+                cpu[f"{label} in memory"]["rate"] = sent / elapsed
         assert not fake.stats()["schema_errors"], fake.stats()["schema_errors"]
     raw_rate = rows[0][1]
     for label, rate, stats in rows:
         print(
-            f"{label:52} {rate:7,.0f} emails/s  {rate / raw_rate:5.2f}x raw  "
+            f"{label:54} {rate:7,.0f} emails/s  {rate / raw_rate:5.2f}x raw  "
             f"connections {stats['connections']:5}  requests {stats['requests']:5}  "
             f"max in flight {stats['max_in_flight']}"
         )
-    best = max(rate for _, rate, _ in rows[1:])
+    print("CPU per email, µs (this process / the fake's process):")
+    for name, figures in cpu.items():
+        rate = f"  ({figures['rate']:,.0f} emails/s, no HTTP)" if "rate" in figures else ""
+        print(f"  {name:22} {figures['cpu_us']:6.0f} / {figures['fake_cpu_us']:4.0f}{rate}")
+    best = max(rate for label, rate, _ in rows if label.startswith("nurture dispatch"))
     print(f"target: ≥ 1,000 emails/s from one dispatcher: {'met' if best >= 1000 else 'missed'} ({best:,.0f})")
 
 
