@@ -433,7 +433,7 @@ def dispatch_due(
     concurrency = max(concurrency, 1)
     wave_cap = concurrency if pace is None else max(min(concurrency, pace.max_batch), 1)
     # Outcomes are written, and slots refilled, a few at a time rather than one by one.
-    min_wave = max(1, wave_cap // 2)
+    min_wave = max(1, wave_cap // 4)
     with InFlight(send, concurrency=concurrency) as flight:
         while True:
             if not loop.pending and not loop.exhausted:
