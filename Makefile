@@ -3,6 +3,7 @@
 #   make test   — install, then lint, type-check, check the layers and run the tests
 #   make bench  — the scoring benchmark (docs/benchmarks.md); `make bench-quick` at 1/10 scale
 #   make bench-imports — imports against a bare COPY / executemany (docs/benchmarks.md); ARGS=--quick at 100k events
+#   make bench-dispatch — dispatch throughput at 80 ms provider latency, SQLite and PostgreSQL (docs/benchmarks.md)
 PYTHON ?= python3
 UV_VERSION := 0.13.9
 TOOLS := .tools
@@ -12,7 +13,7 @@ export UV_PYTHON_DOWNLOADS := never
 # Compiled bytecode at install: every `nurture` command starts several times faster.
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: setup demo test lint typecheck bench bench-quick bench-imports clean
+.PHONY: setup demo test lint typecheck bench bench-quick bench-imports bench-dispatch clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -48,6 +49,10 @@ bench-quick: setup
 # Imports on SQLite and PostgreSQL next to a bare bulk write (docs/benchmarks.md): `make bench-imports ARGS=--quick`.
 bench-imports: setup
 	$(UV) run --locked python -m benchmarks.imports $(ARGS)
+# Dispatch at 80 ms provider latency against the raw sendgrid client (docs/benchmarks.md):
+# `make bench-dispatch ARGS="--in-flight 256 --engine sqlite"`.
+bench-dispatch: setup
+	$(UV) run --locked python -m benchmarks.dispatch_throughput $(ARGS)
 
 clean:
 	rm -rf $(TOOLS) .venv nurture.db nurture.db-* outbox .pytest_cache .mypy_cache .ruff_cache

@@ -1,24 +1,37 @@
-"""Dispatch throughput: claim → render → send → record, against the raw SendGrid client.
+"""Dispatch throughput at a real provider's latency: claim → render → send → record, against the raw SendGrid client.
 
-Both runs post to the same loopback fake SendGrid (which validates every body
-against the official schema) with the same number of threads, in the same
-process, so the ratio shows what nurture's bookkeeping costs on top of the
-bare client. Usage:
+Every run posts to the same loopback fake SendGrid, in its own process, which
+validates every body against the official schema and answers each request
+after ``--latency`` seconds (80 ms: a real round trip to SendGrid). With that
+latency, throughput is requests in flight / round trip, so both engines run
+with ``--in-flight`` requests in flight:
 
-    uv run python -m benchmarks.dispatch_throughput [--messages 5000] [--threads 4]
+- the raw ``sendgrid`` client posting pre-built bodies, ``--in-flight`` threads
+  each with its own ``SendGridAPIClient`` (a new connection per request: urllib);
+- nurture's dispatch, on a temporary SQLite file and on PostgreSQL
+  (NURTURE_BENCH_DATABASE_URL, default postgresql+psycopg://postgres@127.0.0.1:5432/test,
+  in a fresh schema dropped afterwards), ``concurrency=--in-flight``.
 
-Set NURTURE_BENCH_DATABASE_URL to measure on PostgreSQL (the tables are created
-in a fresh schema of that database); the default is a temporary SQLite file.
+It prints emails per second for each, the ratio to the raw client, and what the
+fake saw: connections opened and the most requests in flight. Usage:
+
+    uv run python -m benchmarks.dispatch_throughput [--messages 5000] [--latency 0.08] [--in-flight 128]
+        [--engine both|sqlite|postgresql] [--profile FILE]
+
+``--profile FILE`` writes cProfile statistics of the first dispatch (the
+profiler itself slows it down: read the shares, not the rate).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -27,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from sendgrid import SendGridAPIClient
 from sqlalchemy import create_engine, insert, text
@@ -36,6 +50,7 @@ from db.models import Enrollment, Lead, Message, StageTransition
 from flows.sending import Sender, dispatch_due
 from nurture.playbook import ContactPolicy, load_playbook
 from nurture.rendering import EmailRenderer, sample_context
+from nurture.transports import InMemoryTransport
 from nurture.transports.base import OutgoingEmail
 from nurture.transports.sendgrid_v3 import SendGridTransport, build_mail
 
@@ -43,13 +58,16 @@ ROOT = Path(__file__).resolve().parents[1]
 NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 
 
+DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
 @contextmanager
-def _database_url(workdir: Path) -> Iterator[str]:
-    """A temporary SQLite file, or a fresh schema in NURTURE_BENCH_DATABASE_URL, dropped afterwards."""
-    base = os.environ.get("NURTURE_BENCH_DATABASE_URL")
-    if not base:
+def _database_url(engine: str, workdir: Path) -> Iterator[str]:
+    """A temporary SQLite file, or a fresh schema in PostgreSQL, dropped afterwards."""
+    if engine == "sqlite":
         yield f"sqlite:///{workdir / 'bench.db'}"
         return
+    base = os.environ.get("NURTURE_BENCH_DATABASE_URL") or DEFAULT_POSTGRES
     schema = f"nurture_bench_{uuid.uuid4().hex[:8]}"
     admin = create_engine(base)
     with admin.begin() as conn:
@@ -61,6 +79,7 @@ def _database_url(workdir: Path) -> Iterator[str]:
         get_engine(url).dispose()
         with admin.begin() as conn:
             conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
 
 
 def _queue(url: str, count: int) -> None:
@@ -145,13 +164,13 @@ def _queue(url: str, count: int) -> None:
         )
 
 
-def _raw_client(fake: FakeInAProcess, count: int, threads: int) -> float:
-    """Seconds for the bare client to post ``count`` pre-built bodies."""
+def _bodies(count: int) -> list[dict[str, object]]:
+    """``count`` bodies built by the sendgrid helpers from one rendered email, as dispatch builds them."""
     playbook = load_playbook(ROOT / "nurture.yaml")
     rendered = EmailRenderer(ROOT / "templates").render(
         template="demo_offer", subject="See it on your own data", context=sample_context(playbook)
     )
-    bodies = [
+    return [
         build_mail(
             OutgoingEmail(
                 message_id=i,
@@ -168,29 +187,103 @@ def _raw_client(fake: FakeInAProcess, count: int, threads: int) -> float:
         ).get()
         for i in range(count)
     ]
-    client = SendGridAPIClient(api_key=fake.api_key, host=fake.url)
+
+
+def _raw_client(fake: FakeInAProcess, bodies: list[dict[str, object]], in_flight: int) -> float:
+    """Seconds for the bare client to post pre-built bodies, ``in_flight`` threads each with its own client."""
+    local = threading.local()
+
+    def post(body: dict[str, object]) -> None:
+        client = getattr(local, "client", None)
+        if client is None:
+            client = local.client = SendGridAPIClient(api_key=fake.api_key, host=fake.url)
+        client.client.mail.send.post(request_body=body, timeout=30)
+
     started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        list(pool.map(lambda body: client.client.mail.send.post(request_body=body, timeout=10), bodies))
+    with ThreadPoolExecutor(max_workers=in_flight) as pool:
+        list(pool.map(post, bodies))
     return time.perf_counter() - started
 
 
-def _dispatch(fake: FakeInAProcess, url: str, threads: int) -> tuple[float, int]:
+def _dispatch(fake: FakeInAProcess | None, url: str, in_flight: int, profile: str | None) -> tuple[float, int, int]:
+    """Seconds to dispatch every queued message, how many were sent, and the connections the transport opened.
+
+    Without a fake, through the in-memory transport: the bookkeeping alone.
+    """
     # The contact policy would hold some messages for quiet hours: off, to measure sending alone.
     playbook = load_playbook(ROOT / "nurture.yaml").model_copy(update={"contact_policy": ContactPolicy()})
+    transport: SendGridTransport | InMemoryTransport
+    if fake is None:
+        transport = InMemoryTransport()
+    else:
+        transport = SendGridTransport(api_key=fake.api_key, host=fake.url, timeout_seconds=30)
+    profiler = cProfile.Profile() if profile else None
     started = time.perf_counter()
+    if profiler is not None:
+        profiler.enable()
     result = dispatch_due(
         engine=get_engine(url),
         playbook=playbook,
         renderer=EmailRenderer(ROOT / "templates"),
-        transport=SendGridTransport(api_key=fake.api_key, host=fake.url),
+        transport=transport,
         sender=Sender("Acme <hello@acme.example>", "Acme Inc., 1 Bench Street", "https://nurture.example", "k"),
         now=NOW + timedelta(minutes=1),
         clock=lambda: datetime.now(UTC),
         batch_size=1000,
-        concurrency=threads,
+        concurrency=in_flight,
     )
-    return time.perf_counter() - started, result.by_status["sent"]
+    elapsed = time.perf_counter() - started
+    if profiler is not None and profile:
+        profiler.disable()
+        profiler.dump_stats(profile)
+    if isinstance(transport, InMemoryTransport):
+        return elapsed, result.by_status["sent"], 0
+    transport.close()
+    return elapsed, result.by_status["sent"], transport.connections_opened
+
+
+def _transport_only(fake: FakeInAProcess, count: int, in_flight: int) -> float:
+    """Seconds for nurture's SendGrid transport alone (body built, pooled request) to send ``count`` emails."""
+    playbook = load_playbook(ROOT / "nurture.yaml")
+    rendered = EmailRenderer(ROOT / "templates").render(
+        template="demo_offer", subject="See it on your own data", context=sample_context(playbook)
+    )
+    emails = [
+        OutgoingEmail(
+            message_id=i,
+            idempotency_key=f"t-{i}",
+            to_email=f"lead{i}@bench.example",
+            from_email="Acme <hello@acme.example>",
+            subject=rendered.subject,
+            html=rendered.html,
+            text=rendered.text,
+            unsubscribe_url="https://nurture.example/unsubscribe/x",
+            category="demo_offer",
+            custom_args={"nurture_message_id": str(i)},
+        )
+        for i in range(count)
+    ]
+    transport = SendGridTransport(api_key=fake.api_key, host=fake.url, timeout_seconds=30)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=in_flight) as pool:
+        list(pool.map(transport.send, emails))
+    elapsed = time.perf_counter() - started
+    transport.close()
+    return elapsed
+
+
+def _cpu() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+@contextmanager
+def _measured(fake: FakeInAProcess, count: int, into: dict[str, float]) -> Iterator[None]:
+    """CPU microseconds per email of this process and of the fake, while the block runs."""
+    mine, theirs = _cpu(), fake.cpu_seconds()
+    yield
+    into["cpu_us"] = (_cpu() - mine) / count * 1e6
+    into["fake_cpu_us"] = (fake.cpu_seconds() - theirs) / count * 1e6
 
 
 class FakeInAProcess:
@@ -198,9 +291,12 @@ class FakeInAProcess:
 
     api_key = "SG.bench-key"
 
+    def __init__(self, latency: float) -> None:
+        self.latency = latency
+
     def __enter__(self) -> FakeInAProcess:
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "tests.fakes.fake_sendgrid", self.api_key],
+            [sys.executable, "-m", "tests.fakes.fake_sendgrid", self.api_key, "--latency", str(self.latency)],
             stdout=subprocess.PIPE,
             text=True,
             cwd=ROOT,
@@ -209,9 +305,21 @@ class FakeInAProcess:
         self.url = self._process.stdout.readline().strip()
         return self
 
-    def stats(self) -> dict[str, object]:
+    def stats(self) -> dict[str, Any]:
         with urllib.request.urlopen(f"{self.url}/_stats", timeout=10) as answer:
             return dict(json.load(answer))
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds the fake's process has used (Linux /proc; 0 elsewhere)."""
+        try:
+            fields = Path(f"/proc/{self._process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def reset_counts(self) -> None:
+        with urllib.request.urlopen(f"{self.url}/_reset_counts", timeout=10) as answer:
+            answer.read()
 
     def __exit__(self, *exc: object) -> None:
         self._process.terminate()
@@ -221,21 +329,59 @@ class FakeInAProcess:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=5000)
-    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--latency", type=float, default=0.08, help="seconds the fake takes to answer")
+    parser.add_argument("--in-flight", type=int, default=128, help="requests in flight, for both engines")
+    parser.add_argument("--engine", choices=["both", "sqlite", "postgresql"], default="both")
+    parser.add_argument("--profile", help="write cProfile statistics of the first dispatch to this file")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as workdir, FakeInAProcess() as fake, _database_url(Path(workdir)) as url:
-        _queue(url, args.messages)
-        _raw_client(fake, min(args.messages, 500), args.threads)  # warm up connections and code paths
-        raw = _raw_client(fake, args.messages, args.threads)
-        elapsed, sent = _dispatch(fake, url, args.threads)
-        assert sent == args.messages, f"only {sent} of {args.messages} sent"
-        stats = fake.stats()
-        assert not stats["schema_errors"], stats["schema_errors"]
-    engine = "PostgreSQL" if os.environ.get("NURTURE_BENCH_DATABASE_URL") else "SQLite"
-    print(f"messages: {args.messages}, threads: {args.threads}, database: {engine}")
-    print(f"raw sendgrid client (pre-built bodies): {raw:6.2f} s  {args.messages / raw:7.0f} msg/s")
-    print(f"nurture dispatch (claim+render+send+record): {elapsed:6.2f} s  {sent / elapsed:7.0f} msg/s")
-    print(f"dispatch time / raw client time: {elapsed / raw:.2f}x  (target ≤ 1.5x, ≥ 1000 msg/s)")
+    engines = ["sqlite", "postgresql"] if args.engine == "both" else [args.engine]
+    print(f"messages: {args.messages}, latency: {args.latency * 1000:.0f} ms, in flight: {args.in_flight}")
+    print(f"ceiling at this latency: {args.in_flight / args.latency:,.0f} emails/s (in flight / round trip)")
+    rows: list[tuple[str, float, dict[str, Any]]] = []
+    cpu: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as workdir, FakeInAProcess(args.latency) as fake:
+        bodies = _bodies(args.messages)
+        _raw_client(fake, bodies[: min(args.messages, 2 * args.in_flight)], args.in_flight)  # warm up
+        fake.reset_counts()
+        with _measured(fake, args.messages, cpu.setdefault("raw", {})):
+            raw = _raw_client(fake, bodies, args.in_flight)
+        rows.append(("raw sendgrid client (pre-built bodies)", args.messages / raw, fake.stats()))
+        fake.reset_counts()
+        with _measured(fake, args.messages, cpu.setdefault("transport", {})):
+            alone = _transport_only(fake, args.messages, args.in_flight)
+        rows.append(("nurture's transport alone (build + pooled post)", args.messages / alone, fake.stats()))
+        profile = args.profile
+        for engine in engines:
+            label = "PostgreSQL" if engine == "postgresql" else "SQLite"
+            with _database_url(engine, Path(workdir)) as url:
+                _queue(url, args.messages)
+                fake.reset_counts()
+                with _measured(fake, args.messages, cpu.setdefault(label, {})):
+                    elapsed, sent, opened = _dispatch(fake, url, args.in_flight, profile)
+                profile = None
+                assert sent == args.messages, f"only {sent} of {args.messages} sent"
+                stats = fake.stats()
+                assert stats["connections"] == opened, stats
+                rows.append((f"nurture dispatch, {label} (claim+render+send+record)", sent / elapsed, stats))
+            with _database_url(engine, Path(workdir) / "memory") as url:  # the bookkeeping alone
+                _queue(url, args.messages)
+                with _measured(fake, args.messages, cpu.setdefault(f"{label} in memory", {})):
+                    elapsed, sent, _ = _dispatch(None, url, args.in_flight, None)
+                cpu[f"{label} in memory"]["rate"] = sent / elapsed
+        assert not fake.stats()["schema_errors"], fake.stats()["schema_errors"]
+    raw_rate = rows[0][1]
+    for label, rate, stats in rows:
+        print(
+            f"{label:54} {rate:7,.0f} emails/s  {rate / raw_rate:5.2f}x raw  "
+            f"connections {stats['connections']:5}  requests {stats['requests']:5}  "
+            f"max in flight {stats['max_in_flight']}"
+        )
+    print("CPU per email, µs (this process / the fake's process):")
+    for name, figures in cpu.items():
+        rate = f"  ({figures['rate']:,.0f} emails/s, no HTTP)" if "rate" in figures else ""
+        print(f"  {name:22} {figures['cpu_us']:6.0f} / {figures['fake_cpu_us']:4.0f}{rate}")
+    best = max(rate for label, rate, _ in rows if label.startswith("nurture dispatch"))
+    print(f"target: ≥ 1,000 emails/s from one dispatcher: {'met' if best >= 1000 else 'missed'} ({best:,.0f})")
 
 
 if __name__ == "__main__":

@@ -19,16 +19,17 @@ import logging
 import random
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 
-from db.cycle import batched, paused_sequences
+from db.cycle import paused_sequences
 from db.dispatch import (
     LEASE,
     LoadedMessage,
@@ -42,6 +43,7 @@ from db.dispatch import (
 )
 from db.engine import session_scope
 from flows.advancing import settle_steps
+from flows.inflight import InFlight
 from nurture.delivery import MessageStatus, RetryPolicy, SendOutcome, backoff_seconds
 from nurture.dispatching import Triage, Verdict, triage
 from nurture.errors import AmbiguousDeliveryError, PermanentDeliveryError, TemplateError, TransientDeliveryError
@@ -53,6 +55,7 @@ from nurture.unsubscribe import unsubscribe_url
 logger = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+T = TypeVar("T")
 
 
 class Pacer(Protocol):
@@ -172,12 +175,12 @@ def send_with_retries(
             provider_id = transport.send(email)
         except TransientDeliveryError as exc:
             last = exc
-            wait = exc.retry_after_seconds
-            if wait is None:
-                wait = backoff_seconds(policy, tries - 1, rng)
-            if wait > policy.max_rate_limit_wait_seconds or tries == policy.attempts_per_dispatch:
+            asked = exc.retry_after_seconds
+            if (asked or 0.0) > policy.max_rate_limit_wait_seconds or tries == policy.attempts_per_dispatch:
                 break
-            time.sleep(wait)
+            # Never before the time SendGrid named; jitter on top, so the sends it held back
+            # (up to NURTURE_SEND_CONCURRENCY of them) do not all come back in the same instant.
+            time.sleep((asked or 0.0) + backoff_seconds(policy, tries - 1, rng))
             continue
         except PermanentDeliveryError as exc:
             return SendOutcome(MessageStatus.failed, tries, error=str(exc))
@@ -267,9 +270,121 @@ def _record(
     """Write outcomes and move the enrollments whose step settled, in one transaction."""
     if not updates:
         return
-    with session_scope(engine) as session:
+
+    def write(session: Session) -> None:
         record_outcomes(session=session, owner=owner, updates=updates, at=at)
         settle_steps(session=session, message_ids=[u.id for u in updates], playbook=playbook, at=now)
+
+    _in_transaction(engine, write)
+
+
+def _in_transaction(engine: Engine, work: Callable[[Session], T]) -> T:
+    """``work`` in a transaction of its own, run once more if the database connection was lost during it.
+
+    Sends are in flight while the loop claims and records, so a connection the
+    database dropped meanwhile (a restart, a failover) is met here rather than
+    between groups; the pool's pre-ping opens a new one for the second try.
+    """
+    try:
+        with session_scope(engine) as session:
+            return work(session)
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        logger.warning("the database connection was lost (%s); trying the transaction once more", exc.orig)
+    with session_scope(engine) as session:
+        return work(session)
+
+
+@dataclass
+class _Loop:
+    """One dispatch's state: what it claimed and judged but has not launched, and its running totals."""
+
+    engine: Engine
+    playbook: Playbook
+    renderer: EmailRenderer
+    sender: Sender
+    now: datetime
+    clock: Clock
+    owner: str
+    lease: timedelta
+    policy: RetryPolicy
+    batch_size: int
+    max_batches: int | None
+    result: DispatchResult = field(default_factory=DispatchResult)
+    pending: deque[_Attempt] = field(default_factory=deque)
+    batches: int = 0
+    exhausted: bool = False
+
+    def claim(self) -> None:
+        """Claim the next batch, judge it, write what is settled now, and keep its sends to launch."""
+        if self.max_batches is not None and self.batches >= self.max_batches:
+            self.exhausted = True
+            return
+        cap = self.playbook.contact_policy.frequency_cap
+        now = self.now
+
+        def claim(session: Session) -> tuple[list[int], list[LoadedMessage], dict[int, list[datetime]]]:
+            ids = claim_due_messages(
+                session=session,
+                now=now,
+                limit=self.batch_size,
+                owner=self.owner,
+                claimed_at=self.clock(),
+                lease=self.lease,
+                paused=paused_sequences(session=session),
+            )
+            loaded = load_claimed(session=session, ids=ids) if ids else []
+            lead_ids = [item.message.lead_id for item in loaded]
+            # Earlier batches' sends are all `sending` or settled by now: the cap counts them.
+            recent = recent_sends(session=session, lead_ids=lead_ids, since=now - cap.per) if cap and loaded else {}
+            return ids, loaded, recent
+
+        ids, loaded, recent = _in_transaction(self.engine, claim)
+        if not ids:
+            self.exhausted = True
+            return
+        self.batches += 1
+        settled, attempts = _judge(
+            loaded,
+            recent,
+            playbook=self.playbook,
+            renderer=self.renderer,
+            sender=self.sender,
+            now=now,
+            result=self.result,
+        )
+        _record(self.engine, self.owner, settled, self.playbook, now, self.clock())
+        self.pending.extend(attempts)
+        logger.info(
+            "dispatch batch %d: %d claimed, %d to send; %d waiting for the contact policy",
+            self.batches,
+            len(ids),
+            len(attempts),
+            sum(self.result.deferred.values()),
+        )
+
+    def mark(self, wave: list[_Attempt]) -> list[_Attempt]:
+        """Mark a wave ``sending`` right before it leaves; returns the attempts this dispatcher still owns."""
+        started = self.clock()
+        ids = [a.loaded.message.id for a in wave]
+        mine = _in_transaction(
+            self.engine,
+            lambda session: mark_sending(
+                session=session, ids=ids, owner=self.owner, started_at=started, lease_until=started + self.lease
+            ),
+        )
+        return [a for a in wave if a.loaded.message.id in mine]
+
+    def record(self, finished: list[tuple[_Attempt, SendOutcome]]) -> None:
+        """Write the outcomes that came back, in one transaction."""
+        version = self.playbook.version
+        updates = [_outcome_update(a, o, self.now, self.policy, version) for a, o in finished]
+        _record(self.engine, self.owner, updates, self.playbook, self.now, self.clock())
+        for attempt, outcome in finished:
+            self.result.by_status[outcome.status] += 1
+            if outcome.status in (MessageStatus.failed, MessageStatus.in_doubt):
+                self.result.problems.append(_problem(attempt.loaded, outcome.status, outcome.error or ""))
 
 
 def dispatch_due(
@@ -288,83 +403,56 @@ def dispatch_due(
     pace: Pacer | None = None,
     lease: timedelta = LEASE,
 ) -> DispatchResult:
-    """Send every message due by ``now``, a claimed batch at a time, recording each group as it goes.
+    """Send every message due by ``now`` with up to ``concurrency`` requests in flight, recording outcomes as they come.
+
+    Due messages are claimed a batch at a time (the next batch is claimed and
+    rendered while the previous one's last requests are in flight). Sends leave
+    in waves: a wave is paced, marked ``sending`` in one statement, then handed
+    to the sending threads; the outcomes that came back are written together,
+    and only then are their slots given to the next wave. So at most
+    ``concurrency`` messages are ever ``sending`` without a recorded outcome.
 
     ``now`` decides what is due and is when a step counts as settled (a replay may
     pass another time); ``clock`` is the real time, which leases are measured in.
     """
     policy = policy or RetryPolicy()
-    owner = uuid.uuid4().hex
     rng = random.Random()  # noqa: S311  (jitter, not a secret)
-    total = DispatchResult()
+    loop = _Loop(
+        engine, playbook, renderer, sender, now, clock, uuid.uuid4().hex, lease, policy, batch_size, max_batches
+    )
+    total = loop.result
     with session_scope(engine) as session:
         total.released, doubtful = release_expired_leases(session=session, clock=clock())
         total.found_in_doubt = len(doubtful)
         # A stopped dispatcher's sends are settled as far as their enrollments go: they move on.
         settle_steps(session=session, message_ids=doubtful, playbook=playbook, at=now)
-    cap = playbook.contact_policy.frequency_cap
-    batches = 0
-    group_size = max(concurrency, 1) if pace is None else max(min(concurrency, pace.max_batch), 1)
-    with ThreadPoolExecutor(max_workers=max(concurrency, 1), thread_name_prefix="nurture-send") as pool:
-        while max_batches is None or batches < max_batches:
-            with session_scope(engine) as session:
-                ids = claim_due_messages(
-                    session=session,
-                    now=now,
-                    limit=batch_size,
-                    owner=owner,
-                    claimed_at=clock(),
-                    lease=lease,
-                    paused=paused_sequences(session=session),
-                )
-                loaded = load_claimed(session=session, ids=ids) if ids else []
-                lead_ids = [item.message.lead_id for item in loaded]
-                recent = recent_sends(session=session, lead_ids=lead_ids, since=now - cap.per) if cap and loaded else {}
-            if not ids:
-                break
-            result = DispatchResult()
-            settled, attempts = _judge(
-                loaded, recent, playbook=playbook, renderer=renderer, sender=sender, now=now, result=result
-            )
-            _record(engine, owner, settled, playbook, now, clock())
-            for group in batched(attempts, group_size):
+
+    def send(attempt: _Attempt) -> SendOutcome:
+        return send_with_retries(attempt.email, transport, policy, rng, attempts_before=attempt.loaded.message.attempts)
+
+    concurrency = max(concurrency, 1)
+    wave_cap = concurrency if pace is None else max(min(concurrency, pace.max_batch), 1)
+    # Outcomes are written, and slots refilled, a few at a time rather than one by one.
+    min_wave = max(1, wave_cap // 4)
+    with InFlight(send, concurrency=concurrency) as flight:
+        while True:
+            if not loop.pending and not loop.exhausted:
+                loop.claim()
+                continue
+            size = min(len(loop.pending), flight.free, wave_cap)
+            if size and (size >= min_wave or size == len(loop.pending) or not flight.count):
+                wave = [loop.pending.popleft() for _ in range(size)]
                 if pace is not None:
-                    pace(len(group))
-                started = clock()
-                with session_scope(engine) as session:
-                    mine = mark_sending(
-                        session=session,
-                        ids=[a.loaded.message.id for a in group],
-                        owner=owner,
-                        started_at=started,
-                        lease_until=started + lease,
-                    )
-                group = [a for a in group if a.loaded.message.id in mine]
-                outcomes = list(
-                    pool.map(
-                        lambda a: send_with_retries(
-                            a.email, transport, policy, rng, attempts_before=a.loaded.message.attempts
-                        ),
-                        group,
-                    )
-                )
-                updates = [
-                    _outcome_update(a, o, now, policy, playbook.version) for a, o in zip(group, outcomes, strict=True)
-                ]
-                _record(engine, owner, updates, playbook, now, clock())
-                for attempt, outcome in zip(group, outcomes, strict=True):
-                    result.by_status[outcome.status] += 1
-                    if outcome.status in (MessageStatus.failed, MessageStatus.in_doubt):
-                        result.problems.append(_problem(attempt.loaded, outcome.status, outcome.error or ""))
-            total.add(result)
-            batches += 1
-            logger.info(
-                "dispatch batch %d: %d claimed, %s; %d waiting for the contact policy",
-                batches,
-                len(ids),
-                dict(result.by_status) or "nothing sent",
-                sum(result.deferred.values()),
-            )
+                    pace(len(wave))
+                flight.launch(loop.mark(wave))
+                continue
+            if not flight.count:
+                break
+            wanted = min_wave - flight.free if loop.pending else min_wave
+            finished, error = flight.finished(at_least=max(wanted, 1))
+            loop.record(finished)
+            if error is not None:
+                raise error
     if total.released or total.found_in_doubt:
         logger.warning(
             "a stopped dispatcher left %d claimed messages (queued again) and %d sends in doubt (not resent)",

@@ -40,6 +40,8 @@ from nurture.render_budget import BudgetedEnvironment, Refused, RenderLimits, fi
 
 # Every HTML email must show these, or it is not allowed to go out.
 FOOTER_MARKERS = ("unsubscribe_url", "postal_address")
+# How often a renderer looks for changed template files (it renders from compiled templates in between).
+TEMPLATE_CHECK_SECONDS = 1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,8 +178,11 @@ class EmailRenderer:
             trim_blocks=True,
             lstrip_blocks=True,
             keep_trailing_newline=True,
+            # Compiled templates are kept and used as they are; _keep_fresh looks at the files once a second.
+            auto_reload=False,
         )
         self._subjects: dict[str, Template] = {}
+        self._fresh_until = 0.0
 
     def _subject_template(self, source: str) -> Template:
         # Subjects come from the playbook: a handful of distinct strings, compiled once each.
@@ -186,11 +191,26 @@ class EmailRenderer:
             compiled = self._subjects[source] = self._env.from_string(source)
         return compiled
 
+    def _keep_fresh(self) -> None:
+        """Forget the compiled templates if a file changed (checked at most once a second, not per email).
+
+        Jinja's own check reads the file's status for each template an email uses, every
+        time; at hundreds of emails a second that is most of a render's cost.
+        """
+        now = time.monotonic()
+        if now < self._fresh_until:
+            return
+        self._fresh_until = now + TEMPLATE_CHECK_SECONDS
+        cache = self._env.cache
+        if cache is not None and not all(template.is_up_to_date for template in cache.values()):
+            cache.clear()
+
     def _budget(self) -> AbstractContextManager[None]:
         return spending(self.limits, self._clock)
 
     def render(self, *, template: str, subject: str, context: Mapping[str, Any]) -> RenderedEmail:
         """Render one email; raises TemplateError naming the template (and line) and the problem."""
+        self._keep_fresh()
         with self._budget():
             rendered_subject = self._part(f"subject of {template}", self._subject_template, subject, context)
             html = self._part(f"{template}.html", self._env.get_template, f"{template}.html", context)
@@ -232,6 +252,7 @@ class EmailRenderer:
 
     def check(self, playbook: Playbook) -> list[str]:
         """Problems with the templates a playbook uses: refused files, syntax, missing footer, bad subjects."""
+        self._fresh_until = 0.0  # a check sees the files as they are now
         problems: list[str] = []
         for name in sorted(playbook.template_names()):
             for suffix in (".html", ".txt"):

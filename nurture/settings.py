@@ -76,7 +76,13 @@ class Settings(BaseSettings):
     )
     nurture_webhook_tolerance_seconds: int = Field(default=600, ge=1, description="Oldest accepted signature")
     nurture_max_body_bytes: int = Field(default=5_000_000, ge=1024, description="Largest accepted request body")
-    nurture_send_concurrency: int = Field(default=4, ge=1, le=64, description="Parallel requests per dispatcher")
+    nurture_send_concurrency: int = Field(
+        default=128,
+        ge=1,
+        le=512,
+        description="Requests in flight per dispatcher, each on a kept-alive connection of its own; also the most "
+        "messages a killed dispatcher can leave in doubt",
+    )
     nurture_chunk_concurrency: int | None = Field(
         default=None,
         ge=1,

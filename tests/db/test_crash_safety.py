@@ -104,19 +104,21 @@ def test_a_dispatcher_killed_mid_batch_leaves_only_its_requests_in_flight_in_dou
     with pytest.raises(ProcessKilled):
         _dispatch(world, wall, concurrency=2)
     statuses = _statuses(world)
-    # Groups of two: three groups recorded as they finished, then the group in flight.
-    assert statuses[MessageStatus.sent] == 6
-    assert statuses[MessageStatus.sending] == 2
-    assert statuses[MessageStatus.claimed] == 4
+    # Two in flight at most: the sends that came back before the kill are recorded, the one or two
+    # in flight are `sending`, the rest still only claimed.
+    sent, in_flight, claimed = (statuses[s] for s in (MessageStatus.sent, MessageStatus.sending, MessageStatus.claimed))
+    assert 5 <= sent <= 6
+    assert 1 <= in_flight <= 2
+    assert sent + in_flight + claimed == 12
 
     survivor = InMemoryTransport()
     world.transport = survivor
     result = _dispatch(world, wall + LEASE + timedelta(seconds=1), concurrency=2)
-    assert result.found_in_doubt == 2
-    assert result.released == 4
-    assert result.by_status == {"sent": 4}
+    assert result.found_in_doubt == in_flight
+    assert result.released == claimed
+    assert result.by_status == {"sent": claimed}
     statuses = _statuses(world)
-    assert (statuses[MessageStatus.sent], statuses[MessageStatus.in_doubt]) == (10, 2)
+    assert (statuses[MessageStatus.sent], statuses[MessageStatus.in_doubt]) == (12 - in_flight, in_flight)
     assert statuses[MessageStatus.claimed] == statuses[MessageStatus.sending] == 0
     handed_over = Counter(e.message_id for e in [*dying.sent, *survivor.sent])
     assert max(handed_over.values()) == 1, "no message was handed to the provider twice"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from email import policy
 from email.parser import BytesParser
@@ -148,3 +149,20 @@ def test_naive_datetimes_are_refused(engine: Engine, playbook: Playbook) -> None
         world.lead(ANN, at=datetime(2026, 1, 1))
     world.lead(ANN, at=datetime(2026, 1, 1, tzinfo=UTC))
     assert world.row(ANN).created_at.tzinfo is not None
+
+
+def test_many_requests_are_in_flight_over_kept_alive_connections(engine: Engine, playbook: Playbook) -> None:
+    with FakeSendGrid(latency_seconds=0.1) as fake:
+        transport = SendGridTransport(api_key=fake.api_key, host=fake.url)
+        world = World(engine, playbook, transport=transport)
+        emails = world.hot_leads(96, at=T0, advance_to=T0 + timedelta(minutes=10))
+        result = world.dispatch(T0 + timedelta(minutes=10), concurrency=32)
+        assert result.by_status == {"sent": 96}
+        assert fake.schema_errors == []
+        assert sorted(Counter(fake.message_ids()).values()) == [1] * 96, "each message was requested once"
+        assert fake.requests == 96
+        assert fake.max_in_flight == 32, "the dispatcher kept its concurrency in flight"
+        assert fake.connections <= 32, "each sending thread reused its connection"
+        assert transport.connections_opened == fake.connections
+        assert {m.status for e in emails for m in world.messages(e)} == {"sent"}
+        transport.close()

@@ -3,6 +3,11 @@
 It answers like SendGrid (202 with ``X-Message-Id``, 400 with SendGrid's error
 body, 401 without a bearer key), validates every body against the official
 request schema, records what it accepted, and injects faults on demand.
+
+It serves HTTP/1.1 with keep-alive, a thread per connection, and can answer
+after a round trip's ``latency_seconds``; it counts the connections opened and
+the most requests it held at once, so a test can see connections reused and
+the concurrency reached.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ VALIDATOR = jsonschema.Draft202012Validator(SCHEMA, format_checker=jsonschema.Fo
 
 class _QuietServer(ThreadingHTTPServer):
     daemon_threads = True
-    request_queue_size = 256  # the default 5 drops connections under a few parallel clients
+    request_queue_size = 1024  # the default 5 drops connections under a few parallel clients
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that timed out and hung up is a scenario under test, not a server bug.
@@ -40,6 +45,7 @@ class Fault:
     headers: dict[str, str]
     body: dict[str, Any]
     delay_seconds: float = 0.0
+    hang_up: bool = False
 
 
 class FakeSendGrid:
@@ -53,6 +59,11 @@ class FakeSendGrid:
         self.accepted_at: list[float] = []  # time.monotonic() of each accepted request
         self.rejected: list[tuple[int, dict[str, Any] | None]] = []
         self.schema_errors: list[str] = []
+        self.connections = 0  # connections that carried a mail send (the fake's own GETs not counted)
+        self.requests = 0  # POSTs to the mail send endpoint
+        self.in_flight = 0
+        self.max_in_flight = 0  # the most POSTs being answered at once
+        self.last_headers: dict[str, str] = {}  # the headers of the latest POST, names in lower case
         self._faults: deque[Fault] = deque()
         self._failure_rate = 0.0
         self._rng = random.Random(0)
@@ -88,6 +99,10 @@ class FakeSendGrid:
         headers = {"X-RateLimit-Reset": str(int(time.time()) + 1)} if status == 429 else {}
         return Fault(status, headers, {"errors": [{"message": "injected", "field": None}]})
 
+    def hang_up_after_next(self) -> None:
+        """Answer the next request, then close its connection (as a server does with an idle keep-alive one)."""
+        self._faults.append(Fault(202, {}, {}, hang_up=True))
+
     def accept_slowly_next(self, seconds: float) -> None:
         """Accept the next request, but answer only after ``seconds`` (past the client's timeout)."""
         self._faults.append(Fault(202, {}, {}, delay_seconds=seconds))
@@ -111,8 +126,34 @@ class FakeSendGrid:
             def log_message(self, format: str, *args: Any) -> None:  # keep test output clean
                 return
 
+            posted = False  # this connection has carried a POST (one handler serves one connection)
+            answered = True  # the current POST has been answered (or there is none)
+
+            def do_POST(self) -> None:
+                with fake._lock:
+                    if not self.posted:
+                        self.posted = True
+                        fake.connections += 1
+                    fake.requests += 1
+                    fake.in_flight += 1
+                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                    fake.last_headers = {name.lower(): value for name, value in self.headers.items()}
+                self.answered = False
+                try:
+                    self._post()
+                finally:
+                    self._answered()
+
+            def _answered(self) -> None:
+                # Before the answer is written: the client may send its next request as soon as it reads it.
+                if not self.answered:
+                    self.answered = True
+                    with fake._lock:
+                        fake.in_flight -= 1
+
             def _answer(self, status: int, body: dict[str, Any] | None, headers: dict[str, str] | None = None) -> None:
                 data = json.dumps(body).encode() if body is not None else b""
+                self._answered()
                 self.send_response(status)
                 for name, value in (headers or {}).items():
                     self.send_header(name, value)
@@ -127,6 +168,11 @@ class FakeSendGrid:
                         log = {"requested": list(fake.requested), "accepted": fake.message_ids()}
                     self._answer(200, log)
                     return
+                if self.path == "/_reset_counts":  # a benchmark measures each run on its own
+                    with fake._lock:
+                        fake.connections = fake.requests = fake.max_in_flight = 0
+                    self._answer(200, {})
+                    return
                 if self.path != "/_stats":
                     self._answer(404, {"errors": [{"message": "not found"}]})
                     return
@@ -135,10 +181,13 @@ class FakeSendGrid:
                         "accepted": len(fake.accepted),
                         "schema_errors": fake.schema_errors[:5],
                         "rejected": len(fake.rejected),
+                        "connections": fake.connections,
+                        "requests": fake.requests,
+                        "max_in_flight": fake.max_in_flight,
                     }
                 self._answer(200, stats)
 
-            def do_POST(self) -> None:
+            def _post(self) -> None:
                 raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 if self.path != "/v3/mail/send":
                     self._answer(404, {"errors": [{"message": "not found"}]})
@@ -159,6 +208,9 @@ class FakeSendGrid:
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
+                if fault is not None and fault.hang_up:
+                    fault = None
+                    self.close_connection = True
                 if fault is not None and fault.delay_seconds:
                     with fake._lock:
                         fake.accepted.append(json.loads(raw))
@@ -167,7 +219,8 @@ class FakeSendGrid:
                     self._answer(202, None, {"X-Message-Id": uuid.uuid4().hex[:22]})
                     return
                 if fault is not None:
-                    fake.rejected.append((fault.status, None))
+                    with fake._lock:
+                        fake.rejected.append((fault.status, None))
                     self._answer(fault.status, fault.body, fault.headers)
                     return
                 try:
@@ -203,7 +256,8 @@ def main() -> None:
     """Serve a fake in its own process (benchmarks, suites): prints its URL, serves until killed.
 
     ``python -m tests.fakes.fake_sendgrid [API_KEY] [--latency S] [--failure-rate R] [--seed N]``;
-    ``GET /_log`` lists the message ids requested and accepted.
+    ``GET /_log`` lists the message ids requested and accepted, ``GET /_stats`` counts requests,
+    connections and the most requests in flight, ``GET /_reset_counts`` zeroes those counts.
     """
     import argparse
 
