@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a machine with Python 3.11, pip and make:
 #   make demo   — install, create ./nurture.db, run the demo
 #   make test   — install, then lint, type-check, check the layers and run the tests
-#   make bench  — the scoring benchmark (docs/benchmarks.md); `make bench-quick` at 1/10 scale
+#   make bench  — scoring, then dispatch at 80 ms provider latency (docs/benchmarks.md); `make bench-quick` at 1/10 scale
 #   make bench-imports — imports against a bare COPY / executemany (docs/benchmarks.md); ARGS=--quick at 100k events
 #   make bench-dispatch — dispatch throughput at 80 ms provider latency, SQLite and PostgreSQL (docs/benchmarks.md)
 PYTHON ?= python3
@@ -42,9 +42,11 @@ test: lint typecheck
 # Scoring at scale on SQLite and PostgreSQL (docs/benchmarks.md): `make bench ARGS=--quick` or `make bench-quick`.
 bench: setup
 	$(UV) run --locked python -m benchmarks.scoring $(ARGS)
+	$(UV) run --locked python -m benchmarks.dispatch_throughput
 
 bench-quick: setup
 	$(UV) run --locked python -m benchmarks.scoring --quick $(ARGS)
+	$(UV) run --locked python -m benchmarks.dispatch_throughput --messages 2000
 
 # Imports on SQLite and PostgreSQL next to a bare bulk write (docs/benchmarks.md): `make bench-imports ARGS=--quick`.
 bench-imports: setup
