@@ -78,7 +78,9 @@ def candidate_ids(now: datetime, *, lo: int | None = None, hi: int | None = None
     profile_changed = select(col(Lead.id)).where(needs_rescore(col(Lead.needs_rescore)))
     review_due = select(col(Lead.id)).where(col(Lead.next_review_at) <= now)
     if lo is not None and hi is not None:
-        with_events = with_events.where(col(Event.lead_id).between(lo, hi))
+        # ``+ 0`` on the event side: SQLite would otherwise walk every event of the range through the
+        # (lead, kind, time) index instead of the few pending ones through ix_event_pending.
+        with_events = with_events.where((col(Event.lead_id) + 0).between(lo, hi))
         profile_changed = profile_changed.where(col(Lead.id).between(lo, hi))
         review_due = review_due.where(col(Lead.id).between(lo, hi))
     return union(with_events, profile_changed, review_due).subquery()

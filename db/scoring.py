@@ -222,6 +222,10 @@ def score_chunk(
     return result
 
 
+def _is_sqlite(session: Session) -> bool:
+    return session.get_bind().dialect.name == "sqlite"
+
+
 def _start_chunk(session: Session, lead_ids: Sequence[int]) -> None:
     """Empty scratch tables (created on the connection's first chunk) holding this chunk's lead ids."""
     for table in _scratch.sorted_tables:
@@ -233,9 +237,9 @@ def _start_chunk(session: Session, lead_ids: Sequence[int]) -> None:
     else:
         # One array, not a row per id: an executemany of thousands of rows costs seconds per chunk here.
         session.execute(insert(chunk_lead).from_select(["lead_id"], select(func.unnest(array_param(ids, BigInteger)))))
-        # A temporary table has no statistics until analysed: without them the planner takes a cycle's
-        # scattered leads for a large part of the id range and scans every lead instead of probing the key.
-        session.execute(text("ANALYZE nurture_chunk_lead"))
+    # A temporary table has no statistics until analysed: without them the planner takes a cycle's
+    # scattered leads for a large part of the id range and scans every lead instead of probing the key.
+    session.execute(text("ANALYZE temp.nurture_chunk_lead" if _is_sqlite(session) else "ANALYZE nurture_chunk_lead"))
 
 
 # The text of a lead's field that a fit rule reads, and how Python reads that text back into the value
@@ -455,6 +459,10 @@ def _assemble(
             select(*parts.c, (parts.c.fit + parts.c.decayed + parts.c.points).label("score"), literal(0)),
         )
     )
+    if dialect == "sqlite":
+        # Row counts for SQLite's planner, which otherwise takes the chunk's tables for a million rows and
+        # walks every lead of the id range (a cycle's scattered leads span most of it) instead of probing them.
+        session.execute(text("ANALYZE temp.nurture_chunk_score"))
     for ids in _batches(held):
         session.execute(chunk_score.update().where(chunk_score.c.lead_id.in_(ids)).values(held=1))
     stages = playbook.stages
