@@ -164,29 +164,32 @@ def _queue(url: str, count: int) -> None:
         )
 
 
-def _bodies(count: int) -> list[dict[str, object]]:
-    """``count`` bodies built by the sendgrid helpers from one rendered email, as dispatch builds them."""
+def _emails(count: int, key: str) -> list[OutgoingEmail]:
+    """``count`` emails from one rendered step, as dispatch hands them to the transport."""
     playbook = load_playbook(ROOT / "nurture.yaml")
     rendered = EmailRenderer(ROOT / "templates").render(
         template="demo_offer", subject="See it on your own data", context=sample_context(playbook)
     )
     return [
-        build_mail(
-            OutgoingEmail(
-                message_id=i,
-                idempotency_key=f"raw-{i}",
-                to_email=f"lead{i}@bench.example",
-                from_email="Acme <hello@acme.example>",
-                subject=rendered.subject,
-                html=rendered.html,
-                text=rendered.text,
-                unsubscribe_url="https://nurture.example/unsubscribe/x",
-                category="demo_offer",
-                custom_args={"nurture_message_id": str(i)},
-            )
-        ).get()
+        OutgoingEmail(
+            message_id=i,
+            idempotency_key=f"{key}-{i}",
+            to_email=f"lead{i}@bench.example",
+            from_email="Acme <hello@acme.example>",
+            subject=rendered.subject,
+            html=rendered.html,
+            text=rendered.text,
+            unsubscribe_url="https://nurture.example/unsubscribe/x",
+            category="demo_offer",
+            custom_args={"nurture_message_id": str(i)},
+        )
         for i in range(count)
     ]
+
+
+def _bodies(count: int) -> list[dict[str, object]]:
+    """``count`` bodies built by the sendgrid helpers from one rendered email, as dispatch builds them."""
+    return [build_mail(email).get() for email in _emails(count, "raw")]
 
 
 def _raw_client(fake: FakeInAProcess, bodies: list[dict[str, object]], in_flight: int) -> float:
@@ -244,25 +247,7 @@ def _dispatch(fake: FakeInAProcess | None, url: str, in_flight: int, profile: st
 
 def _transport_only(fake: FakeInAProcess, count: int, in_flight: int) -> float:
     """Seconds for nurture's SendGrid transport alone (body built, pooled request) to send ``count`` emails."""
-    playbook = load_playbook(ROOT / "nurture.yaml")
-    rendered = EmailRenderer(ROOT / "templates").render(
-        template="demo_offer", subject="See it on your own data", context=sample_context(playbook)
-    )
-    emails = [
-        OutgoingEmail(
-            message_id=i,
-            idempotency_key=f"t-{i}",
-            to_email=f"lead{i}@bench.example",
-            from_email="Acme <hello@acme.example>",
-            subject=rendered.subject,
-            html=rendered.html,
-            text=rendered.text,
-            unsubscribe_url="https://nurture.example/unsubscribe/x",
-            category="demo_offer",
-            custom_args={"nurture_message_id": str(i)},
-        )
-        for i in range(count)
-    ]
+    emails = _emails(count, "t")
     transport = SendGridTransport(api_key=fake.api_key, host=fake.url, timeout_seconds=30)
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=in_flight) as pool:
