@@ -33,6 +33,25 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        from nurture import __version__
+
+        print(f"nurture {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit")
+    ] = False,
+) -> None:
+    """Score leads, move them through cold → warm → hot → customer, and send nurture sequences."""
+
+
 import_app = typer.Typer(help="Load leads or events from CSV or JSON Lines files.", no_args_is_help=True)
 run_app = typer.Typer(help="Run a flow once, now.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)

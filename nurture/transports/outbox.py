@@ -49,7 +49,9 @@ def build_mime(email: OutgoingEmail) -> EmailMessage:
         for name, value in {**list_unsubscribe_headers(email), **email.headers}.items():
             mime[name] = one_line(value)
         for name, value in email.custom_args.items():
-            mime[f"X-Nurture-{name.replace('_', '-').title()}"] = one_line(value)
+            # nurture_message_id → X-Nurture-Message-Id: the prefix once, not twice.
+            header = name.removeprefix("nurture_").replace("_", "-").title()
+            mime[f"X-Nurture-{header}"] = one_line(value)
         mime["X-Nurture-Category"] = header_text(email.category)
         mime.set_content(email.text)
         mime.add_alternative(email.html, subtype="html")

@@ -13,6 +13,7 @@ import time
 from contextlib import closing
 from email import policy
 from email.parser import BytesParser
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,10 @@ def nurture(*args: str, env: dict[str, str] | None = None, expect: int = 0) -> s
     assert result.returncode == expect, output
     assert "Traceback" not in output, output
     return result
+
+
+def test_version_is_the_installed_package_s() -> None:
+    assert nurture("--version").stdout.strip() == f"nurture {metadata.version('nurture')}"
 
 
 def test_validate_accepts_the_shipped_playbook() -> None:

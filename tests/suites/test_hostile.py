@@ -401,7 +401,7 @@ EXPECTED_HEADERS = sorted(
         "Message-ID",
         "List-Unsubscribe",
         "List-Unsubscribe-Post",
-        "X-Nurture-Nurture-Message-Id",
+        "X-Nurture-Message-Id",
         "X-Nurture-Category",
         "Content-Type",
         "MIME-Version",
