@@ -9,7 +9,7 @@ from sqlalchemy import String, func, select
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from db.cycle import CLICK, OPEN, PROFILE_COLUMNS
+from db.cycle import CLICK, OPEN, PROFILE_COLUMNS, paused_sequences
 from db.models import Enrollment, Event, Lead, Message, ScoreChange, StageTransition, Suppression
 from nurture.delivery import MessageStatus
 from nurture.importing import normalise_email
@@ -21,6 +21,10 @@ from nurture.sequences import Branch, next_step, pending_wait
 
 STAGE_ORDER = [s.value for s in Stage]
 MESSAGE_STATUSES = [s.value for s in MessageStatus]
+
+
+# The latest score changes a report carries (a lead is rescored at most once a cycle).
+SCORE_CHANGES_SHOWN = 200
 
 
 def funnel(*, session: Session) -> dict[str, Any]:
@@ -98,7 +102,7 @@ def explain_lead(*, session: Session, email: str, playbook: Playbook, now: datet
         select(ScoreChange)
         .where(col(ScoreChange.lead_id) == lead.id)
         .order_by(col(ScoreChange.at).desc(), col(ScoreChange.id).desc())
-        .limit(20)
+        .limit(SCORE_CHANGES_SHOWN)
     )
     transitions = session.scalars(
         select(StageTransition)
@@ -142,6 +146,11 @@ def explain_lead(*, session: Session, email: str, playbook: Playbook, now: datet
             for e in events[-50:]
         ],
         "events_total": len(events),
+        "activity": _activity_by_day(events),
+        "score_changes_total": session.scalar(
+            select(func.count()).select_from(ScoreChange).where(col(ScoreChange.lead_id) == lead.id)
+        ),
+        "paused_sequences": sorted(paused_sequences(session=session)),
         "score_changes": [
             {
                 "at": _iso(c.at),
@@ -174,6 +183,7 @@ def explain_lead(*, session: Session, email: str, playbook: Playbook, now: datet
                 "started_at": _iso(e.started_at),
                 "state": e.state,
                 "exit_reason": e.exit_reason,
+                "ended_at": _iso(e.ended_at),
                 "steps_done": list(e.steps_done),
                 "branches": list(e.branches),
                 "waiting_for": wait[0] if (wait := _wait(playbook, e) if e.state == "active" else None) else None,
@@ -208,6 +218,18 @@ def explain_lead(*, session: Session, email: str, playbook: Playbook, now: datet
             for m in messages
         ],
     }
+
+
+def _activity_by_day(events: list[Event]) -> list[dict[str, Any]]:
+    """Every event of the lead, counted per UTC day and kind (a timeline line per day, however many events)."""
+    days: dict[tuple[str, str], dict[str, Any]] = {}
+    for event in events:  # oldest first
+        key = (event.occurred_at.date().isoformat(), event.kind)
+        row = days.setdefault(key, {"day": key[0], "kind": event.kind, "count": 0, "unscored": 0, "first_at": None})
+        row["count"] += 1
+        row["unscored"] += 0 if event.applied else 1
+        row["first_at"] = row["first_at"] or _iso(event.occurred_at)
+    return list(days.values())
 
 
 def _engagement_by_message(events: list[Event]) -> dict[tuple[int | None, str], datetime]:

@@ -398,80 +398,24 @@ def explain(
         normalise_email(email)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    at = _parse_now(now)
     with session_scope(_engine()) as session:
-        report = explain_lead(session=session, email=email, playbook=playbook, now=_parse_now(now))
+        report = explain_lead(session=session, email=email, playbook=playbook, now=at)
     if report is None:
         errors.print(f"no lead with the email {email.strip().lower()}")
         raise typer.Exit(1)
     if as_json:
         console.print_json(json.dumps(report, default=str))
         return
-    _print_explanation(report)
+    _print_explanation(report, playbook, at)
 
 
-def _print_explanation(report: dict[str, Any]) -> None:
-    lead = report["lead"]
-    name = " ".join(p for p in (lead["first_name"], lead["last_name"]) if p) or lead["email"]
-    role = " at ".join(p for p in (lead["job_title"], lead["company"]) if p)
-    console.print(f"[bold]{escape(name)}[/] <{escape(lead['email'])}>  {escape(role)}", highlight=False)
-    if report["suppression"]:
-        console.print(f"[red]suppressed[/]: {report['suppression']['reason']}")
-    b = report["score_breakdown"]
-    console.print(
-        f"stage [bold]{lead['stage']}[/], score {lead['score']} at last scoring "
-        f"({lead['scored_at']}), {b['score_now']} now"
-    )
-    console.print(
-        f"  fit {lead['fit_score']}: " + (", ".join(f"{k} {v:+g}" for k, v in b["fit"].items()) or "no rule matches")
-    )
-    console.print(
-        f"  engagement {b['engagement_now']} now (half-life {b['half_life_days']:g} days): "
-        + (", ".join(f"{k} {v:+.1f}" for k, v in b["engagement_by_kind"].items()) or "no events")
-    )
-    table = Table(title="Stage history", show_edge=False)
-    for column in ("at", "from → to", "score", "reason"):
-        table.add_column(column)
-    for t in report["transitions"]:
-        table.add_row(t["at"][:16], f"{t['from']} → {t['to']}", str(t["score"]), t["reason"])
-    console.print(table)
-    table = Table(title="Messages", show_edge=False)
-    for column in ("due", "sequence", "step", "template", "status", "engaged", "why"):
-        table.add_column(column)
-    enrollments = {e["id"]: e for e in report["enrollments"]}
-    transitions = {t["id"]: t for t in report["transitions"]}
-    for m in report["messages"]:
-        enrollment = enrollments.get(m["enrollment_id"], {})
-        t = transitions.get(enrollment.get("transition_id"), {})
-        why = f"{t.get('from')} → {t.get('to')} on {str(t.get('at'))[:10]}" if t else ""
-        if m["last_error"]:
-            why += f"; {m['last_error']}"
-        step = f"{m['step_id']} (variant {m['variant']})" if m["variant"] else m["step_id"]
-        engaged = ", ".join(
-            f"{what} {m[key][5:16]}" for what, key in (("opened", "opened_at"), ("clicked", "clicked_at")) if m[key]
-        )
-        table.add_row(m["due_at"][:16], m["sequence"], step, m["template"], m["status"], engaged, why)
-    console.print(table)
-    for e in report["enrollments"]:
-        for b in e["branches"]:
-            console.print(
-                f"{e['sequence']}: after {b['step']}, took {b['took']} → {b['to'] or 'the next step'} "
-                f"on {b['at'][:16]}",
-                highlight=False,
-            )
-        if e["state"] == "converted":
-            after = (
-                f" after step {e['converted_after_step']}" if e["converted_after_step"] else " before its first step"
-            )
-            console.print(f"{e['sequence']}: converted{after} ({e['exit_reason']})", highlight=False)
-        elif e["state"] == "active" and e["waiting_for"]:
-            console.print(
-                f"{e['sequence']}: waiting until {e['waiting_until'][:16]} for {e['waiting_for']}", highlight=False
-            )
-        elif e["state"] == "active" and e["next_due_at"]:
-            upcoming = f"next step {e['next_step']} due {e['next_due_at'][:16]}" if e["next_step"] else "ends"
-            console.print(f"{e['sequence']}: {upcoming}", highlight=False)
-        elif e["state"] == "skipped":
-            console.print(f"{e['sequence']}: not entered ({e['exit_reason']})", highlight=False)
+def _print_explanation(report: dict[str, Any], playbook: Playbook, now: datetime) -> None:
+    from nurture.timeline import WIDTH, render
+
+    width = max(60, min(console.width, WIDTH))
+    for line in render(report, playbook, now, width=width):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 STATUS_HELP = "queued, claimed, sending, sent, failed, in_doubt, suppressed, cancelled or skipped (repeatable)"

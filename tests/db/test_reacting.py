@@ -17,6 +17,7 @@ from db.models import Enrollment
 from db.reports import explain_lead
 from nurture.playbook import Playbook, parse_playbook
 from nurture.sequences import assign_variant
+from nurture.timeline import render
 from nurture.transports import InMemoryTransport
 from tests.conftest import PLAYBOOK_PATH, T0
 from tests.db.test_walking import OPEN_POLICY
@@ -149,3 +150,47 @@ def test_each_lead_gets_its_variant_recorded_on_the_message_and_sent(engine: Eng
         variants.append(message.variant)
     assert set(variants) == {"a", "b"}  # 24 leads: both arms (checked for these ids, the hash is fixed)
     assert world.walked.variants == {f"welcome/welcome/{v}": variants.count(v) for v in ("a", "b")}
+
+
+def test_explain_reads_as_a_timeline_at_80_columns_and_says_what_happens_next(engine: Engine) -> None:
+    world = World(engine, shipped_with())
+    warm(world, ANN, BOB)
+    world.cycle(T0 + HOUR)
+    world.cycle(T0 + 2 * HOUR)
+    world.engage(ANN, "welcome", "click", T0 + DAY)
+    world.cycle(T0 + DAY + HOUR)
+    now = T0 + DAY + 2 * HOUR
+
+    def story(email: str) -> list[str]:
+        with session_scope(world.engine) as session:
+            report = explain_lead(session=session, email=email, playbook=world.playbook, now=now)
+        assert report is not None
+        return render(report, world.playbook, now)
+
+    ann = story(ANN)
+    assert max(len(line) for line in ann) <= 80, "\n".join(ann)
+    text = "\n".join(ann)
+    # Oldest first: the activity, the stage change it caused, the enrollment, the email, the branch its click took.
+    order = [
+        "· form_submit, pricing_view",
+        "▶ cold → warm: score",
+        "→ enrolled in welcome",
+        "✉ sent: welcome/welcome (variant",
+        "why: welcome, step 1, started by cold → warm",
+        "clicked ",
+        "welcome: after welcome, condition met? yes → case_study",
+        "What happens next",
+        f"welcome: next step case_study, due {(T0 + DAY + HOUR + 3 * DAY):%Y-%m-%d %H:%M}",
+    ]
+    positions = [text.find(part) for part in order]
+    assert -1 not in positions, (positions, text)
+    assert positions == sorted(positions), (positions, text)
+    assert "fit: decision maker +15.0" in text
+    # The score changes, rule by rule, on the day they happened.
+    assert any(line.startswith(f"{T0 + HOUR:%Y-%m-%d %H:%M}  score 0 → ") for line in ann), text
+
+    bob = "\n".join(story(BOB))
+    assert "welcome: waiting until" in bob
+    assert "for clicked welcome: then case_study" in bob
+    # Fit 30 holds warm (leave_below 30) however far the engagement decays.
+    assert "the score settles towards its fit, 30, and the stage\n    stays warm." in bob
