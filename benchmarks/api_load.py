@@ -20,9 +20,9 @@ one last cycle, and the checks against the database:
 - tests/suites/invariants.py: nothing sent twice, nothing stuck or lost in the
   outbox, stage = last transition, the ledger's last row = the score.
 
-    uv run python -m benchmarks.api_load --engine both --clients 20 --seconds 60
+    .venv/bin/python -m benchmarks.api_load --engine both --clients 20 --seconds 60
     # and with a migration blocking the event table, so the API answers 503 and clients retry:
-    uv run python -m benchmarks.api_load --engine both --clients 20 --seconds 60 --migration 3 --lock-timeout 0.1
+    .venv/bin/python -m benchmarks.api_load --engine both --clients 20 --seconds 60 --migration 3 --lock-timeout 0.1
 
 PostgreSQL needs NURTURE_TEST_DATABASE_URL. A fixed seed makes the traffic repeatable;
 the interleaving with the cycles is not. Exits 1 on any error, loss or violation.

@@ -15,7 +15,7 @@ with ``--in-flight`` requests in flight:
 It prints emails per second for each, the ratio to the raw client, and what the
 fake saw: connections opened and the most requests in flight. Usage:
 
-    uv run python -m benchmarks.dispatch_throughput [--messages 5000] [--latency 0.08] [--in-flight 128]
+    .venv/bin/python -m benchmarks.dispatch_throughput [--messages 5000] [--latency 0.08] [--in-flight 128]
         [--engine both|sqlite|postgresql] [--profile FILE]
 
 ``--profile FILE`` writes cProfile statistics of the first dispatch (the

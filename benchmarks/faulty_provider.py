@@ -6,7 +6,7 @@ with 500, 503 or 429, runs one ``nurture-cycle``, and checks the promise: every
 message the cycle sent was accepted exactly once, no body failed the schema,
 no custom_args carried personal data. Usage:
 
-    uv run python -m benchmarks.faulty_provider [--leads 500] [--failure-rate 0.3]
+    .venv/bin/python -m benchmarks.faulty_provider [--leads 500] [--failure-rate 0.3]
 """
 
 from __future__ import annotations

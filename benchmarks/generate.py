@@ -18,7 +18,7 @@ sync turned down for the load; on both the secondary indexes are dropped first
 and built again at the end, which is faster than maintaining them row by row.
 Usage:
 
-    uv run python -m benchmarks.generate --leads 100000 --events 1000000 [--seed 7]
+    .venv/bin/python -m benchmarks.generate --leads 100000 --events 1000000 [--seed 7]
         [--database URL]   (default: NURTURE_BENCH_DATABASE_URL, else ./bench.db)
 """
 

@@ -24,7 +24,7 @@ created for the run and dropped after it):
 The ratio nurture / (parse + baseline) is the price of what an import promises beyond
 writing rows; nurture / baseline compares with the write alone. Usage:
 
-    uv run python -m benchmarks.imports [--quick] [--engine sqlite|postgresql|both] [--leads N]
+    .venv/bin/python -m benchmarks.imports [--quick] [--engine sqlite|postgresql|both] [--leads N]
 
 ``--quick`` runs at N = 10,000 (100,000 events), the default is N = 100,000 (1,000,000
 events). PostgreSQL is NURTURE_BENCH_DATABASE_URL, else

@@ -24,7 +24,7 @@ For each engine, in a database created for the run and dropped after it:
 Peak RSS is this process's (VmHWM, reset before each step); PostgreSQL's own memory is
 the server's and not in it. Usage:
 
-    uv run python -m benchmarks.scoring [--quick] [--engine sqlite|postgresql|both]
+    .venv/bin/python -m benchmarks.scoring [--quick] [--engine sqlite|postgresql|both]
 
 ``--quick`` runs at 1/10 of the default scale (L = 100,000 instead of 1,000,000). The
 PostgreSQL server is NURTURE_BENCH_DATABASE_URL, else

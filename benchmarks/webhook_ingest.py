@@ -5,7 +5,7 @@ loopback), each signed with a real ECDSA key, and prints events per second next
 to a bare bulk INSERT of the same event rows into a copy of the same database,
 measured in the same run. Usage:
 
-    uv run python -m benchmarks.webhook_ingest [--batches 10] [--batch-size 1000]
+    .venv/bin/python -m benchmarks.webhook_ingest [--batches 10] [--batch-size 1000]
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ leases to run out, run the cycle and the dispatcher to their end, deliver
 SendGrid's `processed` events for what it accepted (the webhook's own code path),
 and check every invariant (tests/suites/invariants.py).
 
-    uv run python -m tests.suites.crash --trials 50 --engine both   # the full run (docs/reliability.md)
+    .venv/bin/python -m tests.suites.crash --trials 50 --engine both   # the full run (docs/reliability.md)
 
 A fixed seed makes the kill instants and the fake's faults repeatable.
 """

@@ -11,7 +11,7 @@ The files are what real exports look like: events without ``external_id`` (the
 documented default), some with one, rows repeated within a file, an address
 appearing in several batches, times without a zone, an unsubscribe.
 
-    uv run python -m tests.suites.import_crash --trials 50 --engine both   # the full run (docs/reliability.md)
+    .venv/bin/python -m tests.suites.import_crash --trials 50 --engine both   # the full run (docs/reliability.md)
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ four started at once. Then the invariants of tests/suites/invariants.py, with no
 message allowed in doubt (nothing was killed): no double transition, enrollment or
 send; the ledger's last row is every lead's score.
 
-    uv run python -m tests.suites.overlap --rounds 10 --engine both
+    .venv/bin/python -m tests.suites.overlap --rounds 10 --engine both
 """
 
 from __future__ import annotations
