@@ -1273,6 +1273,27 @@ def preview(
             console.print(f"  [green]test sent[/] to {escape(sent)}", highlight=False)
 
 
+@app.command()
+def diagram(
+    out: Annotated[Path, typer.Option("--out", help="Folder for playbook.svg, playbook.png and playbook.dot")] = Path(),
+    formats: Annotated[
+        str | None, typer.Option("--format", metavar="LIST", help="Comma-separated: svg, png, dot (default: all)")
+    ] = None,
+) -> None:
+    """Draw the lifecycle and the sequences each stage change starts, from the playbook (Graphviz)."""
+    from nurture.diagram import FORMATS, write_diagram
+    from nurture.playbook import load_playbook
+
+    wanted = [f.strip().lower() for f in (formats or ",".join(FORMATS)).split(",") if f.strip()]
+    if not wanted or any(f not in FORMATS for f in wanted):
+        raise typer.BadParameter(f"{formats!r}: a list of {', '.join(FORMATS)}", param_hint="--format")
+    result = write_diagram(load_playbook(_settings().nurture_playbook), out, wanted, required=formats is not None)
+    if result.missing_graphviz:
+        errors.print(f"[yellow]warning:[/] {escape(result.missing_graphviz)}", highlight=False)
+    for path in result.written:
+        console.print(f"[green]wrote[/] {escape(str(path))}", highlight=False)
+
+
 def main() -> None:
     """Entry point: runs the app and turns nurture's errors into messages."""
     try:
