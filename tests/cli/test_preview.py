@@ -227,3 +227,25 @@ def test_a_test_send_through_sendgrid_is_flagged_without_personal_data(
     assert body["categories"] == ["nurture-test"]
     assert not (Path(with_lead["NURTURE_OUTBOX_DIR"])).exists()
     assert counts(with_lead) == (0, 0)
+
+
+def test_open_hands_the_html_to_the_browser_and_prefect_is_never_imported(tmp_path: Path) -> None:
+    opened = tmp_path / "opened.txt"
+    browser = tmp_path / "browser.sh"
+    browser.write_text(f'#!/bin/sh\necho "$1" >> {opened}\n')
+    browser.chmod(0o755)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "nurture.cli", "preview", "check_in", "--open"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "BROWSER": str(browser), "COLUMNS": "200"},
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    html = tmp_path / "preview" / "check_in" / "email.html"
+    assert opened.read_text().strip() == html.as_uri()
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in result.stderr.splitlines()}
+    assert "nurture" in imported
+    assert "prefect" not in imported
