@@ -55,6 +55,8 @@ class Preview:
     email: OutgoingEmail
     # "the sample lead" or the lead's address.
     rendered_for: str
+    # Why the lead's address is not mailed (unsubscribed, bounced...), or None.
+    suppressed: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +118,8 @@ class Previewer:
             now=now,
         )
         # No message row stands behind a preview: no message id in its headers.
-        return Preview(target=target, email=replace(email, custom_args={}), rendered_for=rendered_for)
+        suppressed = lead.suppressed if lead is not None else None
+        return Preview(target, replace(email, custom_args={}), rendered_for, suppressed)
 
 
 def load_lead(engine: Engine, email: str) -> LeadForEmail:

@@ -1262,6 +1262,9 @@ def preview(
     for result in results:
         shown, files = result.preview, result.files
         console.print(f"[bold]{escape(shown.target.name)}[/] for {escape(shown.rendered_for)}", highlight=False)
+        if shown.suppressed:
+            why = escape(shown.suppressed)
+            console.print(f"  [yellow]note:[/] this address is suppressed ({why}): nurture sends it nothing")
         source = f"  (the subject of {shown.target.subject_from})" if shown.target.subject_from else ""
         console.print(f"  subject: {escape(shown.email.subject)}{escape(source)}", highlight=False)
         console.print(f"  folder:  {escape(str(files.directory))}/", highlight=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -249,3 +250,31 @@ def test_open_hands_the_html_to_the_browser_and_prefect_is_never_imported(tmp_pa
     imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in result.stderr.splitlines()}
     assert "nurture" in imported
     assert "prefect" not in imported
+
+
+def test_a_suppressed_lead_is_previewed_with_a_note(tmp_path: Path, with_lead: dict[str, str]) -> None:
+    events = tmp_path / "events.jsonl"
+    events.write_text(
+        '{"email": "ann@northwind.example", "kind": "unsubscribe", "occurred_at": "2026-03-02T09:00:00Z"}\n'
+    )
+    nurture("import", "events", str(events), cwd=tmp_path)
+    result = nurture("preview", "check_in", "--lead", "ann@northwind.example", cwd=tmp_path)
+    assert "note: this address is suppressed (unsubscribe): nurture sends it nothing" in result.stdout
+    assert "note:" not in nurture("preview", "check_in", cwd=tmp_path).stdout
+
+
+def test_a_template_that_fails_for_the_lead_is_reported_with_its_file_and_line(
+    tmp_path: Path, with_lead: dict[str, str]
+) -> None:
+    from tests.conftest import TEMPLATES_DIR
+
+    templates = tmp_path / "templates"
+    shutil.copytree(TEMPLATES_DIR, templates)
+    (templates / "check_in.txt").write_text(
+        '{% extends "_layout.txt" %}\n{% block body %}\nHi {{ lead.nickname }}\n{% endblock %}\n'
+    )
+    env = {"NURTURE_TEMPLATES": str(templates)}
+    result = nurture("preview", "check_in", "--lead", "ann@northwind.example", cwd=tmp_path, env=env, expect=1)
+    assert "check_in.txt" in result.stderr
+    assert "nickname" in result.stderr
+    assert "(line 3)" in result.stderr
