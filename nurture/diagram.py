@@ -28,7 +28,7 @@ from pathlib import Path
 
 from nurture.errors import NurtureError
 from nurture.lifecycle import transition_table
-from nurture.playbook import END, Condition, Playbook, Sequence, Stage, Step
+from nurture.playbook import END, Playbook, Sequence, Stage, Step
 
 FORMATS = ("svg", "png", "dot")
 # Colours of the stages, coldest first (fill, border).
@@ -78,10 +78,6 @@ def duration_text(duration: timedelta) -> str:
         if count:
             parts.append(f"{count}{unit}")
     return "".join(parts)
-
-
-def _condition(condition: Condition) -> str:
-    return condition.describe()
 
 
 def stage_id(stage: Stage | str) -> str:
@@ -138,11 +134,11 @@ def _step_lines(step: Step) -> list[str]:
     elif step.template != step.id:
         lines.append(f"template {step.template}")
     if step.unless is not None:
-        lines.append(f"skipped if {_condition(step.unless)}")
+        lines.append(f"skipped if {step.unless.describe()}")
     if step.only_if is not None:
-        lines.append(f"only if {_condition(step.only_if)}")
+        lines.append(f"only if {step.only_if.describe()}")
     if step.wait_for is not None:
-        lines.append(f"then waits {duration_text(step.wait_for.within)} for: {_condition(step.wait_for)}")
+        lines.append(f"then waits {duration_text(step.wait_for.within)} for: {step.wait_for.describe()}")
     return lines
 
 
@@ -178,7 +174,7 @@ def _sequence(name: str, sequence: Sequence, index: int) -> Iterable[str]:
         for branch, target, colour in (("then", step.then, "#16a34a"), ("else", step.else_, "#b45309")):
             goes_to = target or following or END
             ends = ends or goes_to == END
-            did = _condition(step.wait_for) if branch == "then" else f"not within {duration_text(step.wait_for.within)}"
+            did = step.wait_for.describe() if branch == "then" else f"not within {duration_text(step.wait_for.within)}"
             attrs = _attributes(label=quoted(f"{branch}: {did}"), color=quoted(colour), fontcolor=quoted(colour))
             yield f"    {here} -> {quoted(step_id(name, goes_to))} {attrs};"
     if ends:
