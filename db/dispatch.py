@@ -258,10 +258,37 @@ def load_claimed(*, session: Session, ids: Sequence[int]) -> list[LoadedMessage]
             ),
             idempotency_key=r.idempotency_key,
             position=r.step,
-            lead={c: getattr(r, c) for c in PROFILE_COLUMNS} | {"stage": r.stage, "score": r.score},
+            lead=email_fields(r),
         )
         for r in rows
     ]
+
+
+def email_fields(row: Any) -> dict[str, Any]:
+    """What templates see as ``lead``, from a row with the lead's columns (docs/templates.md)."""
+    return {c: getattr(row, c) for c in PROFILE_COLUMNS} | {"stage": row.stage, "score": row.score}
+
+
+@dataclass(frozen=True, slots=True)
+class LeadForEmail:
+    """A lead as its emails need it: its id (unsubscribe links), address and template fields, and why its
+    address must not be mailed (None: it may be)."""
+
+    lead_id: int
+    email: str
+    fields: dict[str, Any]
+    suppressed: str | None = None
+
+
+def load_lead_for_email(*, session: Session, email: str) -> LeadForEmail | None:
+    """The lead with this (canonical) address, read as the dispatcher reads it; None if there is none."""
+    lead = Lead.__table__.c  # type: ignore[attr-defined]
+    query = select(lead.id, lead.stage, lead.score, lead.suppressed, *(lead[c] for c in PROFILE_COLUMNS))
+    row = session.execute(query.where(lead.email == email)).first()
+    if row is None:
+        return None
+    listed = suppression_reasons(session=session, emails=[row.email]).get(row.email)
+    return LeadForEmail(lead_id=row.id, email=row.email, fields=email_fields(row), suppressed=row.suppressed or listed)
 
 
 def suppression_reasons(*, session: Session, emails: Sequence[str]) -> dict[str, str]:

@@ -42,14 +42,7 @@ def build_runtime(settings: Settings) -> Runtime:
         playbook=playbook,
         renderer=EmailRenderer(settings.nurture_templates),
         transport=transport_from_settings(settings),
-        sender=Sender(
-            from_email=settings.nurture_from_email,
-            postal_address=settings.nurture_postal_address,
-            public_url=settings.nurture_public_url,
-            secret_key=settings.nurture_secret_key.get_secret_value(),
-            unsubscribe_mailto=settings.nurture_unsubscribe_mailto,
-            asm_group_id=settings.sendgrid_asm_group_id,
-        ),
+        sender=Sender.from_settings(settings),
     )
 
 

@@ -20,10 +20,10 @@ import random
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
@@ -49,6 +49,7 @@ from nurture.dispatching import Triage, Verdict, triage
 from nurture.errors import AmbiguousDeliveryError, PermanentDeliveryError, TemplateError, TransientDeliveryError
 from nurture.playbook import Playbook
 from nurture.rendering import EmailRenderer, email_context
+from nurture.settings import Settings
 from nurture.transports.base import EmailTransport, OutgoingEmail
 from nurture.unsubscribe import unsubscribe_url
 
@@ -76,6 +77,21 @@ class Sender:
     secret_key: str
     unsubscribe_mailto: str | None = None
     asm_group_id: int | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Sender:
+        return cls(
+            from_email=settings.nurture_from_email,
+            postal_address=settings.nurture_postal_address,
+            public_url=settings.nurture_public_url,
+            secret_key=settings.nurture_secret_key.get_secret_value(),
+            unsubscribe_mailto=settings.nurture_unsubscribe_mailto,
+            asm_group_id=settings.sendgrid_asm_group_id,
+        )
+
+    def unsubscribe_link(self, lead_id: int, *, email: str, now: datetime) -> str:
+        """The signed one-click unsubscribe link of a lead's email."""
+        return unsubscribe_url(self.public_url, lead_id, email=email, now=now, secret=self.secret_key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,36 +147,73 @@ def _render(
 ) -> OutgoingEmail | str:
     """The email for a message judged ``send``, or the template error as text."""
     message = loaded.message
-    link = unsubscribe_url(sender.public_url, message.lead_id, email=message.email, now=now, secret=sender.secret_key)
     try:
-        rendered = renderer.render(
+        return compose_email(
+            playbook=playbook,
+            renderer=renderer,
+            sender=sender,
+            lead=loaded.lead,
+            to_email=message.email,
+            unsubscribe_link=sender.unsubscribe_link(message.lead_id, email=message.email, now=now),
+            sequence=message.sequence,
+            position=loaded.position,
             template=verdict.template,
             subject=verdict.subject,
-            context=email_context(
-                playbook,
-                lead=loaded.lead,
-                unsubscribe_url=link,
-                postal_address=sender.postal_address,
-                sequence=message.sequence,
-                step=loaded.position,
-            ),
+            message_id=message.id,
+            idempotency_key=loaded.idempotency_key,
+            now=now,
         )
     except TemplateError as exc:
         return f"template error: {exc}"
+
+
+def compose_email(
+    *,
+    playbook: Playbook,
+    renderer: EmailRenderer,
+    sender: Sender,
+    lead: Mapping[str, Any],
+    to_email: str,
+    unsubscribe_link: str,
+    sequence: str,
+    position: int,
+    template: str,
+    subject: str,
+    message_id: int,
+    idempotency_key: str,
+    now: datetime,
+) -> OutgoingEmail:
+    """One step's email for a lead, as it leaves nurture: rendered parts, sender, headers, custom args.
+
+    The dispatcher and `nurture preview` both build emails here, so a preview is the email
+    the lead gets. Raises ``TemplateError`` when the template fails for this lead.
+    """
+    rendered = renderer.render(
+        template=template,
+        subject=subject,
+        context=email_context(
+            playbook,
+            lead=lead,
+            unsubscribe_url=unsubscribe_link,
+            postal_address=sender.postal_address,
+            sequence=sequence,
+            step=position,
+        ),
+    )
     return OutgoingEmail(
-        message_id=message.id,
-        idempotency_key=loaded.idempotency_key,
-        to_email=message.email,
+        message_id=message_id,
+        idempotency_key=idempotency_key,
+        to_email=to_email,
         from_email=sender.from_email,
         subject=rendered.subject,
         html=rendered.html,
         text=rendered.text,
-        unsubscribe_url=link,
+        unsubscribe_url=unsubscribe_link,
         unsubscribe_mailto=sender.unsubscribe_mailto,
         asm_group_id=sender.asm_group_id,
-        category=message.sequence,
+        category=sequence,
         date=now,
-        custom_args={"nurture_message_id": str(message.id)},
+        custom_args={"nurture_message_id": str(message_id)},
     )
 
 

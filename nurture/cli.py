@@ -1167,12 +1167,86 @@ def _print_reactions(reactions: dict[str, Any]) -> None:
     )
 
 
+@app.command()
+def preview(
+    name: Annotated[
+        str,
+        typer.Argument(metavar="NAME", help="A template (welcome) or a step: SEQUENCE/STEP or SEQUENCE/STEP/VARIANT"),
+    ],
+    lead: Annotated[
+        str | None, typer.Option("--lead", metavar="EMAIL", help="Render for this lead of the database (read only)")
+    ] = None,
+    sample: Annotated[bool, typer.Option("--sample", help="Render for the sample lead (the default)")] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for the files (default: ./preview/NAME/)")] = None,
+    open_browser: Annotated[bool, typer.Option("--open", help="Open the HTML in a web browser")] = False,
+    send_test: Annotated[
+        str | None,
+        typer.Option("--send-test", metavar="ADDRESS", help="Also send it to ADDRESS, marked [TEST]; no lead's email"),
+    ] = None,
+) -> None:
+    """Render an email for a real or the sample lead as files (subject, HTML, text, .eml); send a test."""
+    import webbrowser
+
+    from flows.previewing import run_preview
+    from nurture.importing import normalise_email
+
+    if lead is not None and sample:
+        raise typer.BadParameter("give --lead EMAIL or --sample, not both", param_hint="--lead")
+    addresses: dict[str, str | None] = {"--lead": lead, "--send-test": send_test}
+    for option, given in list(addresses.items()):
+        try:
+            addresses[option] = normalise_email(given) if given is not None else None
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint=option) from exc
+    settings = _settings()
+    test_to = addresses["--send-test"]
+    results = run_preview(
+        settings, name, lead_email=addresses["--lead"], out=out, test_to=test_to, now=datetime.now(UTC)
+    )
+    for result in results:
+        shown, files = result.preview, result.files
+        console.print(f"[bold]{escape(shown.target.name)}[/] for {escape(shown.rendered_for)}", highlight=False)
+        if shown.suppressed:
+            why = escape(shown.suppressed)
+            console.print(f"  [yellow]note:[/] this address is suppressed ({why}): nurture sends it nothing")
+        source = f"  (the subject of {shown.target.subject_from})" if shown.target.subject_from else ""
+        console.print(f"  subject: {escape(shown.email.subject)}{escape(source)}", highlight=False)
+        console.print(f"  folder:  {escape(str(files.directory))}/", highlight=False)
+        console.print(f"  files:   {files.html.name}  {files.text.name}  {files.eml.name}  {files.subject.name}")
+        if open_browser and not webbrowser.open(files.html.resolve().as_uri()):
+            console.print(f"  no web browser found: open {files.html} yourself")
+        if result.test_sent is not None:
+            sent = f"{test_to}: {result.test_sent}"
+            console.print(f"  [green]test sent[/] to {escape(sent)}", highlight=False)
+
+
+@app.command()
+def diagram(
+    out: Annotated[Path, typer.Option("--out", help="Folder for playbook.svg, playbook.png and playbook.dot")] = Path(),
+    formats: Annotated[
+        str | None, typer.Option("--format", metavar="LIST", help="Comma-separated: svg, png, dot (default: all)")
+    ] = None,
+) -> None:
+    """Draw the lifecycle and the sequences each stage change starts, from the playbook (Graphviz)."""
+    from nurture.diagram import FORMATS, write_diagram
+    from nurture.playbook import load_playbook
+
+    wanted = [f.strip().lower() for f in (formats or ",".join(FORMATS)).split(",") if f.strip()]
+    if not wanted or any(f not in FORMATS for f in wanted):
+        raise typer.BadParameter(f"{formats!r}: a list of {', '.join(FORMATS)}", param_hint="--format")
+    result = write_diagram(load_playbook(_settings().nurture_playbook), out, wanted, required=formats is not None)
+    if result.missing_graphviz:
+        errors.print(f"[yellow]warning:[/] {escape(result.missing_graphviz)}", highlight=False)
+    for path in result.written:
+        console.print(f"[green]wrote[/] {escape(str(path))}", highlight=False)
+
+
 def main() -> None:
     """Entry point: runs the app and turns nurture's errors into messages."""
     try:
         app()
     except NurtureError as exc:
-        errors.print(f"[red]error:[/] {exc}", highlight=False)
+        errors.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(1)
 
 

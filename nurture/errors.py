@@ -12,6 +12,7 @@ turn it into a message (what was wrong, where, what was kept), never a traceback
      │                             stored (also a ValueError: every row parser catches it)
      ├── DatabaseBusyError         deadlocks or lock waits outlasted the retries: try again later
      ├── SchemaOutOfDateError      the database needs `nurture db upgrade`
+     ├── UnknownNameError          a name on the command line (a template, a step) that does not exist
      └── DeliveryError             a message could not be handed to the provider
           ├── TransientDeliveryError   try again later (429, 5xx, refused connection)
           ├── PermanentDeliveryError   do not retry (4xx, invalid address)
@@ -72,6 +73,13 @@ class DatabaseBusyError(NurtureError):
 
 class SchemaOutOfDateError(NurtureError):
     """The database schema is older (or newer) than this version of nurture."""
+
+
+class UnknownNameError(NurtureError):
+    """A name given on the command line (a template, a sequence's step) that the playbook does not have.
+
+    The message offers the closest names ("did you mean") and lists the valid ones.
+    """
 
 
 class DeliveryError(NurtureError):

@@ -40,6 +40,8 @@ SUPPRESSING = {
 }
 DELIVERY = {"processed", "delivered", "deferred", "dropped", "bounce"}
 KNOWN = set(SCORED) | set(SUPPRESSING) | DELIVERY | {"group_resubscribe"}
+# The custom arg of a test send (`nurture preview --send-test`): its events belong to no lead and are ignored.
+TEST_SEND_ARG = "nurture_test"
 # Event fields kept as the stored event's properties.
 PROPERTY_KEYS = ("url", "useragent", "ip", "category", "status", "type", "sg_machine_open")
 # An open by a machine (Apple Mail Privacy Protection prefetching the images) is stored under
@@ -126,6 +128,12 @@ def _message_id(item: dict[str, Any]) -> int | None:
     return number if 0 < number <= MAX_INT else None  # message ids are positive BIGINTs
 
 
+def _test_send(item: dict[str, Any]) -> bool:
+    """An event of a test send (`nurture preview --send-test`): no lead's message, never counted."""
+    args = item.get("unique_args")
+    return bool(item.get(TEST_SEND_ARG) or (isinstance(args, dict) and args.get(TEST_SEND_ARG)))
+
+
 def _provider_message_id(value: Any) -> str | None:
     if not value or not isinstance(value, str):
         return None
@@ -169,7 +177,7 @@ def parse_sendgrid_batch(payload: Any) -> ParsedBatch:
             batch.problems.append(f"event {index}: not an object")
             continue
         event_type = str(item.get("event") or "")
-        if event_type not in KNOWN:
+        if event_type not in KNOWN or _test_send(item):
             batch.ignored += 1
             continue
         try:

@@ -50,8 +50,9 @@ def build_mime(email: OutgoingEmail) -> EmailMessage:
             mime[name] = one_line(value)
         for name, value in email.custom_args.items():
             # nurture_message_id → X-Nurture-Message-Id: the prefix once, not twice.
-            header = name.removeprefix("nurture_").replace("_", "-").title()
-            mime[f"X-Nurture-{header}"] = one_line(value)
+            header = f"X-Nurture-{name.removeprefix('nurture_').replace('_', '-').title()}"
+            if header not in mime:  # given as a header too (X-Nurture-Test of a test send): once
+                mime[header] = one_line(value)
         mime["X-Nurture-Category"] = header_text(email.category)
         mime.set_content(email.text)
         mime.add_alternative(email.html, subtype="html")

@@ -1,0 +1,45 @@
+"""A preview for a real lead is the email the dispatcher sends that lead (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import Engine
+
+from db.dispatch import load_lead_for_email
+from db.engine import session_scope
+from flows.previewing import Previewer
+from nurture.playbook import Playbook
+from nurture.rendering import EmailRenderer
+from nurture.transports import InMemoryTransport
+from tests.conftest import T0, TEMPLATES_DIR
+from tests.db.world import SENDER, World
+
+ANN = "ann@northwind.example"
+
+
+def test_a_preview_for_a_lead_is_the_email_the_dispatcher_sends(engine: Engine, playbook: Playbook) -> None:
+    transport = InMemoryTransport()
+    world = World(engine, playbook, transport=transport)
+    world.mailed_hot_lead(ANN, at=T0, now=T0 + timedelta(minutes=10))
+    due = T0 + timedelta(days=2, hours=1)  # the sales hand-off, on a Wednesday morning
+    world.dispatch(due)
+    sent = transport.sent[-1]
+    assert sent.category == "demo_offer"
+    assert sent.subject.startswith("Your Acme Analytics contact")
+
+    with session_scope(engine) as session:
+        lead = load_lead_for_email(session=session, email=ANN)
+        assert load_lead_for_email(session=session, email="nobody@northwind.example") is None
+    assert lead is not None
+    assert lead.suppressed is None
+    previewer = Previewer(playbook, EmailRenderer(TEMPLATES_DIR), SENDER, TEMPLATES_DIR)
+    [target] = previewer.targets("demo_offer/sales_handoff", lead=lead)
+    email = previewer.render(target, lead=lead, now=due).email
+
+    def content(e: object) -> tuple[object, ...]:
+        fields = ("to_email", "from_email", "subject", "html", "text", "unsubscribe_url", "category", "date")
+        return tuple(getattr(e, f) for f in fields)
+
+    assert content(email) == content(sent)
+    assert email.custom_args == {}  # no message behind a preview
