@@ -751,6 +751,16 @@ class Brand(_Frozen):
     website: str
 
 
+# What the events API and imports accept as an event's kind (nurture/importing.py).
+EVENT_KIND = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+def _event_kind(kind: str) -> str:
+    if not EVENT_KIND.match(kind):
+        raise ValueError(f"{_shown(kind)} is not an event kind: lower-case letters, digits and _ (e.g. trial_started)")
+    return kind
+
+
 @dataclass(frozen=True)
 class PlaybookSource:
     """Where a loaded playbook came from: its file and the line of each key path.
@@ -778,6 +788,9 @@ class Playbook(_Frozen):
     stages: Stages
     sequences: dict[str, Sequence]
     contact_policy: ContactPolicy = ContactPolicy()
+    # Event kinds the website or imports send that no rule scores (e.g. for a goal): listed so that
+    # `nurture validate` knows them and still catches a misspelt kind.
+    known_events: tuple[Annotated[str, AfterValidator(_event_kind)], ...] = ()
     # Set by parse_playbook, so later checks (the templates' subjects) can name the file and line.
     _source: PlaybookSource = PrivateAttr(default_factory=PlaybookSource)
 
@@ -981,21 +994,30 @@ def load_playbook(path: Path, *, templates_dir: Path | None = None) -> Playbook:
         raise PlaybookError([f"{path}:{line}: not UTF-8 text (byte {exc.start}); save the file as UTF-8"]) from exc
     playbook = parse_playbook(text, source=str(path))
     if templates_dir is not None:
-        missing = []
-        for name, seq in playbook.sequences.items():
-            for i, step in enumerate(seq.steps):
-                for v, (variant, template, _subject) in enumerate(step.contents()):
-                    absent = [
-                        str(templates_dir / f"{template}{suffix}")
-                        for suffix in (".html", ".txt")
-                        if not (templates_dir / f"{template}{suffix}").is_file()
-                    ]
-                    where = ("variants", str(v), "template") if variant is not None else ("template",)
-                    if absent:
-                        missing.append(
-                            f"{playbook.source.where('sequences', name, 'steps', str(i), *where)}: template "
-                            f"{template!r} has no {' and no '.join(absent)}"
-                        )
+        missing = missing_templates(playbook, templates_dir)
         if missing:
-            raise PlaybookError(missing)
+            raise PlaybookError([problem for _, problem in missing])
     return playbook
+
+
+def missing_templates(playbook: Playbook, templates_dir: Path) -> list[tuple[str, str]]:
+    """Each template a step names whose ``.html`` or ``.txt`` file is absent, with the problem at its line."""
+    missing = []
+    for name, seq in playbook.sequences.items():
+        for i, step in enumerate(seq.steps):
+            for v, (variant, template, _subject) in enumerate(step.contents()):
+                absent = [
+                    str(templates_dir / f"{template}{suffix}")
+                    for suffix in (".html", ".txt")
+                    if not (templates_dir / f"{template}{suffix}").is_file()
+                ]
+                where = ("variants", str(v), "template") if variant is not None else ("template",)
+                if absent:
+                    missing.append(
+                        (
+                            template,
+                            f"{playbook.source.where('sequences', name, 'steps', str(i), *where)}: template "
+                            f"{template!r} has no {' and no '.join(absent)}",
+                        )
+                    )
+    return missing
