@@ -943,6 +943,10 @@ def _where(source: str, lines: Mapping[tuple[str, ...], int], loc: tuple[str, ..
 _STEP_PROBLEM = re.compile(r"^step (?P<index>\d+) \((?P<step>[^)]*)\): (?P<key>\w+): (?P<rest>.*)$", re.DOTALL)
 
 
+# "warm.enter_at (80) must be below hot.enter_at (75)" from Stages' check: point at the first key it names.
+_THRESHOLD_PROBLEM = re.compile(r"^(?P<stage>warm|hot)\.(?P<key>enter_at|leave_below) ")
+
+
 def parse_playbook(text: str, *, source: str = "nurture.yaml") -> Playbook:
     """Validate playbook text; raises PlaybookError listing every problem with its line."""
     try:
@@ -971,6 +975,12 @@ def parse_playbook(text: str, *, source: str = "nurture.yaml") -> Playbook:
             message = error["msg"].removeprefix("Value error, ")
             if error["type"] == "extra_forbidden":
                 message = "unknown key (check its spelling)"
+            if loc == ("stages",) and (threshold := _THRESHOLD_PROBLEM.match(message)):
+                loc = (*loc, threshold["stage"], threshold["key"])  # the line of the first threshold named
+                key = ".".join(loc)
+            elif len(loc) == 2 and loc[0] == "stages" and message.startswith("leave_below "):
+                loc = (*loc, "leave_below")
+                key, message = ".".join(loc), message.removeprefix("leave_below ")
             if loc and loc[-1] == "steps" and (about := _STEP_PROBLEM.match(message)):
                 # A problem between steps names one step's key: point at that key's line.
                 loc = (*loc, about["index"], about["key"])

@@ -67,6 +67,7 @@ class _Checker:
         self.known_names = CONTEXT_NAMES | renderer.global_names
         self.link_names = tuple(playbook.links)
         self._analysed: set[str] = set()
+        self._trees: dict[str, nodes.Template] = {}
 
     def file(self, name: str) -> str:
         return f"{self.shown_dir}/{name}"
@@ -128,6 +129,7 @@ class _Checker:
                     self.add(Problem(self.file(name), exc.lineno, exc.message or "not a valid template"))
                     continue
                 texts.append(_source_text(tree))
+                self._trees[name] = tree
                 if name not in self._analysed:
                     self._analysed.add(name)
                     self._names(tree, self.file(name), None, undeclared=not included)
@@ -249,7 +251,9 @@ class _Checker:
                 self.add(Problem(file, line, f"{what} (for a sample lead)", problem_key))
                 return True
             empty = self._culprits(render, full, raised)
-            self.add(self._guard(file, line, problem_key, what, empty))
+            tree = self._trees.get(raised[0]) if raised else None
+            attributes = sorted(_attributes_at(tree, raised[1])) if tree is not None and raised else []
+            self.add(self._guard(file, line, problem_key, what, empty, attributes))
             return True
         return False
 
@@ -267,11 +271,14 @@ class _Checker:
                     found.append(field)
         return found
 
-    def _guard(self, file: str, line: int | None, key: str | None, what: str, empty: list[str]) -> Problem:
+    def _guard(
+        self, file: str, line: int | None, key: str | None, what: str, empty: list[str], attributes: list[str]
+    ) -> Problem:
         if not empty:
             return Problem(file, line, f"fails for a lead with no optional field filled in: {what}", key)
-        names = [f"lead.{f}" if f != "attributes" else "an attribute (lead.attributes.…)" for f in empty]
-        first = f"lead.{empty[0]}" if empty[0] != "attributes" else "lead.attributes.NAME"
+        shown_attributes = [f"lead.attributes.{a}" for a in attributes] or ["lead.attributes.NAME"]
+        names = [f"lead.{f}" for f in empty if f != "attributes"] + (shown_attributes if "attributes" in empty else [])
+        first = names[0]
         suggestion = f"{{{{ {first} or '' }}}}"
         return Problem(
             file,
@@ -308,3 +315,19 @@ def _attributes(tree: nodes.Template) -> Iterator[tuple[str, str, nodes.Node]]:
             yield owner.name, node.attr, node
         elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
             yield owner.name, node.arg.value, node
+
+
+def _attributes_at(tree: nodes.Template, line: int) -> set[str]:
+    """The ``lead.attributes.NAME`` a template reads on one line."""
+    found = set()
+    for node in tree.find_all(nodes.Getattr):
+        inner = node.node
+        if (
+            node.lineno == line
+            and isinstance(inner, nodes.Getattr)
+            and inner.attr == "attributes"
+            and isinstance(inner.node, nodes.Name)
+            and inner.node.name == "lead"
+        ):
+            found.add(node.attr)
+    return found

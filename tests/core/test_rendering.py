@@ -241,7 +241,8 @@ def test_a_template_cannot_change_the_lists_and_dicts_it_is_given(playbook: Play
     ):
         _with_body(templates, "welcome", body)
         with pytest.raises(
-            TemplateError, match=r"^welcome\.html: access to attribute '\w+' of '(dict|list|LeadAttributes)' object is unsafe"
+            TemplateError,
+            match=r"^welcome\.html: access to attribute '\w+' of '(dict|list|LeadAttributes)' object is unsafe",
         ):
             renderer.render(template="welcome", subject="Hi", context=context)
     assert context["lead"]["attributes"] == {"industry": "software", "plan": "trial"}
@@ -281,9 +282,7 @@ def test_check_names_the_playbook_line_of_a_subject_that_fails(playbook: Playboo
     assert playbook.sequences["welcome"].steps[3].subject == "Live: the product activation playbook"
 
     renders_badly = _with_subject(playbook, "welcome", 3, "Live: {{ lead.nickname }}")
-    assert renderer.check(renders_badly) == [
-        f"{at}: lead has no field 'nickname' (rendered for a sample lead)"
-    ]
+    assert renderer.check(renders_badly) == [f"{at}: lead has no field 'nickname' (rendered for a sample lead)"]
     too_big = _with_subject(playbook, "welcome", 3, "{{ 'Live' * 30000 }}")
     assert renderer.check(too_big) == [
         f"{at}: the * operator would produce 120,000 characters (at most 100,000) (rendered for a sample lead)"
