@@ -62,19 +62,21 @@ class _Checker:
         self.playbook = playbook
         self.shown_dir = shown_dir.rstrip("/") or "."
         self.problems: list[Problem] = []
-        # Lines already reported: a render failing there is the same problem again.
-        self.reported: set[tuple[str, int | None]] = set()
+        # Lines a render already failed at: another email failing there is the same problem again.
+        self.failed_at: set[tuple[str, int | None]] = set()
         self.known_names = CONTEXT_NAMES | renderer.global_names
         self.link_names = tuple(playbook.links)
         self._analysed: set[str] = set()
         self._trees: dict[str, nodes.Template] = {}
+        # Names already reported as unknown (owner "" for a top-level name): the renders give them a
+        # stand-in value, so a typo early in a layout does not hide a problem further on.
+        self._unknown: dict[str, set[str]] = {"": set(), "lead": set(), "brand": set(), "links": set()}
 
     def file(self, name: str) -> str:
         return f"{self.shown_dir}/{name}"
 
     def add(self, problem: Problem) -> None:
         self.problems.append(problem)
-        self.reported.add((problem.file, problem.line))
 
     def run(self, skip: frozenset[str]) -> list[Problem]:
         contents = [
@@ -88,7 +90,7 @@ class _Checker:
         broken = skip | {template for template in templates if not self._read_email(template)}
         for content in contents:
             self._read_subject(content)
-        full, sparse = sample_context(self.playbook), sparse_context(self.playbook)
+        full, sparse = self._stand_ins(sample_context(self.playbook)), self._stand_ins(sparse_context(self.playbook))
         for content in contents:
             if content.template not in broken:
                 self._render(content, full, sparse)
@@ -181,6 +183,7 @@ class _Checker:
         if undeclared:
             for name in sorted(meta.find_undeclared_variables(tree) - self.known_names):
                 first = next(n for n in tree.find_all(nodes.Name) if n.name == name)
+                self._unknown[""].add(name)
                 suggestion = closest(name, self.known_names)
                 self.add(
                     Problem(
@@ -188,6 +191,9 @@ class _Checker:
                     )
                 )
         for owner, attr, node in _attributes(tree):
+            names = {"lead": LEAD_FIELDS, "brand": tuple(Brand.model_fields), "links": self.link_names}[owner]
+            if attr not in names:
+                self._unknown[owner].add(attr)
             if owner == "lead" and attr not in LEAD_FIELDS:
                 suggestion = closest(attr, LEAD_FIELDS)
                 hint = did_you_mean(suggestion) or f"; an imported column is lead.attributes.{attr}"
@@ -197,11 +203,23 @@ class _Checker:
                 self.add(Problem(file, at(node), f"brand has no {attr!r}{did_you_mean(suggestion)}", key, suggestion))
             elif owner == "links" and attr not in self.link_names:
                 suggestion = closest(attr, self.link_names)
-                known = ", ".join(self.link_names) or "none"
-                hint = did_you_mean(suggestion) or f"; the playbook's links are: {known}"
+                listed = ", ".join(self.link_names) or "none"
+                hint = did_you_mean(suggestion) or f"; the playbook's links are: {listed}"
                 self.add(Problem(file, at(node), f"links has no {attr!r}{hint}", key, suggestion))
 
     # -- rendering ------------------------------------------------------------------------------
+
+    def _stand_ins(self, context: dict[str, Any]) -> dict[str, Any]:
+        """The context with a stand-in for each name already reported unknown."""
+        lead = type(context["lead"])(context["lead"])
+        lead.update(dict.fromkeys(self._unknown["lead"], "sample"))
+        return {
+            **dict.fromkeys(self._unknown[""], "sample"),
+            **context,
+            "lead": lead,
+            "brand": {**context["brand"], **dict.fromkeys(self._unknown["brand"], "sample")},
+            "links": {**context["links"], **dict.fromkeys(self._unknown["links"], "https://example.com")},
+        }
 
     def _render(self, content: _Content, full: Mapping[str, Any], sparse: Mapping[str, Any]) -> None:
         subject_file, subject_line = self._subject_at(content)
@@ -244,8 +262,9 @@ class _Checker:
             file, line, problem_key = (
                 (self.file(raised[0]), raised[1], None) if raised else (subject_file, subject_line, key)
             )
-            if (file, line) in self.reported:
+            if (file, line) in self.failed_at:
                 return True
+            self.failed_at.add((file, line))
             what = describe_error(cause, self.renderer.templates_dir)
             if not sparse or full is None:
                 self.add(Problem(file, line, f"{what} (for a sample lead)", problem_key))

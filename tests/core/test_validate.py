@@ -338,3 +338,12 @@ def report_json_shape(report: Report) -> bool:
     return set(data) == {"ok", "problems", "summary"} and all(
         set(p) == {"file", "line", "key", "message", "suggestion"} for p in data["problems"]
     )
+
+
+def test_a_typo_early_in_the_layout_does_not_hide_a_problem_further_on(project: tuple[Path, Path]) -> None:
+    playbook, templates = project
+    layout = templates / "_layout.html"
+    layout.write_text("{{ brand.nmae }}\n" + layout.read_text())
+    _edited(templates / "check_in.html", 'lead.first_name or "there"', "lead.company.upper()")
+    problems = validate_files(playbook, templates).problems
+    assert [(p.file, p.line) for p in problems] == [(f"{templates}/_layout.html", 1), (f"{templates}/check_in.html", 3)]
