@@ -17,14 +17,17 @@ from tests.conftest import PLAYBOOK_PATH, ROOT, TEMPLATES_DIR
 SHIPPED = PLAYBOOK_PATH.read_text()
 
 
-def nurture(*args: str, cwd: Path, expect: int) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NURTURE_")}
+def nurture(
+    *args: str, cwd: Path, expect: int, env: dict[str, str] | None = None, python: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """The command run in ``cwd`` with no NURTURE_ setting: the playbook and templates found there."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NURTURE_")}
     result = subprocess.run(
-        [sys.executable, "-m", "nurture.cli", *args],
+        [sys.executable, *python, "-m", "nurture.cli", *args],
         capture_output=True,
         text=True,
         cwd=cwd,
-        env={**env, "COLUMNS": "80", "PYTHONPATH": str(ROOT)},
+        env={**clean, "COLUMNS": "80", "PYTHONPATH": str(ROOT), **(env or {})},
         timeout=120,
         check=False,
     )
@@ -131,3 +134,29 @@ def test_the_pre_commit_hook_runs_validate_on_the_playbook_and_templates() -> No
     assert hook["pass_filenames"] is False
     for changed, runs in (("nurture.yaml", True), ("templates/welcome.html", True), ("README.md", False)):
         assert bool(re.search(hook["files"], changed)) is runs
+
+
+def test_validate_loads_no_database_nor_prefect(project: Path) -> None:
+    """A pre-commit hook must be quick and run where no database is: the heavy layers stay out."""
+    result = nurture("validate", cwd=project, expect=0, python=("-X", "importtime"))
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines() if "|" in line}
+    assert "nurture" in imported
+    assert not imported & {"prefect", "sqlalchemy", "sqlmodel", "db", "flows", "sendgrid", "fastapi"}
+
+
+def test_with_database_the_stored_event_kinds_are_known(project: Path) -> None:
+    env = {"NURTURE_DATABASE_URL": f"sqlite:///{project / 'nurture.db'}"}
+    nurture("db", "upgrade", cwd=project, expect=0, env=env)
+    events = project / "events.csv"
+    events.write_text("email,kind,occurred_at\nann@northwind.example,contract_signed,2026-11-01T10:00:00Z\n")
+    nurture("import", "events", str(events), cwd=project, expect=0, env=env)
+    text = SHIPPED.replace("goal: {events: [demo_request]}", "goal: {events: [contract_signed]}")
+    (project / "nurture.yaml").write_text(text)
+
+    alone = nurture("validate", cwd=project, expect=1, env=env)
+    assert alone.stderr.splitlines()[0] == (
+        f"nurture.yaml:{_line_of(text, 'contract_signed')}: sequences.welcome.goal.events.0: 'contract_signed' is "
+        "not an event kind anything sends; if your website or imports send it, add it to known_events at the top "
+        "of the playbook"
+    )
+    nurture("validate", "--database", cwd=project, expect=0, env=env)
