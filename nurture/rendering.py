@@ -18,7 +18,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,14 +128,6 @@ class _TemplatesFolderLoader(BaseLoader):
                 return False
 
         return source, filename, uptodate
-
-
-def _referenced(tree: nodes.Template) -> Iterator[tuple[str, int]]:
-    """Templates a parsed template names in extends, include, import and from (literal names only)."""
-    for ref in tree.find_all((nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)):
-        named = getattr(ref, "template", None)
-        names = named.items if isinstance(named, nodes.Tuple | nodes.List) else [named]
-        yield from ((name.value, ref.lineno) for name in names if isinstance(name, nodes.Const))
 
 
 # How Jinja words a missing name on ``lead``: "'nurture.rendering.LeadFields object' has no attribute 'x'".
@@ -295,73 +287,14 @@ class EmailRenderer:
         return frozenset(self._env.globals)
 
     def check(self, playbook: Playbook) -> list[str]:
-        """Problems with the templates a playbook uses: refused files, syntax, missing footer, bad subjects."""
-        self._fresh_until = 0.0  # a check sees the files as they are now
-        problems: list[str] = []
-        for name in sorted(playbook.template_names()):
-            for suffix in (".html", ".txt"):
-                problems.extend(self._check_file(f"{name}{suffix}"))
-        # Every (sequence, key path of the subject, template, subject) a step can send: each variant's too.
-        contents = [
-            (name, ("steps", str(i), *(("variants", str(v)) if variant is not None else ()), "subject"), tpl, subj)
-            for name, seq in playbook.sequences.items()
-            for i, step in enumerate(seq.steps)
-            for v, (variant, tpl, subj) in enumerate(step.contents())
-        ]
-        for seq_name, loc, _template, subject in contents:
-            try:
-                self._env.parse(subject)
-            except TemplateSyntaxError as exc:
-                problems.append(f"{playbook.source.where('sequences', seq_name, *loc)}: {exc.message}")
-        if not problems:
-            context = sample_context(playbook)
-            for seq_name, loc, template, subject in contents:
-                try:
-                    with self._budget():
-                        where = playbook.source.where("sequences", seq_name, *loc)
-                        self._part(where, self._subject_template, subject, context)
-                except TemplateError as exc:
-                    problems.append(f"{exc} (rendered for a sample lead)")
-                    continue
-                try:
-                    self.render(template=template, subject=subject, context=context)
-                except TemplateError as exc:
-                    problems.append(f"sequence {seq_name}: {exc} (rendered for a sample lead)")
-        return list(dict.fromkeys(problems))  # a layout's problem once, not once for every email using it
+        """Problems with the templates a playbook uses, each once where it is: refused files, syntax,
+        missing footer, names no email has, and what fails for the full sample lead (what every run
+        checks first; ``nurture validate`` also renders for a sparse lead)."""
+        from nurture.template_checks import check_templates  # it builds on this module
 
-    def _check_file(self, filename: str) -> list[str]:
-        """Problems with one template and with the templates it extends, includes or imports."""
-        problems: list[str] = []
-        texts: list[str] = []
-        seen: set[str] = set()
-        pending = [(filename, str(self.templates_dir / filename))]
-        while pending:
-            name, asked_by = pending.pop()
-            if name in seen:
-                continue
-            seen.add(name)
-            path = self.templates_dir / name
-            try:
-                source = self._loader.get_source(self._env, name)[0]
-                tree = self._env.parse(source, name, str(path))
-            except TemplateNotFound:
-                if name == filename:
-                    problems.append(f"{path}: cannot read: No such file or directory")
-                continue  # an include of a missing file fails the sample render, with its name
-            except Refused as exc:
-                problems.append(f"{asked_by}: {exc}")
-                continue
-            except TemplateSyntaxError as exc:
-                problems.append(f"{path}:{exc.lineno}: {exc.message}")
-                continue
-            texts.append(source)
-            pending.extend((ref, f"{path}:{line}") for ref, line in _referenced(tree))
-        if not problems and not all(marker in "".join(texts) for marker in FOOTER_MARKERS):
-            problems.append(
-                f"{self.templates_dir / filename}: must extend the layout (or show "
-                f"{' and '.join(FOOTER_MARKERS)}) so the footer is kept"
-            )
-        return problems
+        self._fresh_until = 0.0  # a check sees the files as they are now
+        found = check_templates(self, playbook, shown_dir=str(self.templates_dir), sparse=False)
+        return [str(problem) for problem in found]
 
 
 SAMPLE_LEAD: Mapping[str, Any] = MappingProxyType(

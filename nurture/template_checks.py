@@ -48,12 +48,18 @@ class _Content:
 
 
 def check_templates(
-    renderer: EmailRenderer, playbook: Playbook, *, shown_dir: str, skip: frozenset[str] = frozenset()
+    renderer: EmailRenderer,
+    playbook: Playbook,
+    *,
+    shown_dir: str,
+    skip: frozenset[str] = frozenset(),
+    sparse: bool = True,
 ) -> list[Problem]:
     """Every problem of the templates (and subjects) the playbook uses; files named under ``shown_dir``.
 
-    ``skip``: templates already reported as missing (their subjects are still checked)."""
-    return _Checker(renderer, playbook, shown_dir).run(skip)
+    ``skip``: templates already reported as missing (their subjects are still checked).
+    ``sparse``: also render for a lead with every optional field empty."""
+    return _Checker(renderer, playbook, shown_dir).run(skip, sparse=sparse)
 
 
 class _Checker:
@@ -78,7 +84,7 @@ class _Checker:
     def add(self, problem: Problem) -> None:
         self.problems.append(problem)
 
-    def run(self, skip: frozenset[str]) -> list[Problem]:
+    def run(self, skip: frozenset[str], *, sparse: bool) -> list[Problem]:
         contents = [
             _Content(name, ("sequences", name, "steps", str(i), *variant_loc, "subject"), template, subject)
             for name, seq in self.playbook.sequences.items()
@@ -90,10 +96,11 @@ class _Checker:
         broken = skip | {template for template in templates if not self._read_email(template)}
         for content in contents:
             self._read_subject(content)
-        full, sparse = self._stand_ins(sample_context(self.playbook)), self._stand_ins(sparse_context(self.playbook))
+        full = self._stand_ins(sample_context(self.playbook))
+        empty = self._stand_ins(sparse_context(self.playbook)) if sparse else None
         for content in contents:
             if content.template not in broken:
-                self._render(content, full, sparse)
+                self._render(content, full, empty)
         return list(dict.fromkeys(self.problems))
 
     # -- reading files --------------------------------------------------------------------------
@@ -161,6 +168,7 @@ class _Checker:
             tree = self.renderer.parse_subject(content.subject)
         except TemplateSyntaxError as exc:
             self.add(Problem(file, line, exc.message or "not a valid template", key=".".join(content.loc)))
+            self.failed_at.add((file, line))  # not rendered: it would fail the same way
             return
         self._names(tree, file, line, key=".".join(content.loc))
 
@@ -221,7 +229,7 @@ class _Checker:
             "links": {**context["links"], **dict.fromkeys(self._unknown["links"], "https://example.com")},
         }
 
-    def _render(self, content: _Content, full: Mapping[str, Any], sparse: Mapping[str, Any]) -> None:
+    def _render(self, content: _Content, full: Mapping[str, Any], sparse: Mapping[str, Any] | None) -> None:
         subject_file, subject_line = self._subject_at(content)
         key = ".".join(content.loc)
         parts: list[tuple[str | None, str]] = [
@@ -238,7 +246,7 @@ class _Checker:
                     self.renderer.render_file(filename, context)
 
             failed_full = self._attempt(render, full, subject_file, subject_line, key, filename, sparse=False)
-            if not failed_full:
+            if not failed_full and sparse is not None:
                 self._attempt(render, sparse, subject_file, subject_line, key, filename, sparse=True, full=full)
 
     def _attempt(

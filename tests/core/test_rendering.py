@@ -85,7 +85,7 @@ def test_check_reports_syntax_errors_with_line_and_a_dropped_footer(playbook: Pl
     (templates / "win_back.html").write_text("<html><body><p>No footer here</p></body></html>\n")
     problems = EmailRenderer(templates).check(playbook)
     assert any(p.startswith(f"{templates / 'case_study.html'}:2:") for p in problems)
-    assert any(f"{templates / 'win_back.html'}: must extend the layout" in p for p in problems)
+    assert f"{templates / 'win_back.html'}: the compliance footer is missing: extend the layout" in "\n".join(problems)
 
 
 def test_shipped_templates_pass_the_check(playbook: Playbook, renderer: EmailRenderer) -> None:
@@ -282,10 +282,12 @@ def test_check_names_the_playbook_line_of_a_subject_that_fails(playbook: Playboo
     assert playbook.sequences["welcome"].steps[3].subject == "Live: the product activation playbook"
 
     renders_badly = _with_subject(playbook, "welcome", 3, "Live: {{ lead.nickname }}")
-    assert renderer.check(renders_badly) == [f"{at}: lead has no field 'nickname' (rendered for a sample lead)"]
+    assert renderer.check(renders_badly) == [
+        f"{at}: lead has no field 'nickname'; an imported column is lead.attributes.nickname"
+    ]
     too_big = _with_subject(playbook, "welcome", 3, "{{ 'Live' * 30000 }}")
     assert renderer.check(too_big) == [
-        f"{at}: the * operator would produce 120,000 characters (at most 100,000) (rendered for a sample lead)"
+        f"{at}: the * operator would produce 120,000 characters (at most 100,000) (for a sample lead)"
     ]
     does_not_parse = _with_subject(playbook, "welcome", 3, "Live: {{ lead.first_name ")
     assert renderer.check(does_not_parse) == [f"{at}: unexpected end of template, expected 'end of print statement'."]
