@@ -12,7 +12,7 @@ however many emails extend it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,8 @@ from nurture.rendering import (
     sparse_context,
 )
 
+# Renders one part of an email (subject, HTML or text) for a context; raises TemplateError.
+_Render = Callable[[Mapping[str, Any]], None]
 # The names every email's context holds (rendering.email_context).
 CONTEXT_NAMES = frozenset({"lead", "brand", "links", "unsubscribe_url", "postal_address", "sequence", "step"})
 
@@ -251,7 +253,7 @@ class _Checker:
 
     def _attempt(
         self,
-        render: Any,
+        render: _Render,
         context: Mapping[str, Any],
         subject_file: str,
         subject_line: int | None,
@@ -284,7 +286,7 @@ class _Checker:
             return True
         return False
 
-    def _culprits(self, render: Any, full: Mapping[str, Any], raised: tuple[str, int] | None) -> list[str]:
+    def _culprits(self, render: _Render, full: Mapping[str, Any], raised: tuple[str, int] | None) -> list[str]:
         """Which empty fields make the part fail where the sparse lead's render failed."""
         found = []
         for field in (*OPTIONAL_LEAD_FIELDS, "attributes"):
