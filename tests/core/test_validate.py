@@ -160,13 +160,13 @@ def test_a_sequence_without_steps_or_customer_events_never_runs(project: tuple[P
     _edited(playbook, "customer: {on_events: [purchase]}", "customer: {on_events: []}")
     keys = {p.key for p in validate_files(playbook, templates).problems}
     assert {"stages.customer.on_events", "sequences.onboarding.triggers"} <= keys
-    playbook.write_text(
-        SHIPPED.replace(
-            "    steps:\n      - after: 1d\n        template: check_in",
-            "    steps: []\n    x:\n      - after: 1d\n        template: check_in",
-        )
+    check_in = "    steps:\n      - after: 1d\n        template: check_in\n"
+    text = SHIPPED.replace(check_in, "    steps: []\n").replace(
+        "        subject: \"Still weighing your options, {{ lead.first_name or 'there' }}?\"\n", "", 1
     )
-    assert any("steps" in (p.key or "") for p in validate_files(playbook, templates).problems)
+    playbook.write_text(text)
+    problem = _only(validate_files(playbook, templates))
+    assert (problem.key, problem.line) == ("sequences.still_evaluating.steps", _line_of(text, "steps: []"))
 
 
 @pytest.mark.parametrize(
