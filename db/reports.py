@@ -317,3 +317,8 @@ def story_lead(*, session: Session) -> str | None:
         .limit(1)
     )
     return session.scalar(query) or session.scalar(select(col(Lead.email)).order_by(col(Lead.id)).limit(1))
+
+
+def stored_event_kinds(*, session: Session) -> set[str]:
+    """Every event kind the database holds (``nurture validate --database`` accepts them as known)."""
+    return {str(kind) for kind in session.scalars(select(col(Event.kind)).distinct())}

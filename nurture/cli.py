@@ -146,17 +146,48 @@ def _checked_playbook() -> Playbook:
 
 
 @app.command()
-def validate() -> None:
-    """Check the playbook and every template it uses, before anything runs."""
+def validate(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+    database: Annotated[
+        bool, typer.Option("--database", help="Also accept the event kinds already stored in the database")
+    ] = False,
+) -> None:
+    """Check the playbook and every template together, like a compiler: every problem, with file and line."""
+    from nurture.validation import validate_files
+
     settings = _settings()
-    playbook = _checked_playbook()
-    steps = sum(len(s.steps) for s in playbook.sequences.values())
-    console.print(
-        f"[green]ok[/] {settings.nurture_playbook} (version {playbook.version}): "
-        f"{len(playbook.scoring.events)} event kinds, {len(playbook.scoring.fit)} fit rules, "
-        f"{len(playbook.sequences)} sequences with {steps} emails, "
-        f"{len(playbook.template_names())} templates in {settings.nurture_templates}"
-    )
+    stored: set[str] = set()
+    if database:
+        from db.engine import session_scope
+        from db.reports import stored_event_kinds
+
+        with session_scope(_engine()) as session:
+            stored = stored_event_kinds(session=session)
+    report = validate_files(settings.nurture_playbook, settings.nurture_templates, stored_event_kinds=stored)
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2))
+    elif report.ok:
+        summary = report.summary
+        console.print(
+            f"[green]ok[/] {settings.nurture_playbook} (version {summary['version']}): "
+            f"{summary['event_kinds']} event kinds, {summary['fit_rules']} fit rules, "
+            f"{summary['sequences']} sequences with {summary['emails']} emails, "
+            f"{summary['template_files']} templates in {settings.nurture_templates}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    else:
+        # One problem a line, never wrapped: editors and CI jump to `file:line`.
+        for problem in report.problems:
+            print(problem, file=sys.stderr)
+        count = len(report.problems)
+        print(
+            f"{count} problem{'s' if count != 1 else ''} in {settings.nurture_playbook} and "
+            f"{settings.nurture_templates}/",
+            file=sys.stderr,
+        )
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @db_app.command("upgrade")

@@ -751,6 +751,16 @@ class Brand(_Frozen):
     website: str
 
 
+# What the events API and imports accept as an event's kind (nurture/importing.py).
+EVENT_KIND = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+def _event_kind(kind: str) -> str:
+    if not EVENT_KIND.match(kind):
+        raise ValueError(f"{_shown(kind)} is not an event kind: lower-case letters, digits and _ (e.g. trial_started)")
+    return kind
+
+
 @dataclass(frozen=True)
 class PlaybookSource:
     """Where a loaded playbook came from: its file and the line of each key path.
@@ -778,6 +788,9 @@ class Playbook(_Frozen):
     stages: Stages
     sequences: dict[str, Sequence]
     contact_policy: ContactPolicy = ContactPolicy()
+    # Event kinds the website or imports send that no rule scores (e.g. for a goal): listed so that
+    # `nurture validate` knows them and still catches a misspelt kind.
+    known_events: tuple[Annotated[str, AfterValidator(_event_kind)], ...] = ()
     # Set by parse_playbook, so later checks (the templates' subjects) can name the file and line.
     _source: PlaybookSource = PrivateAttr(default_factory=PlaybookSource)
 
@@ -930,6 +943,10 @@ def _where(source: str, lines: Mapping[tuple[str, ...], int], loc: tuple[str, ..
 _STEP_PROBLEM = re.compile(r"^step (?P<index>\d+) \((?P<step>[^)]*)\): (?P<key>\w+): (?P<rest>.*)$", re.DOTALL)
 
 
+# "warm.enter_at (80) must be below hot.enter_at (75)" from Stages' check: point at the first key it names.
+_THRESHOLD_PROBLEM = re.compile(r"^(?P<stage>warm|hot)\.(?P<key>enter_at|leave_below) ")
+
+
 def parse_playbook(text: str, *, source: str = "nurture.yaml") -> Playbook:
     """Validate playbook text; raises PlaybookError listing every problem with its line."""
     try:
@@ -958,6 +975,12 @@ def parse_playbook(text: str, *, source: str = "nurture.yaml") -> Playbook:
             message = error["msg"].removeprefix("Value error, ")
             if error["type"] == "extra_forbidden":
                 message = "unknown key (check its spelling)"
+            if loc == ("stages",) and (threshold := _THRESHOLD_PROBLEM.match(message)):
+                loc = (*loc, threshold["stage"], threshold["key"])  # the line of the first threshold named
+                key = ".".join(loc)
+            elif len(loc) == 2 and loc[0] == "stages" and message.startswith("leave_below "):
+                loc = (*loc, "leave_below")
+                key, message = ".".join(loc), message.removeprefix("leave_below ")
             if loc and loc[-1] == "steps" and (about := _STEP_PROBLEM.match(message)):
                 # A problem between steps names one step's key: point at that key's line.
                 loc = (*loc, about["index"], about["key"])
@@ -981,21 +1004,30 @@ def load_playbook(path: Path, *, templates_dir: Path | None = None) -> Playbook:
         raise PlaybookError([f"{path}:{line}: not UTF-8 text (byte {exc.start}); save the file as UTF-8"]) from exc
     playbook = parse_playbook(text, source=str(path))
     if templates_dir is not None:
-        missing = []
-        for name, seq in playbook.sequences.items():
-            for i, step in enumerate(seq.steps):
-                for v, (variant, template, _subject) in enumerate(step.contents()):
-                    absent = [
-                        str(templates_dir / f"{template}{suffix}")
-                        for suffix in (".html", ".txt")
-                        if not (templates_dir / f"{template}{suffix}").is_file()
-                    ]
-                    where = ("variants", str(v), "template") if variant is not None else ("template",)
-                    if absent:
-                        missing.append(
-                            f"{playbook.source.where('sequences', name, 'steps', str(i), *where)}: template "
-                            f"{template!r} has no {' and no '.join(absent)}"
-                        )
+        missing = missing_templates(playbook, templates_dir)
         if missing:
-            raise PlaybookError(missing)
+            raise PlaybookError([problem for _, problem in missing])
     return playbook
+
+
+def missing_templates(playbook: Playbook, templates_dir: Path) -> list[tuple[str, str]]:
+    """Each template a step names whose ``.html`` or ``.txt`` file is absent, with the problem at its line."""
+    missing = []
+    for name, seq in playbook.sequences.items():
+        for i, step in enumerate(seq.steps):
+            for v, (variant, template, _subject) in enumerate(step.contents()):
+                absent = [
+                    str(templates_dir / f"{template}{suffix}")
+                    for suffix in (".html", ".txt")
+                    if not (templates_dir / f"{template}{suffix}").is_file()
+                ]
+                where = ("variants", str(v), "template") if variant is not None else ("template",)
+                if absent:
+                    missing.append(
+                        (
+                            template,
+                            f"{playbook.source.where('sequences', name, 'steps', str(i), *where)}: template "
+                            f"{template!r} has no {' and no '.join(absent)}",
+                        )
+                    )
+    return missing

@@ -15,12 +15,14 @@ a template that asks for more fails with a TemplateError naming the file and lin
 from __future__ import annotations
 
 import os
+import re
 import stat
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from jinja2 import (
@@ -34,12 +36,18 @@ from jinja2 import (
 )
 from jinja2.exceptions import SecurityError, TemplateNotFound, UndefinedError
 
+from nurture.diagnostics import closest, did_you_mean
 from nurture.errors import TemplateError
+from nurture.importing import LEAD_COLUMNS
 from nurture.playbook import TEMPLATE_NAME, Playbook
 from nurture.render_budget import BudgetedEnvironment, Refused, RenderLimits, finalize, spending
 
-# Every HTML email must show these, or it is not allowed to go out.
+# Every email must show these in both parts, or it is not allowed to go out.
 FOOTER_MARKERS = ("unsubscribe_url", "postal_address")
+# What ``lead`` holds in a template: the profile, its free-form attributes, and where the lead is now.
+LEAD_FIELDS = (*LEAD_COLUMNS, "attributes", "stage", "score")
+# Profile fields a lead may lack (None): templates guard them with `or` / `if`.
+OPTIONAL_LEAD_FIELDS = tuple(f for f in LEAD_COLUMNS if f not in ("email", "timezone"))
 # How often a renderer looks for changed template files (it renders from compiled templates in between).
 TEMPLATE_CHECK_SECONDS = 1.0
 
@@ -122,17 +130,15 @@ class _TemplatesFolderLoader(BaseLoader):
         return source, filename, uptodate
 
 
-def _referenced(tree: nodes.Template) -> Iterator[tuple[str, int]]:
-    """Templates a parsed template names in extends, include, import and from (literal names only)."""
-    for ref in tree.find_all((nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)):
-        named = getattr(ref, "template", None)
-        names = named.items if isinstance(named, nodes.Tuple | nodes.List) else [named]
-        yield from ((name.value, ref.lineno) for name in names if isinstance(name, nodes.Const))
+# How Jinja words a missing name on ``lead``: "'nurture.rendering.LeadFields object' has no attribute 'x'".
+_NO_LEAD_FIELD = re.compile(r"^'[\w.]*LeadFields object' has no attribute '(?P<name>[^']*)'$")
 
 
-def _describe(exc: Exception, templates_dir: Path) -> str:
+def describe_error(exc: BaseException, templates_dir: Path) -> str:
     """What went wrong while rendering, in a line (not the whole traceback)."""
-    if isinstance(exc, TemplateNotFound):
+    if isinstance(exc, UndefinedError) and (missing := _NO_LEAD_FIELD.match(str(exc))):
+        message = f"lead has no field {missing['name']!r}{did_you_mean(closest(missing['name'], LEAD_FIELDS))}"
+    elif isinstance(exc, TemplateNotFound):
         message = f"template file {exc.name} not found in {templates_dir}"
     elif isinstance(exc, UndefinedError | SecurityError | Refused):
         message = str(exc)
@@ -234,11 +240,19 @@ class EmailRenderer:
         except TemplateSyntaxError as exc:
             raise TemplateError(f"{exc.filename or where}:{exc.lineno}: {exc.message}") from exc
         except Exception as exc:  # a marketer's template can fail in any way; never send it
-            raise TemplateError(f"{where}: {_describe(exc, self.templates_dir)}{self._line(exc, where)}") from exc
+            raise TemplateError(f"{where}: {describe_error(exc, self.templates_dir)}{self._line(exc, where)}") from exc
         return "".join(pieces)
 
     def _line(self, exc: Exception, where: str) -> str:
         """Where in the template files ``exc`` was raised: `` (line 3)``, `` (line 9 of _layout.html)`` or ``""``."""
+        found = self.raised_at(exc)
+        if found is None:
+            return ""  # not in a file: a subject, whose line the playbook gives
+        name, line = found
+        return f" (line {line})" if name == where else f" (line {line} of {name})"
+
+    def raised_at(self, exc: BaseException) -> tuple[str, int] | None:
+        """The template file (relative to the folder) and line ``exc`` was raised at, innermost; None: not in a file."""
         found = None
         tb = exc.__traceback__
         while tb is not None:
@@ -246,102 +260,98 @@ class EmailRenderer:
                 found = (Path(tb.tb_frame.f_code.co_filename), tb.tb_lineno)
             tb = tb.tb_next
         if found is None or not found[0].is_relative_to(self.templates_dir):
-            return ""  # not in a file: a subject, whose line the playbook gives
-        name = found[0].relative_to(self.templates_dir).as_posix()
-        return f" (line {found[1]})" if name == where else f" (line {found[1]} of {name})"
+            return None
+        return found[0].relative_to(self.templates_dir).as_posix(), found[1]
+
+    def parse_file(self, name: str) -> nodes.Template:
+        """One template file of the folder, parsed (for checks); raises as loading it would."""
+        source = self._loader.get_source(self._env, name)[0]
+        return self._env.parse(source, name, str(self.templates_dir / name))
+
+    def parse_subject(self, subject: str) -> nodes.Template:
+        return self._env.parse(subject)
+
+    def render_file(self, name: str, context: Mapping[str, Any]) -> str:
+        """One part (``welcome.html``) on its own budget; raises TemplateError from the original error."""
+        self._keep_fresh()
+        with self._budget():
+            return self._part(name, self._env.get_template, name, context)
+
+    def render_subject(self, where: str, subject: str, context: Mapping[str, Any]) -> str:
+        with self._budget():
+            return self._part(where, self._subject_template, subject, context)
+
+    @property
+    def global_names(self) -> frozenset[str]:
+        """What every template may use besides its context (range, dict, cycler...)."""
+        return frozenset(self._env.globals)
 
     def check(self, playbook: Playbook) -> list[str]:
-        """Problems with the templates a playbook uses: refused files, syntax, missing footer, bad subjects."""
-        self._fresh_until = 0.0  # a check sees the files as they are now
-        problems: list[str] = []
-        for name in sorted(playbook.template_names()):
-            for suffix in (".html", ".txt"):
-                problems.extend(self._check_file(f"{name}{suffix}", footer=suffix == ".html"))
-        # Every (sequence, key path of the subject, template, subject) a step can send: each variant's too.
-        contents = [
-            (name, ("steps", str(i), *(("variants", str(v)) if variant is not None else ()), "subject"), tpl, subj)
-            for name, seq in playbook.sequences.items()
-            for i, step in enumerate(seq.steps)
-            for v, (variant, tpl, subj) in enumerate(step.contents())
-        ]
-        for seq_name, loc, _template, subject in contents:
-            try:
-                self._env.parse(subject)
-            except TemplateSyntaxError as exc:
-                problems.append(f"{playbook.source.where('sequences', seq_name, *loc)}: {exc.message}")
-        if not problems:
-            context = sample_context(playbook)
-            for seq_name, loc, template, subject in contents:
-                try:
-                    with self._budget():
-                        where = playbook.source.where("sequences", seq_name, *loc)
-                        self._part(where, self._subject_template, subject, context)
-                except TemplateError as exc:
-                    problems.append(f"{exc} (rendered for a sample lead)")
-                    continue
-                try:
-                    self.render(template=template, subject=subject, context=context)
-                except TemplateError as exc:
-                    problems.append(f"sequence {seq_name}: {exc} (rendered for a sample lead)")
-        return list(dict.fromkeys(problems))  # a layout's problem once, not once for every email using it
+        """Problems with the templates a playbook uses, each once where it is: refused files, syntax,
+        missing footer, names no email has, and what fails for the full sample lead (what every run
+        checks first; ``nurture validate`` also renders for a sparse lead)."""
+        from nurture.template_checks import check_templates  # it builds on this module
 
-    def _check_file(self, filename: str, *, footer: bool) -> list[str]:
-        """Problems with one template and with the templates it extends, includes or imports."""
-        problems: list[str] = []
-        texts: list[str] = []
-        seen: set[str] = set()
-        pending = [(filename, str(self.templates_dir / filename))]
-        while pending:
-            name, asked_by = pending.pop()
-            if name in seen:
-                continue
-            seen.add(name)
-            path = self.templates_dir / name
-            try:
-                source = self._loader.get_source(self._env, name)[0]
-                tree = self._env.parse(source, name, str(path))
-            except TemplateNotFound:
-                if name == filename:
-                    problems.append(f"{path}: cannot read: No such file or directory")
-                continue  # an include of a missing file fails the sample render, with its name
-            except Refused as exc:
-                problems.append(f"{asked_by}: {exc}")
-                continue
-            except TemplateSyntaxError as exc:
-                problems.append(f"{path}:{exc.lineno}: {exc.message}")
-                continue
-            texts.append(source)
-            pending.extend((ref, f"{path}:{line}") for ref, line in _referenced(tree))
-        if footer and not problems and not all(marker in "".join(texts) for marker in FOOTER_MARKERS):
-            problems.append(
-                f"{self.templates_dir / filename}: must extend the layout (or show "
-                f"{' and '.join(FOOTER_MARKERS)}) so the footer is kept"
-            )
-        return problems
+        self._fresh_until = 0.0  # a check sees the files as they are now
+        found = check_templates(self, playbook, shown_dir=str(self.templates_dir), sparse=False)
+        return [str(problem) for problem in found]
+
+
+SAMPLE_LEAD: Mapping[str, Any] = MappingProxyType(
+    {
+        "email": "jordan.lee@example.com",
+        "first_name": "Jordan",
+        "last_name": "Lee",
+        "company": "Example Corp",
+        "job_title": "Head of Growth",
+        "company_size": 120,
+        "country": "US",
+        "timezone": "America/New_York",
+        "attributes": MappingProxyType({"industry": "software", "plan": "trial"}),
+        "stage": "warm",
+        "score": 42.0,
+    }
+)
 
 
 def sample_context(playbook: Playbook) -> dict[str, Any]:
-    """A made-up lead to render templates with in checks and previews."""
+    """A made-up lead with every field filled, to render templates with in checks and previews."""
+    return _sample(playbook, dict(SAMPLE_LEAD) | {"attributes": dict(SAMPLE_LEAD["attributes"])})
+
+
+def sparse_context(playbook: Playbook) -> dict[str, Any]:
+    """A made-up lead with only what every lead has (an address, a time zone): what a template
+    must also survive, since most leads lack a company, a name or an attribute."""
+    lead = {**SAMPLE_LEAD, **dict.fromkeys(OPTIONAL_LEAD_FIELDS), "attributes": {}, "stage": "cold", "score": 0.0}
+    return _sample(playbook, lead)
+
+
+def _sample(playbook: Playbook, lead: Mapping[str, Any]) -> dict[str, Any]:
     return email_context(
         playbook,
-        lead={
-            "email": "jordan.lee@example.com",
-            "first_name": "Jordan",
-            "last_name": "Lee",
-            "company": "Example Corp",
-            "job_title": "Head of Growth",
-            "company_size": 120,
-            "country": "US",
-            "timezone": "America/New_York",
-            "attributes": {},
-            "stage": "warm",
-            "score": 42.0,
-        },
+        lead=lead,
         unsubscribe_url="https://nurture.example/unsubscribe/sample-token",
         postal_address="Example Inc., 1 Sample Street, Springfield",
         sequence="sample",
         step=0,
     )
+
+
+class LeadFields(dict[str, Any]):
+    """``lead`` in a template: an optional profile field a lead lacks reads as None (not a
+    failure); a name that is no field stays an error, so a typo fails the email."""
+
+    def __missing__(self, key: str) -> Any:
+        if key in OPTIONAL_LEAD_FIELDS:
+            return None
+        raise KeyError(key)
+
+
+class LeadAttributes(dict[str, Any]):
+    """``lead.attributes``: free-form, so an attribute a lead was imported without reads as None."""
+
+    def __missing__(self, key: str) -> None:
+        return None
 
 
 def email_context(
@@ -353,9 +363,13 @@ def email_context(
     sequence: str,
     step: int,
 ) -> dict[str, Any]:
-    """Everything a template may use; the list is documented in docs/templates.md."""
+    """Everything a template may use; the list is documented in docs/templates.md.
+
+    The same for a real send and for a check, so ``nurture validate`` sees what a send sees."""
+    fields = LeadFields(lead)
+    fields["attributes"] = LeadAttributes(lead.get("attributes") or {})
     return {
-        "lead": dict(lead),
+        "lead": fields,
         "brand": playbook.brand.model_dump(),
         "links": dict(playbook.links),
         "unsubscribe_url": unsubscribe_url,

@@ -86,13 +86,14 @@ def test_unknown_key_is_named_with_its_line() -> None:
 def test_warm_must_be_below_hot() -> None:
     broken = SHIPPED.replace("warm: {enter_at: 40, leave_below: 30}", "warm: {enter_at: 80, leave_below: 30}")
     message = _problems(broken)
-    assert "stages: warm.enter_at (80) must be below hot.enter_at (75)" in message
-    assert f"nurture.yaml:{_line_of(broken, 'stages:')}" in message
+    line = _line_of(broken, "warm: {enter_at: 80")
+    assert f"nurture.yaml:{line}: stages.warm.enter_at: warm.enter_at (80) must be below hot.enter_at (75)" in message
 
 
 def test_leave_below_above_enter_at_is_rejected() -> None:
     broken = SHIPPED.replace("hot: {enter_at: 75, leave_below: 60}", "hot: {enter_at: 75, leave_below: 90}")
-    assert "stages.hot: leave_below must not be above enter_at" in _problems(broken)
+    line = _line_of(broken, "hot: {enter_at: 75")
+    assert f"nurture.yaml:{line}: stages.hot.leave_below: must not be above enter_at" in _problems(broken)
 
 
 def test_bad_step_delay_names_the_step() -> None:

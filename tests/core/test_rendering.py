@@ -85,7 +85,7 @@ def test_check_reports_syntax_errors_with_line_and_a_dropped_footer(playbook: Pl
     (templates / "win_back.html").write_text("<html><body><p>No footer here</p></body></html>\n")
     problems = EmailRenderer(templates).check(playbook)
     assert any(p.startswith(f"{templates / 'case_study.html'}:2:") for p in problems)
-    assert any(f"{templates / 'win_back.html'}: must extend the layout" in p for p in problems)
+    assert f"{templates / 'win_back.html'}: the compliance footer is missing: extend the layout" in "\n".join(problems)
 
 
 def test_shipped_templates_pass_the_check(playbook: Playbook, renderer: EmailRenderer) -> None:
@@ -241,10 +241,11 @@ def test_a_template_cannot_change_the_lists_and_dicts_it_is_given(playbook: Play
     ):
         _with_body(templates, "welcome", body)
         with pytest.raises(
-            TemplateError, match=r"^welcome\.html: access to attribute '\w+' of '(dict|list)' object is unsafe"
+            TemplateError,
+            match=r"^welcome\.html: access to attribute '\w+' of '(dict|list|LeadAttributes)' object is unsafe",
         ):
             renderer.render(template="welcome", subject="Hi", context=context)
-    assert context["lead"]["attributes"] == {}
+    assert context["lead"]["attributes"] == {"industry": "software", "plan": "trial"}
     assert context["links"] == dict(playbook.links)
 
 
@@ -260,7 +261,7 @@ def test_a_render_error_names_the_line_and_the_file_it_is_in(playbook: Playbook,
     layout = (templates / "_layout.txt").read_text().splitlines()
     (templates / "_layout.txt").write_text("\n".join(["{{ brand.slogan }}", *layout]))
     renderer = EmailRenderer(templates)
-    with pytest.raises(TemplateError, match=r"^welcome\.html: 'dict object' has no attribute 'nickname' \(line 4\)$"):
+    with pytest.raises(TemplateError, match=r"^welcome\.html: lead has no field 'nickname' \(line 4\)$"):
         renderer.render(template="welcome", subject="Hi", context=sample_context(playbook))
     with pytest.raises(TemplateError, match=r"^case_study\.txt: .*'slogan' \(line 1 of _layout\.txt\)$"):
         renderer.render(template="case_study", subject="Hi", context=sample_context(playbook))
@@ -282,11 +283,11 @@ def test_check_names_the_playbook_line_of_a_subject_that_fails(playbook: Playboo
 
     renders_badly = _with_subject(playbook, "welcome", 3, "Live: {{ lead.nickname }}")
     assert renderer.check(renders_badly) == [
-        f"{at}: 'dict object' has no attribute 'nickname' (rendered for a sample lead)"
+        f"{at}: lead has no field 'nickname'; an imported column is lead.attributes.nickname"
     ]
     too_big = _with_subject(playbook, "welcome", 3, "{{ 'Live' * 30000 }}")
     assert renderer.check(too_big) == [
-        f"{at}: the * operator would produce 120,000 characters (at most 100,000) (rendered for a sample lead)"
+        f"{at}: the * operator would produce 120,000 characters (at most 100,000) (for a sample lead)"
     ]
     does_not_parse = _with_subject(playbook, "welcome", 3, "Live: {{ lead.first_name ")
     assert renderer.check(does_not_parse) == [f"{at}: unexpected end of template, expected 'end of print statement'."]

@@ -49,6 +49,7 @@ from nurture.privacy import email_hash
 from nurture.rendering import EmailRenderer
 from nurture.scoring import ActivityEvent, LeadScoreState, next_review_at, rescore
 from nurture.sequences import EnrollmentSnapshot, decide_due_steps
+from nurture.validation import validate_files
 from tests.api.conftest import TOKEN, sign
 from tests.conftest import PLAYBOOK_PATH, T0, TEMPLATES_DIR
 from tests.db.world import World
@@ -1010,6 +1011,8 @@ def test_a_playbook_loads_or_says_where_it_is_wrong(
     for problem in problems:
         assert re.match(rf"{re.escape(str(path))}:\d+: ", problem), problem
         assert len(problem) < 600, problem
+    for found in validate_files(path, TEMPLATES_DIR).problems:  # `nurture validate`: never a traceback
+        assert found.file in (str(path), *(f"{TEMPLATES_DIR}/{name}" for name in os.listdir(TEMPLATES_DIR))), found
 
 
 # ---------------------------------------------------------------------------------------------

@@ -234,7 +234,7 @@ def test_nurture_validate_names_the_template_that_tries_an_escape(templates: Pat
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
     assert "Traceback" not in output
-    assert "sequence welcome: welcome.html: access to attribute '__globals__'" in output
+    assert f"{templates}/welcome.html:1: access to attribute '__globals__'" in output
     assert CANARY not in output
 
 
