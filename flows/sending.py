@@ -136,6 +136,7 @@ def _render(
         rendered = renderer.render(
             template=verdict.template,
             subject=verdict.subject,
+            preheader=verdict.preheader,
             context=email_context(
                 playbook,
                 lead=loaded.lead,

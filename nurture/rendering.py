@@ -148,9 +148,12 @@ def _describe(exc: Exception, templates_dir: Path) -> str:
 
 @dataclass(frozen=True, slots=True)
 class RenderedEmail:
+    """One email, rendered. ``preheader`` is the preview text the HTML part hides at its top ("" for none)."""
+
     subject: str
     html: str
     text: str
+    preheader: str = ""
 
 
 class EmailRenderer:
@@ -208,14 +211,24 @@ class EmailRenderer:
     def _budget(self) -> AbstractContextManager[None]:
         return spending(self.limits, self._clock)
 
-    def render(self, *, template: str, subject: str, context: Mapping[str, Any]) -> RenderedEmail:
-        """Render one email; raises TemplateError naming the template (and line) and the problem."""
+    def render(self, *, template: str, subject: str, context: Mapping[str, Any], preheader: str = "") -> RenderedEmail:
+        """Render one email; raises TemplateError naming the template (and line) and the problem.
+
+        ``preheader`` is a template string like ``subject``; rendered, it reaches the templates
+        as ``preheader``, which the layout shows as the hidden preview text of the HTML part.
+        """
         self._keep_fresh()
         with self._budget():
             rendered_subject = self._part(f"subject of {template}", self._subject_template, subject, context)
+            shown = ""
+            if preheader:
+                shown = " ".join(
+                    self._part(f"preheader of {template}", self._subject_template, preheader, context).split()
+                )
+            context = {**context, "preheader": shown}
             html = self._part(f"{template}.html", self._env.get_template, f"{template}.html", context)
             text = self._part(f"{template}.txt", self._env.get_template, f"{template}.txt", context)
-        return RenderedEmail(subject=" ".join(rendered_subject.split()), html=html, text=text)
+        return RenderedEmail(subject=" ".join(rendered_subject.split()), html=html, text=text, preheader=shown)
 
     def _part(self, where: str, load: Callable[[str], Template], source: str, context: Mapping[str, Any]) -> str:
         """One part of an email, its output capped at ``limits.text``; any failure is a TemplateError."""
@@ -264,6 +277,12 @@ class EmailRenderer:
             for i, step in enumerate(seq.steps)
             for v, (variant, tpl, subj) in enumerate(step.contents())
         ]
+        preheaders = [
+            step.preheader_of(step.variant(variant))
+            for seq in playbook.sequences.values()
+            for step in seq.steps
+            for variant, _tpl, _subj in step.contents()
+        ]
         for seq_name, loc, _template, subject in contents:
             try:
                 self._env.parse(subject)
@@ -271,7 +290,7 @@ class EmailRenderer:
                 problems.append(f"{playbook.source.where('sequences', seq_name, *loc)}: {exc.message}")
         if not problems:
             context = sample_context(playbook)
-            for seq_name, loc, template, subject in contents:
+            for (seq_name, loc, template, subject), preheader in zip(contents, preheaders, strict=True):
                 try:
                     with self._budget():
                         where = playbook.source.where("sequences", seq_name, *loc)
@@ -280,7 +299,7 @@ class EmailRenderer:
                     problems.append(f"{exc} (rendered for a sample lead)")
                     continue
                 try:
-                    self.render(template=template, subject=subject, context=context)
+                    self.render(template=template, subject=subject, context=context, preheader=preheader)
                 except TemplateError as exc:
                     problems.append(f"sequence {seq_name}: {exc} (rendered for a sample lead)")
         return list(dict.fromkeys(problems))  # a layout's problem once, not once for every email using it
@@ -362,4 +381,5 @@ def email_context(
         "postal_address": postal_address,
         "sequence": sequence,
         "step": step,
+        "preheader": "",  # EmailRenderer.render sets the step's
     }

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nurture.errors import TemplateError
+from nurture.errors import PlaybookError, TemplateError
 from nurture.playbook import Playbook, parse_playbook
 from nurture.rendering import EmailRenderer, RenderLimits, sample_context
 from tests.conftest import PLAYBOOK_PATH, TEMPLATES_DIR
@@ -455,3 +455,60 @@ def test_a_render_past_its_deadline_stops_at_the_next_step(playbook: Playbook, t
     with pytest.raises(TemplateError, match=r"^welcome\.html: takes longer than 50 s to render \(line 1\)$"):
         renderer.render(template="welcome", subject="Hi", context=sample_context(playbook))
     assert next(readings) < 60, "stopped at the first step past the deadline"
+
+
+def test_each_step_has_a_preheader_hidden_at_the_top_of_the_html_and_absent_from_the_text(
+    playbook: Playbook, renderer: EmailRenderer
+) -> None:
+    """The preview text an inbox shows after the subject: rendered like the subject, hidden in the email."""
+    context = sample_context(playbook)
+    for name, seq in playbook.sequences.items():
+        for step in seq.steps:
+            for variant_id, template, subject in step.contents():
+                preheader = step.preheader_of(step.variant(variant_id))
+                assert preheader, f"{name}/{step.id} has no preheader"
+                email = renderer.render(template=template, subject=subject, context=context, preheader=preheader)
+                assert email.preheader
+                assert "{" not in email.preheader
+                body = email.html.split("<body", 1)[1]
+                hidden = re.search(r"<div style=\"display:none;[^\"]*\">([^<]*)</div>", body)
+                assert hidden is not None
+                assert hidden.group(1).startswith(email.preheader.replace("'", "&#39;"))
+                assert body.index(hidden.group(0)) < body.index("<table"), "the preview text comes first"
+                assert email.preheader not in email.text
+
+
+def test_a_preheader_is_rendered_for_the_lead_and_left_out_when_empty(
+    playbook: Playbook, renderer: EmailRenderer
+) -> None:
+    context = sample_context(playbook)
+    email = renderer.render(
+        template="demo_offer", subject="x", context=context, preheader="A demo for  {{ lead.company }}\n<b>now</b>"
+    )
+    assert email.preheader == "A demo for Example Corp <b>now</b>"
+    assert "A demo for Example Corp &lt;b&gt;now&lt;/b&gt;" in email.html  # escaped like any value
+    plain = renderer.render(template="demo_offer", subject="x", context=context)
+    assert plain.preheader == ""
+    assert "display:none" not in plain.html
+
+
+def test_a_variant_has_its_own_preheader_or_the_steps() -> None:
+    raw = PLAYBOOK_PATH.read_text()
+    playbook = parse_playbook(
+        raw.replace(
+            "            weight: 50\n          - id: b\n",
+            '            weight: 50\n            preheader: "Only for {{ lead.first_name }}"\n          - id: b\n',
+        )
+    )
+    step = playbook.sequences["welcome"].steps[0]
+    assert step.preheader_of(step.variant("a")) == "Only for {{ lead.first_name }}"
+    assert step.preheader_of(step.variant("b")) == step.preheader != ""
+
+
+def test_a_preheader_that_is_not_a_template_is_refused_with_its_line() -> None:
+    raw = PLAYBOOK_PATH.read_text().replace(
+        'preheader: "This is our last email unless you want more."', 'preheader: "{{ lead.first_name"'
+    )
+    with pytest.raises(PlaybookError, match=r"preheader") as caught:
+        parse_playbook(raw)
+    assert "win_back" in str(caught.value)
