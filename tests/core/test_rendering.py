@@ -512,3 +512,29 @@ def test_a_preheader_that_is_not_a_template_is_refused_with_its_line() -> None:
     with pytest.raises(PlaybookError, match=r"preheader") as caught:
         parse_playbook(raw)
     assert "win_back" in str(caught.value)
+
+
+@pytest.mark.parametrize("lead", ["full", "sparse"])
+def test_plain_text_parts_read_well_in_any_mail_program(playbook: Playbook, renderer: EmailRenderer, lead: str) -> None:
+    """Short lines, each link alone on its line (so it stays clickable whole), no HTML left over,
+    and the footer after the signature separator ("-- ") that mail programs recognise."""
+    context = sample_context(playbook)
+    if lead == "sparse":
+        context["lead"].update(first_name=None, last_name=None, company=None, job_title=None)
+    for template, subject in _all_steps(playbook):
+        text = renderer.render(template=template, subject=subject, context=context).text
+        lines = text.splitlines()
+        for line in lines:
+            link = re.search(r"https?://\S+", line)
+            if link is not None:
+                assert line.strip() == link.group(0), f"{template}.txt: a link shares its line: {line!r}"
+            else:
+                assert len(line) <= 72, f"{template}.txt: {len(line)} characters: {line!r}"
+            assert line == line.rstrip() or line == "-- ", f"{template}.txt: trailing spaces in {line!r}"
+        assert not re.search(r"</?[a-zA-Z][^>]*>|&[a-z]+;|&#\d+;", text), f"{template}.txt has HTML in it"
+        assert "\n\n\n" not in text
+        body, separator, footer = text.partition("\n-- \n")
+        assert separator, f"{template}.txt: no signature separator before the footer"
+        assert context["unsubscribe_url"] in footer.splitlines()
+        assert context["postal_address"] in footer
+        assert body.startswith(("Hi ", "Welcome"))
