@@ -35,9 +35,9 @@ class Button:
 _STYLE = """
 *{box-sizing:border-box}
 body{margin:0;background:#f4f5f7;color:#1f2933;font:16px/1.6 Helvetica,Arial,sans-serif;
--webkit-text-size-adjust:100%}
+-webkit-text-size-adjust:100%;overflow-wrap:anywhere;word-break:break-word}
 main{max-width:560px;margin:0 auto;padding:32px 16px}
-.card{background:#fff;border-radius:8px;padding:24px;overflow-wrap:anywhere}
+.card{background:#fff;border-radius:8px;padding:24px}
 .brand{margin:0 0 16px;font-weight:bold;font-size:18px;color:#3b5bdb}
 h1{margin:0 0 12px;font-size:24px;line-height:1.3}
 p{margin:0 0 12px}

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from nurture import pages
 from nurture.playbook import Playbook
 from nurture.rendering import EmailRenderer, sample_context
 
@@ -102,3 +103,19 @@ def test_the_measure_sees_an_email_that_does_not_fit(tmp_path: Path) -> None:
     fixed = "<html><body><table width='600'><tr><td>Hello</td></tr></table></body></html>"
     measured = _widths({"fixed": fixed}, 390, tmp_path)
     assert measured["fixed"][0] > measured["fixed"][1] == 390
+
+
+def test_the_unsubscribe_pages_fit_a_phone(tmp_path: Path) -> None:
+    brand = pages.PageBrand(name="Internationalisation" * 4, website="https://acme-analytics.example/" + "x" * 80)
+    shown = {
+        "confirm": pages.confirm_page(brand, action="/unsubscribe/2.1.2." + "A" * 24, expired_after_days=400),
+        "unsubscribed": pages.unsubscribed_page(brand, undo="/unsubscribe/t/undo"),
+        "resubscribed": pages.resubscribed_page(brand),
+        "cannot_undo": pages.cannot_undo_page(brand),
+        "invalid": pages.invalid_link_page(brand),
+        "not_found": pages.not_found_page(pages.PageBrand()),
+        "error": pages.error_page(brand, status=405, detail="Method Not Allowed " + "y" * 100),
+    }
+    for width in WIDTHS:
+        too_wide = {name: size for name, size in _widths(shown, width, tmp_path).items() if size[0] > size[1]}
+        assert not too_wide, f"scrolls sideways at {width} px (content/screen): {too_wide}"
