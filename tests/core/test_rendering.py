@@ -538,3 +538,13 @@ def test_plain_text_parts_read_well_in_any_mail_program(playbook: Playbook, rend
         assert context["unsubscribe_url"] in footer.splitlines()
         assert context["postal_address"] in footer
         assert body.startswith(("Hi ", "Welcome"))
+
+
+def test_the_template_check_renders_each_preheader(renderer: EmailRenderer) -> None:
+    raw = PLAYBOOK_PATH.read_text().replace(
+        'preheader: "This is our last email unless you want more."', 'preheader: "Bye {{ lead.nickname }}"'
+    )
+    problems = renderer.check(parse_playbook(raw))
+    assert len(problems) == 1
+    assert "preheader of win_back_last" in problems[0]
+    assert "nickname" in problems[0]
