@@ -118,3 +118,13 @@ def resubscribe(*, session: Session, lead_id: int) -> bool:
         )
     )
     return _rowcount(removed) > 0
+
+
+def has_active_enrollments(*, session: Session, lead_id: int) -> bool:
+    """Whether the lead is in a sequence now (a series of emails it could stop without unsubscribing)."""
+    found = session.scalar(
+        select(col(Enrollment.id))
+        .where(col(Enrollment.lead_id) == lead_id, col(Enrollment.state) == EnrollmentState.active)
+        .limit(1)
+    )
+    return found is not None

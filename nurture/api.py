@@ -50,7 +50,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from db.engine import ensure_current_schema, get_engine
 from db.imports import add_events
 from db.inbound import ingest_provider_events, unsubscribe_lead
-from db.suppressions import lead_address, resubscribe
+from db.suppressions import has_active_enrollments, lead_address, resubscribe, stop_mailing
 from db.transactions import TransactionRetries, retrying_transaction, unavailable_cause
 from nurture import pages
 from nurture.api_schemas import EventsRequest, SendGridEventBatch, component_schemas, request_body
@@ -84,6 +84,8 @@ KEEP_ALIVE_SECONDS = 75
 # Paths machines call: their errors stay JSON whoever asks.
 MACHINE_PATHS = ("/v1/", "/webhooks/", "/healthz", "/openapi.json", "/docs")
 INVALID_LINK = "this unsubscribe link is not valid"
+# The exit reason of the sequences a person stopped from the unsubscribe page.
+SERIES_STOPPED = "stopped by the person (unsubscribe page)"
 
 T = TypeVar("T")
 
@@ -416,9 +418,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/unsubscribe/{token}", response_class=HTMLResponse)
     def unsubscribe_page(token: str) -> HTMLResponse:
         """A confirmation page; mail scanners open links, so a GET alone changes nothing."""
-        link = _lead_for(token, _now(), then=lambda _session, link: link)
+
+        def look(session: Session, link: UnsubscribeLink) -> tuple[UnsubscribeLink, bool]:
+            return link, has_active_enrollments(session=session, lead_id=link.lead_id)
+
+        link, in_a_series = _lead_for(token, _now(), then=look)
         expired = config.nurture_unsubscribe_link_days if link.expired else None
-        return _html(pages.confirm_page(brand, action=f"/unsubscribe/{token}", expired_after_days=expired))
+        series = f"/unsubscribe/{token}/series" if in_a_series else None
+        return _html(
+            pages.confirm_page(brand, action=f"/unsubscribe/{token}", expired_after_days=expired, series=series)
+        )
 
     @app.post("/unsubscribe/{token}", response_class=HTMLResponse)
     def unsubscribe(token: str) -> HTMLResponse:
@@ -438,6 +447,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         link = _lead_for(token, now, then=apply)
         undo = None if link.expired else f"/unsubscribe/{token}/undo"
         return _html(pages.unsubscribed_page(brand, undo=undo))
+
+    @app.post("/unsubscribe/{token}/series", response_class=HTMLResponse)
+    def stop_series(token: str) -> HTMLResponse:
+        """Fewer emails, not none: the lead's active sequences end and their queued emails are cancelled;
+        the address stays subscribed, so a later stage change may start another sequence."""
+        now = _now()
+
+        def apply(session: Session, link: UnsubscribeLink) -> None:
+            stop_mailing(session=session, lead_ids=[link.lead_id], reason=SERIES_STOPPED, now=now)
+
+        _lead_for(token, now, then=apply)
+        return _html(pages.series_stopped_page(brand, unsubscribe=f"/unsubscribe/{token}"))
 
     @app.post("/unsubscribe/{token}/undo", response_class=HTMLResponse)
     def undo_unsubscribe(token: str) -> HTMLResponse:

@@ -50,11 +50,11 @@ footer a{color:#7b8794}
 """
 
 
-def page(brand: PageBrand, *, title: str, paragraphs: Sequence[str], button: Button | None = None) -> str:
-    """One branded page: the brand, a title, some paragraphs (plain text) and at most one button."""
+def page(brand: PageBrand, *, title: str, paragraphs: Sequence[str], buttons: Sequence[Button] = ()) -> str:
+    """One branded page: the brand, a title, some paragraphs (plain text) and its buttons."""
     name = brand.name or "Email preferences"
     body = "".join(f"<p>{escape(text)}</p>" for text in paragraphs)
-    if button is not None:
+    for button in buttons:
         quiet = ' class="quiet"' if button.quiet else ""
         body += (
             f'<form method=post action="{escape(button.action)}">'
@@ -79,22 +79,43 @@ def _from(brand: PageBrand) -> str:
     return f"from {brand.name}" if brand.name else "from us"
 
 
-def confirm_page(brand: PageBrand, *, action: str, expired_after_days: int | None) -> str:
-    """The page an unsubscribe link opens: nothing changes until the button is pressed (scanners open links)."""
+def confirm_page(brand: PageBrand, *, action: str, expired_after_days: int | None, series: str | None) -> str:
+    """The page an unsubscribe link opens: nothing changes until a button is pressed (scanners open links).
+
+    With ``series`` (a path), a lighter choice too: stop only the emails planned now.
+    """
     paragraphs = [f"Press the button to stop all emails {_from(brand)} to this address."]
     if expired_after_days is not None:
         paragraphs.insert(0, f"This link is from an email more than {expired_after_days} days old, and it still works.")
-    return page(brand, title="Unsubscribe", paragraphs=paragraphs, button=Button(action, "Unsubscribe"))
+    buttons = [Button(action, "Unsubscribe")]
+    if series is not None:
+        paragraphs.append("Or stop only the series of emails you are getting now, and stay on the list for later news.")
+        buttons.append(Button(series, "Only stop this series", quiet=True))
+    return page(brand, title="Unsubscribe", paragraphs=paragraphs, buttons=buttons)
 
 
 def unsubscribed_page(brand: PageBrand, *, undo: str | None) -> str:
     """Done; with ``undo`` (a path), a way back for whoever pressed it by mistake."""
     paragraphs = [f"You will not receive any more emails {_from(brand)}."]
-    button = None
+    buttons = []
     if undo is not None:
         paragraphs.append("Unsubscribed by mistake? You can undo it.")
-        button = Button(undo, "Subscribe again", quiet=True)
-    return page(brand, title="You are unsubscribed", paragraphs=paragraphs, button=button)
+        buttons.append(Button(undo, "Subscribe again", quiet=True))
+    return page(brand, title="You are unsubscribed", paragraphs=paragraphs, buttons=buttons)
+
+
+def series_stopped_page(brand: PageBrand, *, unsubscribe: str) -> str:
+    """The series is stopped; unsubscribing from everything stays one press away."""
+    return page(
+        brand,
+        title="This series is stopped",
+        paragraphs=[
+            "The emails that were planned for you are cancelled.",
+            f"You are still on the list: {brand.name or 'we'} may write again when there is something new. "
+            "To stop every email, unsubscribe.",
+        ],
+        buttons=[Button(unsubscribe, "Unsubscribe from all emails", quiet=True)],
+    )
 
 
 def resubscribed_page(brand: PageBrand) -> str:

@@ -4,6 +4,7 @@ OpenAPI document with the request bodies the endpoints read raw."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -171,3 +172,23 @@ def test_the_documented_schemas_do_not_change_what_the_endpoints_accept(client: 
     assert mixed.json()["accepted"] == 1
     assert [e["index"] for e in mixed.json()["errors"]] == [1]
     assert client.post("/v1/events", headers=auth, content=b"{oops").status_code == 400
+
+
+def test_a_person_can_stop_only_the_series_and_stay_subscribed(client: TestClient, world: World) -> None:
+    world.mailed_hot_lead(ANN, at=T0, now=NOW)  # the demo offer sent, the sales hand-off queued
+    path = _link_path(world)
+    confirm = client.get(path)
+    assert f'<form method=post action="{path}/series">' in confirm.text
+    stopped = client.post(f"{path}/series")
+    _is_branded_page(stopped, 200)
+    assert "This series is stopped" in stopped.text
+    assert f'<form method=post action="{path}">' in stopped.text  # unsubscribing stays one press away
+    assert _suppressions(world) == []
+    assert [m.status for m in world.messages(ANN)] == ["sent", "cancelled"]
+    assert [(e.state, e.exit_reason) for e in world.enrollments(ANN)] == [
+        ("exited", "stopped by the person (unsubscribe page)")
+    ]
+    assert world.dispatch(NOW + timedelta(days=3)).claimed == 0
+    # Nothing left to stop: the page offers only the unsubscribe.
+    assert "/series" not in client.get(path).text
+    _is_branded_page(client.post("/unsubscribe/garbage/series"), 404)

@@ -108,8 +108,11 @@ def test_the_measure_sees_an_email_that_does_not_fit(tmp_path: Path) -> None:
 def test_the_unsubscribe_pages_fit_a_phone(tmp_path: Path) -> None:
     brand = pages.PageBrand(name="Internationalisation" * 4, website="https://acme-analytics.example/" + "x" * 80)
     shown = {
-        "confirm": pages.confirm_page(brand, action="/unsubscribe/2.1.2." + "A" * 24, expired_after_days=400),
+        "confirm": pages.confirm_page(
+            brand, action="/unsubscribe/2.1.2." + "A" * 24, expired_after_days=400, series="/unsubscribe/t/series"
+        ),
         "unsubscribed": pages.unsubscribed_page(brand, undo="/unsubscribe/t/undo"),
+        "series_stopped": pages.series_stopped_page(brand, unsubscribe="/unsubscribe/t"),
         "resubscribed": pages.resubscribed_page(brand),
         "cannot_undo": pages.cannot_undo_page(brand),
         "invalid": pages.invalid_link_page(brand),
