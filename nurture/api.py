@@ -87,6 +87,14 @@ INVALID_LINK = "this unsubscribe link is not valid"
 # The exit reason of the sequences a person stopped from the unsubscribe page.
 SERIES_STOPPED = "stopped by the person (unsubscribe page)"
 
+# The OpenAPI document's introduction (the full guide is docs/api.md).
+API_DESCRIPTION = (
+    "What the website and SendGrid push into nurture: the events API (bearer token), SendGrid's signed "
+    "Event Webhook, and the unsubscribe links of every email (pages for people). A bad request gets a 4xx "
+    "whose JSON `detail` says what is wrong; a batch keeps its good items and lists the bad ones by index; "
+    "a busy or unreachable database gets 503 with `Retry-After`. Every answer carries `X-Request-ID`."
+)
+
 T = TypeVar("T")
 
 
@@ -250,7 +258,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def openapi() -> dict[str, Any]:
         """FastAPI's document, with the schemas the raw-body endpoints' ``openapi_extra`` refer to."""
         if app.openapi_schema is None:
-            document = get_openapi(title=app.title, version=app.version, description=__doc__, routes=app.routes)
+            document = get_openapi(title=app.title, version=app.version, description=API_DESCRIPTION, routes=app.routes)
             document.setdefault("components", {}).setdefault("schemas", {}).update(component_schemas())
             app.openapi_schema = document
         return app.openapi_schema
