@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
@@ -95,3 +95,36 @@ def apply_suppressions(
             session=session, lead_ids=affected, reason=f"address suppressed: {reason} event ({source})", now=now
         )
     return added
+
+
+# The sources of an unsubscribe made with one of nurture's links (nurture/api.py), which its page can undo.
+LINK_SOURCES = ("link", "expired link")
+
+
+def resubscribe(*, session: Session, lead_id: int) -> bool:
+    """Lift the lead's unsubscribe if it was made with a link; False when there is none to lift.
+
+    Only an unsubscribe: a bounce, a spam report, SendGrid's own suppressions or a manual
+    one stay. What was cancelled when it was made stays cancelled.
+    """
+    email = lead_address(session=session, lead_id=lead_id)
+    if email is None:
+        return False
+    removed = session.execute(
+        delete(Suppression).where(
+            col(Suppression.email_hash) == email_hash(email),
+            col(Suppression.reason) == "unsubscribe",
+            col(Suppression.source).in_(LINK_SOURCES),
+        )
+    )
+    return _rowcount(removed) > 0
+
+
+def has_active_enrollments(*, session: Session, lead_id: int) -> bool:
+    """Whether the lead is in a sequence now (a series of emails it could stop without unsubscribing)."""
+    found = session.scalar(
+        select(col(Enrollment.id))
+        .where(col(Enrollment.lead_id) == lead_id, col(Enrollment.state) == EnrollmentState.active)
+        .limit(1)
+    )
+    return found is not None

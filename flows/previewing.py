@@ -116,6 +116,7 @@ class Previewer:
             message_id=0,
             idempotency_key=f"preview/{target.name}",
             now=now,
+            preheader=target.preheader,
         )
         # No message row stands behind a preview: no message id in its headers.
         suppressed = lead.suppressed if lead is not None else None

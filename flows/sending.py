@@ -162,6 +162,7 @@ def _render(
             message_id=message.id,
             idempotency_key=loaded.idempotency_key,
             now=now,
+            preheader=verdict.preheader,
         )
     except TemplateError as exc:
         return f"template error: {exc}"
@@ -182,6 +183,7 @@ def compose_email(
     message_id: int,
     idempotency_key: str,
     now: datetime,
+    preheader: str = "",
 ) -> OutgoingEmail:
     """One step's email for a lead, as it leaves nurture: rendered parts, sender, headers, custom args.
 
@@ -191,6 +193,7 @@ def compose_email(
     rendered = renderer.render(
         template=template,
         subject=subject,
+        preheader=preheader,
         context=email_context(
             playbook,
             lead=lead,
@@ -214,6 +217,7 @@ def compose_email(
         category=sequence,
         date=now,
         custom_args={"nurture_message_id": str(message_id)},
+        preheader=rendered.preheader,
     )
 
 

@@ -14,6 +14,11 @@ unsubscribe); scoring stays in the cycle. Input never gets a 500:
 - anything else is a bug: it is logged with the request id (no request data),
   and the client gets a JSON 500 carrying the same id.
 
+People get pages, machines get JSON: the unsubscribe links answer with branded HTML
+(``nurture.pages``), errors included, and so does an unknown path asked for by a
+browser; the JSON endpoints keep JSON errors. ``/docs`` shows the OpenAPI document,
+with the request bodies the endpoints read raw described by ``nurture.api_schemas``.
+
 Every answer carries ``X-Request-ID``. Run with ``nurture api``.
 """
 
@@ -28,11 +33,11 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from html import escape
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from sendgrid.helpers.eventwebhook import EventWebhook
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -45,11 +50,21 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from db.engine import ensure_current_schema, get_engine
 from db.imports import add_events
 from db.inbound import ingest_provider_events, unsubscribe_lead
-from db.suppressions import lead_address
+from db.suppressions import has_active_enrollments, lead_address, resubscribe, stop_mailing
 from db.transactions import TransactionRetries, retrying_transaction, unavailable_cause
-from nurture.errors import ConfigurationError, DatabaseBusyError, PayloadError, SchemaOutOfDateError
+from nurture import pages
+from nurture.api_schemas import EventsRequest, SendGridEventBatch, component_schemas, request_body
+from nurture.errors import (
+    ConfigurationError,
+    DatabaseBusyError,
+    NurtureError,
+    PayloadError,
+    SchemaOutOfDateError,
+)
 from nurture.inbound import parse_api_events, parse_sendgrid_batch
+from nurture.pages import PageBrand
 from nurture.payloads import parse_json
+from nurture.playbook import load_playbook
 from nurture.settings import Settings, get_settings
 from nurture.unsubscribe import UnsubscribeLink, claimed_lead_id, read_unsubscribe_token
 
@@ -65,6 +80,20 @@ UNAVAILABLE_RETRY_AFTER = 5
 # that closes an idle connection must be the client: a request sent just as the server closes
 # it is reset (uvicorn's default, 5 s, reset 2 of 4,400 requests under load).
 KEEP_ALIVE_SECONDS = 75
+
+# Paths machines call: their errors stay JSON whoever asks.
+MACHINE_PATHS = ("/v1/", "/webhooks/", "/healthz", "/openapi.json", "/docs")
+INVALID_LINK = "this unsubscribe link is not valid"
+# The exit reason of the sequences a person stopped from the unsubscribe page.
+SERIES_STOPPED = "stopped by the person (unsubscribe page)"
+
+# The OpenAPI document's introduction (the full guide is docs/api.md).
+API_DESCRIPTION = (
+    "What the website and SendGrid push into nurture: the events API (bearer token), SendGrid's signed "
+    "Event Webhook, and the unsubscribe links of every email (pages for people). A bad request gets a 4xx "
+    "whose JSON `detail` says what is wrong; a batch keeps its good items and lists the bad ones by index; "
+    "a busy or unreachable database gets 503 with `Retry-After`. Every answer carries `X-Request-ID`."
+)
 
 T = TypeVar("T")
 
@@ -165,6 +194,31 @@ def _require_json(request: Request) -> None:
     raise HTTPException(415, f"the body must be JSON in UTF-8 (Content-Type: application/json), not {declared[:100]!r}")
 
 
+def _for_a_person(request: Request) -> bool:
+    """Whether an error is shown to a person (a branded page) rather than a program (JSON).
+
+    The unsubscribe links are followed by people, so they always get pages; other paths
+    get one only when a browser asks for HTML and the path is not one machines call.
+    """
+    path = request.url.path
+    if path.startswith("/unsubscribe/") or path == "/unsubscribe":
+        return True
+    return not path.startswith(MACHINE_PATHS) and "text/html" in request.headers.get("accept", "")
+
+
+def page_brand(config: Settings) -> PageBrand:
+    """The brand the pages show, from the playbook; a plain one (and a warning) when it cannot be read.
+
+    The API keeps taking events and unsubscribes with a broken playbook: only the pages lose the name.
+    """
+    try:
+        brand = load_playbook(config.nurture_playbook).brand
+    except (NurtureError, OSError) as exc:
+        logger.warning("the pages show no brand: the playbook %s cannot be read: %s", config.nurture_playbook, exc)
+        return PageBrand()
+    return PageBrand(name=brand.name, website=brand.website)
+
+
 async def _parsed(raw: bytes) -> Any:
     """The body as JSON, parsed off the event loop (a 5 MB body takes a while); 400 when it is not."""
     try:
@@ -177,6 +231,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The app, bound to ``settings`` (from the environment by default)."""
     config = settings or get_settings()
     engine = get_engine(config.database_url)
+    brand = page_brand(config)
     retries = TransactionRetries(lock_timeout_seconds=config.nurture_api_lock_timeout_seconds)
     verifier = EventWebhook()
     public_key = (
@@ -194,34 +249,53 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="nurture",
         version="1",
         lifespan=lifespan,
-        docs_url=None,
+        docs_url="/docs",
         redoc_url=None,
         default_response_class=AsciiJSONResponse,
     )
     app.add_middleware(RequestGuard)
 
-    def _unavailable(request: Request, detail: str, retry_after: int) -> AsciiJSONResponse:
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document, with the schemas the raw-body endpoints' ``openapi_extra`` refer to."""
+        if app.openapi_schema is None:
+            document = get_openapi(title=app.title, version=app.version, description=API_DESCRIPTION, routes=app.routes)
+            document.setdefault("components", {}).setdefault("schemas", {}).update(component_schemas())
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    def _unavailable(request: Request, detail: str, retry_after: int) -> Response:
+        headers = {"Retry-After": str(retry_after)}
+        if _for_a_person(request):
+            return HTMLResponse(pages.error_page(brand, status=503, detail=detail), status_code=503, headers=headers)
         return AsciiJSONResponse(
-            {"detail": detail, "request_id": _request_id(request.scope)},
-            status_code=503,
-            headers={"Retry-After": str(retry_after)},
+            {"detail": detail, "request_id": _request_id(request.scope)}, status_code=503, headers=headers
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> AsciiJSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if _for_a_person(request):
+            if exc.detail == INVALID_LINK:
+                html = pages.invalid_link_page(brand)
+            elif exc.status_code == 404:
+                html = pages.not_found_page(brand)
+            else:
+                html = pages.error_page(brand, status=exc.status_code, detail=str(exc.detail))
+            return HTMLResponse(html, status_code=exc.status_code, headers=exc.headers)
         return AsciiJSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(DatabaseBusyError)
-    async def database_busy(request: Request, exc: DatabaseBusyError) -> AsciiJSONResponse:
+    async def database_busy(request: Request, exc: DatabaseBusyError) -> Response:
         return _unavailable(request, f"{exc}; send it again", exc.retry_after_seconds)
 
     @app.exception_handler(PoolTimeoutError)
-    async def pool_exhausted(request: Request, exc: PoolTimeoutError) -> AsciiJSONResponse:
+    async def pool_exhausted(request: Request, exc: PoolTimeoutError) -> Response:
         logger.warning("request %s: no database connection free in time", _request_id(request.scope))
         return _unavailable(request, "the database is busy; nothing was stored; send it again", 2)
 
     @app.exception_handler(DBAPIError)
-    async def database_unreachable(request: Request, exc: DBAPIError) -> AsciiJSONResponse:
+    async def database_unreachable(request: Request, exc: DBAPIError) -> Response:
         if not unavailable_cause(exc):
             raise exc  # a bug (bad SQL, a missing table): RequestGuard logs it and answers 500
         logger.error("request %s: database unavailable: %s", _request_id(request.scope), _described(exc))
@@ -229,7 +303,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(ConfigurationError)
     @app.exception_handler(SchemaOutOfDateError)
-    async def not_ready(request: Request, exc: Exception) -> AsciiJSONResponse:
+    async def not_ready(request: Request, exc: Exception) -> Response:
         logger.error("request %s: %s", _request_id(request.scope), exc)
         return _unavailable(request, "the service is not ready: see its log", UNAVAILABLE_RETRY_AFTER)
 
@@ -242,7 +316,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ensure_current_schema(engine)
         return {"status": "ok"}
 
-    @app.post("/webhooks/sendgrid")
+    @app.post(
+        "/webhooks/sendgrid",
+        openapi_extra={
+            **request_body(SendGridEventBatch, "The events, signed by SendGrid over the exact bytes of the body"),
+            "parameters": [
+                {"name": name, "in": "header", "required": True, "schema": {"type": "string"}}
+                for name in (SIGNATURE, TIMESTAMP)
+            ],
+        },
+    )
     async def sendgrid_webhook(request: Request) -> AsciiJSONResponse:
         """SendGrid's signed Event Webhook: verified over the raw body, then applied once."""
         if public_key is None:
@@ -282,7 +365,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         return AsciiJSONResponse(await run_in_threadpool(_in_transaction, apply))
 
-    @app.post("/v1/events")
+    @app.post(
+        "/v1/events",
+        openapi_extra={
+            **request_body(EventsRequest, "One event, or a batch; with `Authorization: Bearer NURTURE_API_TOKEN`"),
+            "parameters": [{"name": "Authorization", "in": "header", "required": True, "schema": {"type": "string"}}],
+        },
+    )
     async def events_api(request: Request) -> AsciiJSONResponse:
         """The website's events: one event or {"events": [...]}, bearer-token auth."""
         if config.nurture_api_token is None:
@@ -310,62 +399,85 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return AsciiJSONResponse(body, status_code=422 if errors else 200)
         return AsciiJSONResponse(await run_in_threadpool(_in_transaction, apply))
 
-    def _page(title: str, text: str, status: int = 200, form: str = "") -> HTMLResponse:
-        return HTMLResponse(
-            f"<!DOCTYPE html><html lang=en><meta charset=utf-8><title>{escape(title)}</title>"
-            f"<body style='font-family:sans-serif;max-width:36em;margin:4em auto'><h1>{escape(title)}</h1>"
-            f"<p>{escape(text)}</p>{form}</body></html>",
-            status_code=status,
-        )
-
-    def _lead_for(token: str, now: datetime, *, unsubscribe: bool = False) -> UnsubscribeLink:
-        """The link a token is, checked against the address of the lead it names; 404 when it is not valid.
-
-        With ``unsubscribe``, the lead is unsubscribed in the same transaction.
-        """
+    def _lead_for(token: str, now: datetime, *, then: Callable[[Session, UnsubscribeLink], T]) -> T:
+        """``then`` done with the link a token is, checked against the address of the lead it names, in one
+        transaction; 404 (a page saying the link is not valid) when it is not valid."""
         lead_id = claimed_lead_id(token)
         if lead_id is None:  # not shaped like a token: no database work
-            raise HTTPException(404, "this unsubscribe link is not valid")
+            raise HTTPException(404, INVALID_LINK)
         keys, days = config.unsubscribe_keys, config.nurture_unsubscribe_link_days
 
-        def check(session: Session) -> UnsubscribeLink | None:
+        def check(session: Session) -> tuple[T] | None:
             email = lead_address(session=session, lead_id=lead_id)
             if email is None:  # erased, or never was
                 return None
             link = read_unsubscribe_token(token, email=email, keys=keys, now=now, link_days=days)
-            if link is not None and unsubscribe:
-                source = "expired link" if link.expired else "link"
-                unsubscribe_lead(session=session, lead_id=link.lead_id, now=now, source=source)
-            return link
+            return None if link is None else (then(session, link),)
 
-        link = _in_transaction(check)
-        if link is None:
-            raise HTTPException(404, "this unsubscribe link is not valid")
-        return link
+        done = _in_transaction(check)
+        if done is None:
+            raise HTTPException(404, INVALID_LINK)
+        return done[0]
+
+    def _html(content: str, status: int = 200) -> HTMLResponse:
+        # Pages about one person's address: never kept by a shared cache.
+        return HTMLResponse(content, status_code=status, headers={"Cache-Control": "no-store"})
 
     @app.get("/unsubscribe/{token}", response_class=HTMLResponse)
     def unsubscribe_page(token: str) -> HTMLResponse:
         """A confirmation page; mail scanners open links, so a GET alone changes nothing."""
-        link = _lead_for(token, _now())
-        form = (
-            f"<form method=post action='/unsubscribe/{escape(token)}'><button type=submit>Unsubscribe</button></form>"
+
+        def look(session: Session, link: UnsubscribeLink) -> tuple[UnsubscribeLink, bool]:
+            return link, has_active_enrollments(session=session, lead_id=link.lead_id)
+
+        link, in_a_series = _lead_for(token, _now(), then=look)
+        expired = config.nurture_unsubscribe_link_days if link.expired else None
+        series = f"/unsubscribe/{token}/series" if in_a_series else None
+        return _html(
+            pages.confirm_page(brand, action=f"/unsubscribe/{token}", expired_after_days=expired, series=series)
         )
-        text = "Press the button to stop all emails to this address."
-        if link.expired:
-            text = (
-                f"This link is from an email more than {config.nurture_unsubscribe_link_days} days old, "
-                "and it still works. " + text
-            )
-        return _page("Unsubscribe", text, form=form)
 
     @app.post("/unsubscribe/{token}", response_class=HTMLResponse)
     def unsubscribe(token: str) -> HTMLResponse:
         """RFC 8058 one-click unsubscribe (and the page's button): takes effect at once.
 
         An authentic link older than NURTURE_UNSUBSCRIBE_LINK_DAYS still unsubscribes:
-        stopping mail never harms the person, refusing might break the law.
+        stopping mail never harms the person, refusing might break the law. Only a link
+        still in its time offers the undo.
         """
-        _lead_for(token, _now(), unsubscribe=True)
-        return _page("Unsubscribed", "You will not receive any more emails from us.")
+        now = _now()
+
+        def apply(session: Session, link: UnsubscribeLink) -> UnsubscribeLink:
+            source = "expired link" if link.expired else "link"
+            unsubscribe_lead(session=session, lead_id=link.lead_id, now=now, source=source)
+            return link
+
+        link = _lead_for(token, now, then=apply)
+        undo = None if link.expired else f"/unsubscribe/{token}/undo"
+        return _html(pages.unsubscribed_page(brand, undo=undo))
+
+    @app.post("/unsubscribe/{token}/series", response_class=HTMLResponse)
+    def stop_series(token: str) -> HTMLResponse:
+        """Fewer emails, not none: the lead's active sequences end and their queued emails are cancelled;
+        the address stays subscribed, so a later stage change may start another sequence."""
+        now = _now()
+
+        def apply(session: Session, link: UnsubscribeLink) -> None:
+            stop_mailing(session=session, lead_ids=[link.lead_id], reason=SERIES_STOPPED, now=now)
+
+        _lead_for(token, now, then=apply)
+        return _html(pages.series_stopped_page(brand, unsubscribe=f"/unsubscribe/{token}"))
+
+    @app.post("/unsubscribe/{token}/undo", response_class=HTMLResponse)
+    def undo_unsubscribe(token: str) -> HTMLResponse:
+        """Subscribe again, for whoever unsubscribed by mistake: lifts an unsubscribe made with a link
+        (never a bounce, a spam report or SendGrid's own), and only with a link still in its time."""
+
+        def apply(session: Session, link: UnsubscribeLink) -> bool:
+            return not link.expired and resubscribe(session=session, lead_id=link.lead_id)
+
+        if not _lead_for(token, _now(), then=apply):
+            return _html(pages.cannot_undo_page(brand), status=409)
+        return _html(pages.resubscribed_page(brand))
 
     return app

@@ -1242,6 +1242,8 @@ def preview(
             console.print(f"  [yellow]note:[/] this address is suppressed ({why}): nurture sends it nothing")
         source = f"  (the subject of {shown.target.subject_from})" if shown.target.subject_from else ""
         console.print(f"  subject: {escape(shown.email.subject)}{escape(source)}", highlight=False)
+        if shown.email.preheader:
+            console.print(f"  preheader: {escape(shown.email.preheader)}", highlight=False)
         console.print(f"  folder:  {escape(str(files.directory))}/", highlight=False)
         console.print(f"  files:   {files.html.name}  {files.text.name}  {files.eml.name}  {files.subject.name}")
         if open_browser and not webbrowser.open(files.html.resolve().as_uri()):

@@ -31,14 +31,15 @@ class Verdict(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Triage:
-    """One message's verdict: for ``send`` the template and subject to render now (and the
-    split test's variant they are); for ``wait`` until when; for the others, why."""
+    """One message's verdict: for ``send`` the template, subject and preheader to render now (and
+    the split test's variant they are); for ``wait`` until when; for the others, why."""
 
     message: ClaimedMessage
     verdict: Verdict
     template: str = ""
     subject: str = ""
     variant: str | None = None
+    preheader: str = ""
     until: datetime | None = None
     reason: str | None = None
 
@@ -94,6 +95,7 @@ def triage(
                     template=template,
                     subject=subject,
                     variant=variant.id if variant else None,
+                    preheader=step.preheader_of(variant),
                 )
             )
     return verdicts

@@ -458,11 +458,12 @@ END = "end"
 
 class Variant(_Frozen):
     """One arm of a split test on a step: its own template and subject, sent to a share of the leads
-    in proportion to ``weight``."""
+    in proportion to ``weight``; its ``preheader`` (else the step's) is the inbox's preview text."""
 
     id: str
     template: Annotated[str, Field(min_length=1), AfterValidator(_template_name)]
     subject: Annotated[str, Field(min_length=1), AfterValidator(_subject_template)]
+    preheader: Annotated[str, AfterValidator(_subject_template)] = ""
     weight: int = Field(default=1, ge=0, le=1_000_000)
 
     @field_validator("id")
@@ -480,12 +481,14 @@ class Step(_Frozen):
     ``unless`` / ``only_if``: skip the step when the lead did / did not do something since enrolling.
     ``wait_for`` with ``then`` / ``else``: the one branch (both default to the next step in order).
     ``variants``: a split test; then each variant has the template and subject, and the step's are empty
-    (what a step sends is in :meth:`contents`)."""
+    (what a step sends is in :meth:`contents`). ``preheader``: the preview text inboxes show after the
+    subject, a template string like ``subject`` (with variants: the default of those without their own)."""
 
     id: str = ""
     after: Duration
     template: Annotated[str, AfterValidator(_template_name)] = ""
     subject: Annotated[str, AfterValidator(_subject_template)] = ""
+    preheader: Annotated[str, AfterValidator(_subject_template)] = ""
     unless: Condition | None = None
     only_if: Condition | None = None
     wait_for: WaitFor | None = None
@@ -537,6 +540,10 @@ class Step(_Frozen):
     def content_of(self, variant: Variant | None) -> tuple[str, str]:
         """The template and subject a lead given ``variant`` is sent (None: the step's own)."""
         return (variant.template, variant.subject) if variant is not None else (self.template, self.subject)
+
+    def preheader_of(self, variant: Variant | None) -> str:
+        """The preheader template a lead given ``variant`` is sent: the variant's own, else the step's ("" for none)."""
+        return (variant.preheader if variant is not None else "") or self.preheader
 
 
 # Parses subjects only (never renders them): the renderer's sandboxed environment renders.

@@ -48,6 +48,7 @@ class PreviewTarget:
     variant: str | None = None
     # For a template: which step lent it its subject ("welcome/welcome/a"), or None.
     subject_from: str | None = None
+    preheader: str = ""
 
 
 def template_files(templates_dir: Path) -> list[str]:
@@ -81,7 +82,8 @@ def _target(sequence: str, position: int, step: Step, variant: Variant | None) -
     template, subject = step.content_of(variant)
     name = f"{sequence}/{step.id}" + (f"/{variant.id}" if variant is not None else "")
     variant_id = variant.id if variant is not None else None
-    return PreviewTarget(name, template, subject, sequence, position, step.id, variant_id)
+    preheader = step.preheader_of(variant)
+    return PreviewTarget(name, template, subject, sequence, position, step.id, variant_id, preheader=preheader)
 
 
 def step_names(playbook: Playbook) -> list[str]:
@@ -103,6 +105,7 @@ def template_target(playbook: Playbook, template: str) -> PreviewTarget:
                 step_target.sequence,
                 step_target.position,
                 subject_from=step_target.name,
+                preheader=step_target.preheader,
             )
     return PreviewTarget(template, template, template, NO_SEQUENCE, 0)
 

@@ -154,9 +154,12 @@ def describe_error(exc: BaseException, templates_dir: Path) -> str:
 
 @dataclass(frozen=True, slots=True)
 class RenderedEmail:
+    """One email, rendered. ``preheader`` is the preview text the HTML part hides at its top ("" for none)."""
+
     subject: str
     html: str
     text: str
+    preheader: str = ""
 
 
 class EmailRenderer:
@@ -214,14 +217,24 @@ class EmailRenderer:
     def _budget(self) -> AbstractContextManager[None]:
         return spending(self.limits, self._clock)
 
-    def render(self, *, template: str, subject: str, context: Mapping[str, Any]) -> RenderedEmail:
-        """Render one email; raises TemplateError naming the template (and line) and the problem."""
+    def render(self, *, template: str, subject: str, context: Mapping[str, Any], preheader: str = "") -> RenderedEmail:
+        """Render one email; raises TemplateError naming the template (and line) and the problem.
+
+        ``preheader`` is a template string like ``subject``; rendered, it reaches the templates
+        as ``preheader``, which the layout shows as the hidden preview text of the HTML part.
+        """
         self._keep_fresh()
         with self._budget():
             rendered_subject = self._part(f"subject of {template}", self._subject_template, subject, context)
+            shown = ""
+            if preheader:
+                shown = " ".join(
+                    self._part(f"preheader of {template}", self._subject_template, preheader, context).split()
+                )
+            context = {**context, "preheader": shown}
             html = self._part(f"{template}.html", self._env.get_template, f"{template}.html", context)
             text = self._part(f"{template}.txt", self._env.get_template, f"{template}.txt", context)
-        return RenderedEmail(subject=" ".join(rendered_subject.split()), html=html, text=text)
+        return RenderedEmail(subject=" ".join(rendered_subject.split()), html=html, text=text, preheader=shown)
 
     def _part(self, where: str, load: Callable[[str], Template], source: str, context: Mapping[str, Any]) -> str:
         """One part of an email, its output capped at ``limits.text``; any failure is a TemplateError."""
@@ -376,4 +389,5 @@ def email_context(
         "postal_address": postal_address,
         "sequence": sequence,
         "step": step,
+        "preheader": "",  # EmailRenderer.render sets the step's
     }

@@ -36,17 +36,22 @@ from nurture.rendering import (
 # Renders one part of an email (subject, HTML or text) for a context; raises TemplateError.
 _Render = Callable[[Mapping[str, Any]], None]
 # The names every email's context holds (rendering.email_context).
-CONTEXT_NAMES = frozenset({"lead", "brand", "links", "unsubscribe_url", "postal_address", "sequence", "step"})
+CONTEXT_NAMES = frozenset(
+    {"lead", "brand", "links", "unsubscribe_url", "postal_address", "sequence", "step", "preheader"}
+)
 
 
 @dataclass(frozen=True, slots=True)
 class _Content:
-    """One email a step can send: its template and subject, and where the subject is in the playbook."""
+    """One email a step can send: its template and subject, and where the subject is in the playbook.
+
+    ``whole`` False: a preheader, checked like a subject on its own (``subject`` holds its text)."""
 
     sequence: str
     loc: tuple[str, ...]
     template: str
     subject: str
+    whole: bool = True
 
 
 def check_templates(
@@ -94,14 +99,24 @@ class _Checker:
             for v, (variant, template, subject) in enumerate(step.contents())
             for variant_loc in [("variants", str(v)) if variant is not None else ()]
         ]
+        preheaders = [
+            _Content(name, ("sequences", name, "steps", str(i), *own, "preheader"), template, text, whole=False)
+            for name, seq in self.playbook.sequences.items()
+            for i, step in enumerate(seq.steps)
+            for v, (variant_id, template, _subject) in enumerate(step.contents())
+            for variant in [step.variant(variant_id)]
+            for text in [step.preheader_of(variant)]
+            if text
+            for own in [("variants", str(v)) if variant is not None and variant.preheader else ()]
+        ]
         templates = sorted({c.template for c in contents} - skip)
         broken = skip | {template for template in templates if not self._read_email(template)}
-        for content in contents:
+        for content in (*contents, *preheaders):
             self._read_subject(content)
         full = self._stand_ins(sample_context(self.playbook))
         empty = self._stand_ins(sparse_context(self.playbook)) if sparse else None
-        for content in contents:
-            if content.template not in broken:
+        for content in (*contents, *preheaders):
+            if content.template not in broken or not content.whole:
                 self._render(content, full, empty)
         return list(dict.fromkeys(self.problems))
 
@@ -234,11 +249,9 @@ class _Checker:
     def _render(self, content: _Content, full: Mapping[str, Any], sparse: Mapping[str, Any] | None) -> None:
         subject_file, subject_line = self._subject_at(content)
         key = ".".join(content.loc)
-        parts: list[tuple[str | None, str]] = [
-            (None, content.subject),
-            (f"{content.template}.html", ""),
-            (f"{content.template}.txt", ""),
-        ]
+        parts: list[tuple[str | None, str]] = [(None, content.subject)]
+        if content.whole:
+            parts += [(f"{content.template}.html", ""), (f"{content.template}.txt", "")]
         for filename, subject in parts:
 
             def render(context: Mapping[str, Any], filename: str | None = filename, subject: str = subject) -> None:

@@ -29,6 +29,8 @@ class OutgoingEmail:
     asm_group_id: int | None = None
     headers: dict[str, str] = field(default_factory=dict)
     custom_args: dict[str, str] = field(default_factory=dict)
+    # The inbox's preview text; the HTML part already carries it, so no transport sends it again.
+    preheader: str = ""
 
 
 class EmailTransport(Protocol):

@@ -132,7 +132,9 @@ def test_a_branch_to_a_removed_step_goes_on_in_order_and_a_removed_wait_no_longe
     no_case_study = parse_playbook(
         SHIPPED.replace("then: case_study", "then: webinar_invite").replace(
             "      - after: 3d\n        template: case_study\n"
-            '        subject: "How Northwind cut time-to-insight by 60%"\n',
+            '        subject: "How Northwind cut time-to-insight by 60%"\n'
+            '        preheader: "From a week of waiting per report'
+            ' to answers their product managers find themselves."\n',
             "",
         )
     )

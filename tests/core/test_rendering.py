@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nurture.errors import TemplateError
+from nurture.errors import PlaybookError, TemplateError
 from nurture.playbook import Playbook, parse_playbook
 from nurture.rendering import EmailRenderer, RenderLimits, sample_context
 from tests.conftest import PLAYBOOK_PATH, TEMPLATES_DIR
@@ -456,3 +456,96 @@ def test_a_render_past_its_deadline_stops_at_the_next_step(playbook: Playbook, t
     with pytest.raises(TemplateError, match=r"^welcome\.html: takes longer than 50 s to render \(line 1\)$"):
         renderer.render(template="welcome", subject="Hi", context=sample_context(playbook))
     assert next(readings) < 60, "stopped at the first step past the deadline"
+
+
+def test_each_step_has_a_preheader_hidden_at_the_top_of_the_html_and_absent_from_the_text(
+    playbook: Playbook, renderer: EmailRenderer
+) -> None:
+    """The preview text an inbox shows after the subject: rendered like the subject, hidden in the email."""
+    context = sample_context(playbook)
+    for name, seq in playbook.sequences.items():
+        for step in seq.steps:
+            for variant_id, template, subject in step.contents():
+                preheader = step.preheader_of(step.variant(variant_id))
+                assert preheader, f"{name}/{step.id} has no preheader"
+                email = renderer.render(template=template, subject=subject, context=context, preheader=preheader)
+                assert email.preheader
+                assert "{" not in email.preheader
+                body = email.html.split("<body", 1)[1]
+                hidden = re.search(r"<div style=\"display:none;[^\"]*\">([^<]*)</div>", body)
+                assert hidden is not None
+                assert hidden.group(1).startswith(email.preheader.replace("'", "&#39;"))
+                assert body.index(hidden.group(0)) < body.index("<table"), "the preview text comes first"
+                assert email.preheader not in email.text
+
+
+def test_a_preheader_is_rendered_for_the_lead_and_left_out_when_empty(
+    playbook: Playbook, renderer: EmailRenderer
+) -> None:
+    context = sample_context(playbook)
+    email = renderer.render(
+        template="demo_offer", subject="x", context=context, preheader="A demo for  {{ lead.company }}\n<b>now</b>"
+    )
+    assert email.preheader == "A demo for Example Corp <b>now</b>"
+    assert "A demo for Example Corp &lt;b&gt;now&lt;/b&gt;" in email.html  # escaped like any value
+    plain = renderer.render(template="demo_offer", subject="x", context=context)
+    assert plain.preheader == ""
+    assert "display:none" not in plain.html
+
+
+def test_a_variant_has_its_own_preheader_or_the_steps() -> None:
+    raw = PLAYBOOK_PATH.read_text()
+    playbook = parse_playbook(
+        raw.replace(
+            "            weight: 50\n          - id: b\n",
+            '            weight: 50\n            preheader: "Only for {{ lead.first_name }}"\n          - id: b\n',
+        )
+    )
+    step = playbook.sequences["welcome"].steps[0]
+    assert step.preheader_of(step.variant("a")) == "Only for {{ lead.first_name }}"
+    assert step.preheader_of(step.variant("b")) == step.preheader != ""
+
+
+def test_a_preheader_that_is_not_a_template_is_refused_with_its_line() -> None:
+    raw = PLAYBOOK_PATH.read_text().replace(
+        'preheader: "This is our last email unless you want more."', 'preheader: "{{ lead.first_name"'
+    )
+    with pytest.raises(PlaybookError, match=r"preheader") as caught:
+        parse_playbook(raw)
+    assert "win_back" in str(caught.value)
+
+
+@pytest.mark.parametrize("lead", ["full", "sparse"])
+def test_plain_text_parts_read_well_in_any_mail_program(playbook: Playbook, renderer: EmailRenderer, lead: str) -> None:
+    """Short lines, each link alone on its line (so it stays clickable whole), no HTML left over,
+    and the footer after the signature separator ("-- ") that mail programs recognise."""
+    context = sample_context(playbook)
+    if lead == "sparse":
+        context["lead"].update(first_name=None, last_name=None, company=None, job_title=None)
+    for template, subject in _all_steps(playbook):
+        text = renderer.render(template=template, subject=subject, context=context).text
+        lines = text.splitlines()
+        for line in lines:
+            link = re.search(r"https?://\S+", line)
+            if link is not None:
+                assert line.strip() == link.group(0), f"{template}.txt: a link shares its line: {line!r}"
+            else:
+                assert len(line) <= 72, f"{template}.txt: {len(line)} characters: {line!r}"
+            assert line == line.rstrip() or line == "-- ", f"{template}.txt: trailing spaces in {line!r}"
+        assert not re.search(r"</?[a-zA-Z][^>]*>|&[a-z]+;|&#\d+;", text), f"{template}.txt has HTML in it"
+        assert "\n\n\n" not in text
+        body, separator, footer = text.partition("\n-- \n")
+        assert separator, f"{template}.txt: no signature separator before the footer"
+        assert context["unsubscribe_url"] in footer.splitlines()
+        assert context["postal_address"] in footer
+        assert body.startswith(("Hi ", "Welcome"))
+
+
+def test_the_template_check_renders_each_preheader(renderer: EmailRenderer) -> None:
+    raw = PLAYBOOK_PATH.read_text().replace(
+        'preheader: "This is our last email unless you want more."', 'preheader: "Bye {{ lead.nickname }}"'
+    )
+    problems = renderer.check(parse_playbook(raw))
+    assert len(problems) == 1
+    assert "preheader of win_back_last" in problems[0]
+    assert "nickname" in problems[0]

@@ -71,13 +71,15 @@ def test_the_next_step_is_the_one_after_the_last_taken_that_still_exists(playboo
 
 
 def _without_step(text: str, template: str) -> str:
-    """The playbook text without the step that sends ``template`` (its three lines and a comment above)."""
+    """The playbook text without the step that sends ``template`` (its lines and a comment above)."""
     lines = text.splitlines(keepends=True)
     at = next(i for i, line in enumerate(lines) if line.strip() == f"template: {template}")
-    start = at - 1
+    start, end = at - 1, at + 1
     while lines[start - 1].strip().startswith("#"):
         start -= 1
-    return "".join(lines[:start] + lines[at + 2 :])
+    while end < len(lines) and lines[end].startswith("        "):
+        end += 1
+    return "".join(lines[:start] + lines[end:])
 
 
 def test_a_reordered_sequence_walks_on_from_where_the_lead_is_and_never_repeats_a_step(playbook: Playbook) -> None:

@@ -41,6 +41,7 @@ def playbook_before_waits() -> Playbook:
     nudge = (
         "      - after: 0h\n        template: welcome_nudge\n"
         '        subject: "In case it got buried: getting started with {{ brand.name }}"\n'
+        '        preheader: "Ten minutes and one data source are enough to see whether it fits."\n'
     )
     return parse_playbook(text[:start] + old_welcome + text[end:].replace(nudge, "", 1))
 

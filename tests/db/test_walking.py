@@ -108,6 +108,7 @@ def test_a_step_removed_mid_enrollment_is_never_sent(world: World) -> None:
       - after: 3d
         template: case_study
         subject: "How Northwind cut time-to-insight by 60%"
+        preheader: "From a week of waiting per report to answers their product managers find themselves."
 """,
             "",
         ),
