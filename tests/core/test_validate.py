@@ -164,6 +164,7 @@ def test_a_sequence_without_steps_or_customer_events_never_runs(project: tuple[P
     text = SHIPPED.replace(check_in, "    steps: []\n").replace(
         "        subject: \"Still weighing your options, {{ lead.first_name or 'there' }}?\"\n", "", 1
     )
+    text = text.replace('        preheader: "No pressure. If something is in the way, tell us what it is."\n', "", 1)
     playbook.write_text(text)
     problem = _only(validate_files(playbook, templates))
     assert (problem.key, problem.line) == ("sequences.still_evaluating.steps", _line_of(text, "steps: []"))
@@ -286,7 +287,7 @@ def test_a_broken_layout_is_reported_once_at_its_own_line(project: tuple[Path, P
 
 def test_a_missing_footer_in_the_text_part_is_caught_once_at_the_layout(project: tuple[Path, Path]) -> None:
     playbook, templates = project
-    _edited(templates / "_layout.txt", "Unsubscribe: {{ unsubscribe_url }}\n", "")
+    _edited(templates / "_layout.txt", "{{ unsubscribe_url }}\n", "")
     problem = _only(validate_files(playbook, templates))
     assert problem.file == f"{templates}/_layout.txt"
     assert "compliance footer is missing" in problem.message
