@@ -1,0 +1,67 @@
+"""What ``nurture simulate`` replays: a lead's stored history and the live enrollments, as plain snapshots.
+
+``db/`` loads these in set-based batches; :mod:`nurture.simulation` replays them under a
+playbook. They live apart from the simulator so the database layer can build them without
+importing the contact policy.
+
+Pure: no clock, no database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from nurture.playbook import Stage
+from nurture.scoring import LeadScoreState
+from nurture.sequences import Branch
+
+
+@dataclass(frozen=True, slots=True)
+class PastEvent:
+    """One stored event; for a person's open or click of an email, the sequence and step of that email."""
+
+    kind: str
+    occurred_at: datetime
+    email_step: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LeadHistory:
+    """A lead as the simulation starts it: its profile now, when it arrived, its events (oldest first),
+    since when its address is suppressed without an event saying so (a manual suppression), and where
+    it stands in the live database (for what the first rescore under a new playbook would do)."""
+
+    id: int
+    email: str
+    profile: Mapping[str, Any]
+    timezone: str
+    created_at: datetime
+    events: tuple[PastEvent, ...]
+    live_stage: Stage
+    live_score: LeadScoreState
+    suppressed_since: datetime | None = None
+
+    @property
+    def starts_at(self) -> datetime:
+        """When the lead's replay starts: its arrival, or its first event if that came before."""
+        if self.events and self.events[0].occurred_at < self.created_at:
+            return self.events[0].occurred_at
+        return self.created_at
+
+
+@dataclass(frozen=True, slots=True)
+class LiveEnrollment:
+    """An active enrollment in the live database, as a new playbook would find it."""
+
+    id: int
+    lead_id: int
+    email: str
+    sequence: str
+    stage: Stage
+    steps_done: tuple[str, ...]
+    branches: tuple[Branch, ...]
+    # None while its last step is in flight (a message queued, not yet settled).
+    next_due_at: datetime | None
