@@ -18,6 +18,9 @@ from nurture.playbook import Stage
 from nurture.scoring import LeadScoreState
 from nurture.sequences import Branch
 
+# Stored event kinds of a person opening and clicking an email (an Apple Mail machine open is another kind).
+OPEN, CLICK = "email_open", "email_click"
+
 
 @dataclass(frozen=True, slots=True)
 class PastEvent:

@@ -31,7 +31,7 @@ from enum import StrEnum
 
 from nurture.advancing import check_move
 from nurture.contact import DueEmail, decide
-from nurture.history import LeadHistory, PastEvent
+from nurture.history import CLICK, OPEN, LeadHistory, PastEvent
 from nurture.lifecycle import review_thresholds, target_stage
 from nurture.playbook import Playbook, Stage
 from nurture.scoring import ActivityEvent, LeadScoreState, engagement_at, event_points, next_review_at, rescore
@@ -331,9 +331,8 @@ class _Replay:
             if event.email_step is not None and event.email_step[0] == enrolled.snapshot.sequence:
                 step_id = event.email_step[1]
                 sent = enrolled.sent_at.get(step_id)
-                if sent is not None and sent <= event.occurred_at:
-                    target = opened if event.kind == "email_open" else clicked
-                    target.setdefault(step_id, event.occurred_at)
+                if sent is not None and sent <= event.occurred_at and event.kind in (OPEN, CLICK):
+                    (opened if event.kind == OPEN else clicked).setdefault(step_id, event.occurred_at)
         return Activity(opened, clicked, kinds)
 
     def _dispatch(self, at: datetime) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 from nurture.history import LeadHistory, LiveEnrollment, PastEvent
@@ -172,3 +173,17 @@ def test_inflight_enrollments_whose_next_step_or_sequence_goes_away() -> None:
     cooler = {7: (Stage.hot, Stage.warm)}
     [ends] = inflight_changes([enrollment], current=current, new=current, stage_now=cooler)
     assert ends.change == "stage change ends it"
+
+
+def test_a_stored_click_on_the_welcome_takes_the_branch_to_the_case_study() -> None:
+    warm = [("form_submit", T0), ("webinar_attended", T0), *(("pricing_view", T0) for _ in range(3))]
+    click = PastEvent("email_click", T0 + timedelta(days=1), ("welcome", "welcome"))
+    clicked = replace(lead(warm), events=(*lead(warm).events, click))
+    now = T0 + timedelta(days=5)
+    playbook = parse_playbook(SHIPPED)
+    assert sent(replay_lead(lead(warm), playbook, now=now))[:2] == [
+        ("welcome", "welcome"),
+        ("welcome", "welcome_nudge"),
+    ]
+    run = replay_lead(clicked, playbook, now=now)
+    assert [(e.step_id, e.at) for e in run.emails] == [("welcome", T0), ("case_study", T0 + timedelta(days=4))]
