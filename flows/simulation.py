@@ -17,7 +17,7 @@ from db.cycle import all_lead_ids
 from db.simulation import lead_histories, live_enrollments
 from nurture.advancing import LeadSnapshot, plan_chunk
 from nurture.history import LeadHistory
-from nurture.impact import Impact, inflight_changes
+from nurture.impact import Impact, inflight_changes, step_order
 from nurture.playbook import Playbook, Stage
 from nurture.scoring import ActivityEvent
 from nurture.simulation import replay_lead
@@ -47,11 +47,21 @@ def simulate(
     since: datetime,
     now: datetime,
     top: int = 10,
+    whole_history: bool = False,
     batch_size: int = BATCH,
     progress: Callable[[int], None] | None = None,
 ) -> Impact:
-    """The impact of replacing ``current`` by ``new``, over the window ``since`` → ``now``."""
-    impact = Impact(since=since, now=now, current_version=current.version, new_version=new.version, top=top)
+    """The impact of replacing ``current`` by ``new``, over the window ``since`` → ``now``: the new
+    playbook goes live at ``since`` (from the state the current one left each lead in), or with
+    ``whole_history`` is in force from each lead's first event."""
+    impact = Impact(
+        since=since,
+        now=now,
+        current_version=current.version,
+        new_version=new.version,
+        top=top,
+        order=step_order(new, current),
+    )
     after = 0
     while True:
         with Session(engine) as session:
@@ -59,8 +69,10 @@ def simulate(
             leads = lead_histories(session=session, lead_ids=ids, now=now)
             enrollments = live_enrollments(session=session, lead_ids=ids)
             session.rollback()
+        switch_at = None if whole_history else since
         for lead in leads:
-            impact.add(lead, replay_lead(lead, current, now=now), replay_lead(lead, new, now=now))
+            changed = replay_lead(lead, current, now=now, switch_to=new, switch_at=switch_at)
+            impact.add(lead, replay_lead(lead, current, now=now), changed)
         before = first_cycle_stages(leads, playbook=current, now=now)
         after_change = first_cycle_stages(leads, playbook=new, now=now)
         stages = {i: (before[i], after_change[i]) for i in before}

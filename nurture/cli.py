@@ -1236,6 +1236,9 @@ def simulate(
     ] = "30d",
     top: Annotated[int, typer.Option(min=0, help="Show this many of the leads most affected")] = 10,
     now: Annotated[str | None, typer.Option(help="Simulate up to this ISO 8601 time (default: now)")] = None,
+    whole_history: Annotated[
+        bool, typer.Option("--whole-history", help="The new playbook from each lead's first event, not from --since")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Replay the stored events under a changed playbook next to the current one; writes nothing."""
@@ -1261,7 +1264,9 @@ def simulate(
 
     engine = read_only_engine(settings.database_url)
     ensure_current_schema(engine)
-    impact = run_simulation(engine=engine, current=current, new=new, since=at - window, now=at, top=top)
+    impact = run_simulation(
+        engine=engine, current=current, new=new, since=at - window, now=at, top=top, whole_history=whole_history
+    )
     if as_json:
         print(json.dumps(impact.to_json(), indent=2))
         return

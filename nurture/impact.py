@@ -132,6 +132,19 @@ def inflight_changes(
     return changes
 
 
+def step_order(*playbooks: Playbook) -> dict[tuple[str, str], tuple[int, int]]:
+    """Where each (sequence, step) stands, for listing steps as the playbooks have them (the first given wins)."""
+    order: dict[tuple[str, str], tuple[int, int]] = {}
+    names: list[str] = []
+    for playbook in playbooks:
+        names.extend(n for n in playbook.sequences if n not in names)
+    for playbook in playbooks:
+        for name, sequence in playbook.sequences.items():
+            for position, step in enumerate(sequence.steps):
+                order.setdefault((name, step.id), (names.index(name), position))
+    return order
+
+
 def _email_reason(outcome: Outcome, reason: str | None) -> str:
     return f"{outcome.value}: {reason}" if reason else outcome.value
 
@@ -145,6 +158,8 @@ class Impact:
     current_version: str
     new_version: str
     top: int = 10
+    # (sequence, step) → its place in the playbooks (see ``step_order``); steps not in it come last.
+    order: Mapping[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
     leads: int = 0
     stage_differs: int = 0
     emails_differ: int = 0
@@ -230,7 +245,8 @@ class Impact:
     def email_rows(self) -> list[dict[str, Any]]:
         """Per sequence and step: each outcome's count under each playbook and the difference."""
         rows = []
-        for (sequence, step), sides in sorted(self.emails.items()):
+        last = (len(self.order) + 1, 0)
+        for (sequence, step), sides in sorted(self.emails.items(), key=lambda i: (self.order.get(i[0], last), i[0])):
             row: dict[str, Any] = {"sequence": sequence, "step": step}
             for outcome in Outcome:
                 before, after = sides["current"][outcome], sides["new"][outcome]

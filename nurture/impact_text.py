@@ -37,13 +37,16 @@ def stage_matrix(impact: Impact) -> Table:
 
 def email_table(impact: Impact) -> Table:
     table = Table(title="Emails per sequence and step over the window (current → new)", title_justify="left")
+    rows = impact.email_rows()
+    # Outcomes no step had under either playbook are left out, so the table fits a terminal.
+    shown = [o for o in Outcome if o == Outcome.sent or any(r[o.value]["current"] or r[o.value]["new"] for r in rows)]
     for name in ("sequence", "step"):
         table.add_column(name)
-    for outcome in Outcome:
+    for outcome in shown:
         table.add_column(outcome.value, justify="right")
     table.add_column("sent Δ", justify="right")
-    for row in impact.email_rows():
-        cells = [_pair(row[o.value]["current"], row[o.value]["new"]) for o in Outcome]
+    for row in rows:
+        cells = [_pair(row[o.value]["current"], row[o.value]["new"]) for o in shown]
         table.add_row(row["sequence"], row["step"], *cells, _signed(row["sent"]["difference"]))
     return table
 

@@ -49,6 +49,7 @@ from nurture.sequences import (
     exits_on_transition,
     plan_enrollments,
     reached_goals,
+    step_now,
 )
 from nurture.suppression import suppression_reason
 
@@ -127,6 +128,9 @@ class _Enrolled:
 class _Replay:
     lead: LeadHistory
     playbook: Playbook
+    # The playbook that replaces ``playbook`` at ``switch_at`` (None: none, or already switched).
+    switch_to: Playbook | None = None
+    switch_at: datetime | None = None
     stage: Stage = Stage.cold
     score: LeadScoreState = field(default_factory=LeadScoreState)
     review_at: datetime | None = None
@@ -170,6 +174,8 @@ class _Replay:
 
     def _next_look(self) -> datetime | None:
         times: list[datetime] = []
+        if self.switch_to is not None and self.switch_at is not None:
+            times.append(self.switch_at)
         if self.applied < len(self.lead.events):
             times.append(self.lead.events[self.applied].occurred_at)
         if self.review_at is not None:
@@ -187,6 +193,8 @@ class _Replay:
     # -- one look ----------------------------------------------------------------------------
 
     def _look(self, at: datetime) -> None:
+        if self.switch_to is not None and self.switch_at is not None and self.switch_at <= at:
+            self._switch(at)
         new: list[PastEvent] = []
         while self.applied < len(self.lead.events) and self.lead.events[self.applied].occurred_at <= at:
             new.append(self.lead.events[self.applied])
@@ -249,15 +257,20 @@ class _Replay:
         self.emails.append(StepOutcome(step.sequence, step.step_id, outcome, at, reason))
         enrolled.in_flight = enrolled.held_until = None
 
-    def _rescore(self, new: list[PastEvent], at: datetime) -> None:
+    def _rescore(self, new: list[PastEvent], at: datetime, *, from_zero: bool = False) -> None:
+        """Bring the score to ``at`` with the new events; ``from_zero``: score every event again under the
+        playbook's rules, as the first cycle after a change of them does (a replay, ``plan_chunk``'s)."""
         playbook = self.playbook
+        if from_zero:
+            self.counted.clear()
         points = event_points(
             [ActivityEvent(p.kind, p.occurred_at) for p in new], playbook.scoring, at, already_counted=self.counted
         )
         for event in points.counted:
             self.counted[(event.kind, event.occurred_at.date())] += 1
+        state = LeadScoreState(score=self.score.score) if from_zero else self.score
         update = rescore(
-            self.score, profile=self.lead.profile, new_events=(), scoring=playbook.scoring, now=at, new_points=points
+            state, profile=self.lead.profile, new_events=(), scoring=playbook.scoring, now=at, new_points=points
         )
         self.score = LeadScoreState(update.fit, update.engagement, at, update.score)
         purchased = bool(update.kinds_seen & set(playbook.stages.customer.on_events))
@@ -273,6 +286,14 @@ class _Replay:
             )
         if target != self.stage:
             self._move(target, at)
+
+    def _switch(self, at: datetime) -> None:
+        """The new playbook goes live at ``at``: enrollments walk on under it, and if its scoring or
+        stages changed, the lead is scored again from all its events, from the stage it is in."""
+        assert self.switch_to is not None
+        before, self.playbook, self.switch_to = self.playbook, self.switch_to, None
+        if before.scoring_version != self.playbook.scoring_version:
+            self._rescore(list(self.lead.events[: self.applied]), at, from_zero=True)
 
     def _move(self, target: Stage, at: datetime) -> None:
         check_move(self.lead.id, self.stage, target)
@@ -341,8 +362,16 @@ class _Replay:
             return
         if self.suppressed:
             for enrolled in due:
-                self._settle(enrolled, at, suppressed=True)
+                self._settle(enrolled, at, Outcome.suppressed, "address suppressed")
             return
+        for enrolled in list(due):
+            step = enrolled.in_flight
+            assert step is not None
+            if step_now(self.playbook, step.sequence, step.step_id) is None:
+                # The playbook changed while it was held: as the dispatcher does, cancel it and walk on.
+                gone = "step" if step.sequence in self.playbook.sequences else "sequence"
+                self._settle(enrolled, at, Outcome.cancelled, f"{gone} removed from the playbook before it was sent")
+                due.remove(enrolled)
         emails = [
             DueEmail(
                 e.snapshot.id,
@@ -361,23 +390,32 @@ class _Replay:
             wait = verdicts.get(enrolled.snapshot.id)
             if wait is None:
                 self.sent_times.append(at)
-                self._settle(enrolled, at, suppressed=False)
+                self._settle(enrolled, at, Outcome.sent, None)
             else:
                 enrolled.held_until = wait[0]
 
-    def _settle(self, enrolled: _Enrolled, at: datetime, *, suppressed: bool) -> None:
+    def _settle(self, enrolled: _Enrolled, at: datetime, outcome: Outcome, reason: str | None) -> None:
+        """The step in flight went out (or was suppressed, or cancelled): the walk goes on from ``at``."""
         step = enrolled.in_flight
         assert step is not None
-        if suppressed:
-            self._outcome(enrolled, Outcome.suppressed, at, "address suppressed")
-        else:
+        if outcome == Outcome.sent:
             enrolled.sent_at[step.step_id] = at
-            self._outcome(enrolled, Outcome.sent, at, None)
-        settled = SettledStep(enrolled.snapshot, suppressed=suppressed)
+        self._outcome(enrolled, outcome, at, reason)
+        settled = SettledStep(enrolled.snapshot, suppressed=outcome == Outcome.suppressed)
         [change] = after_steps_settled([settled], playbook=self.playbook, at=at)
         self._apply(enrolled, change)
 
 
-def replay_lead(lead: LeadHistory, playbook: Playbook, *, now: datetime) -> LeadRun:
-    """The lead's stages, enrollments and emails had ``playbook`` been in force for all its history."""
-    return _Replay(lead, playbook).run(now)
+def replay_lead(
+    lead: LeadHistory,
+    playbook: Playbook,
+    *,
+    now: datetime,
+    switch_to: Playbook | None = None,
+    switch_at: datetime | None = None,
+) -> LeadRun:
+    """The lead's stages, enrollments and emails had ``playbook`` been in force for all its history,
+    or until ``switch_at``, when ``switch_to`` went live (as a deployed change would)."""
+    if switch_to is not None and (switch_at is None or switch_at <= lead.starts_at):
+        playbook, switch_to = switch_to, None
+    return _Replay(lead, playbook, switch_to, switch_at).run(now)

@@ -147,6 +147,12 @@ def test_a_lowered_warm_threshold_shows_its_impact_and_the_database_is_unchanged
     assert all("@" in lead["email"] for lead in most)
     assert most[0]["stage"] == {"current": "cold", "new": "warm"}
 
+    # The window starts before the first lead arrived: the change in force from the start is the same change.
+    whole = json.loads(
+        simulate(database_url, "--playbook", str(lowered), "--json", "--top", "5", "--whole-history").stdout
+    )
+    assert whole == report
+
     # The text report says the same, for a person.
     shown = simulate(database_url, "--playbook", str(lowered)).stdout
     assert "Leads in another stage now" in shown

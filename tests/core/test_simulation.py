@@ -187,3 +187,51 @@ def test_a_stored_click_on_the_welcome_takes_the_branch_to_the_case_study() -> N
     ]
     run = replay_lead(clicked, playbook, now=now)
     assert [(e.step_id, e.at) for e in run.emails] == [("welcome", T0), ("case_study", T0 + timedelta(days=4))]
+
+
+def test_the_new_playbook_goes_live_at_the_window_start_from_the_state_the_current_one_left() -> None:
+    someone = lead(
+        [("page_view", T0 + timedelta(hours=1)), ("page_view", T0 + timedelta(hours=2))],
+        job_title="VP Product",
+        company_size=200,
+        country="US",
+    )
+    since, now = T0 + timedelta(days=1), T0 + timedelta(days=2)
+    lowered = edited(WARM, "warm: {enter_at: 25, leave_below: 20}")
+    run = replay_lead(someone, parse_playbook(SHIPPED), now=now, switch_to=lowered, switch_at=since)
+    # Cold under the current playbook until the change goes live; then scored again under the new one: warm.
+    assert [(t.from_stage, t.to_stage, t.at) for t in run.transitions] == [(Stage.cold, Stage.warm, since)]
+    assert sent(run) == [("welcome", "welcome")]
+    whole = replay_lead(someone, parse_playbook(SHIPPED), now=now, switch_to=lowered, switch_at=None)
+    assert [t.at for t in whole.transitions] == [T0]
+
+
+def test_a_step_removed_while_its_email_is_held_is_cancelled_when_the_change_goes_live() -> None:
+    # Hot on a Saturday: the demo offer waits for Monday's send window; the change removing it goes live on Sunday.
+    saturday = T0 + timedelta(days=5)
+    someone = lead(
+        [("demo_request", saturday), ("webinar_attended", saturday), ("pricing_view", saturday)],
+        job_title="CTO",
+        company_size=500,
+    )
+    offer = """      - after: 0h
+        template: demo_offer
+        subject: "See {{ brand.name }} on your own data"
+"""
+    sunday = saturday + timedelta(days=1)
+    run = replay_lead(
+        someone,
+        parse_playbook(SHIPPED),
+        now=saturday + timedelta(days=4),
+        switch_to=edited(offer, ""),
+        switch_at=sunday,
+    )
+    first = run.emails[0]
+    assert (first.step_id, first.outcome, first.at) == (
+        "demo_offer",
+        Outcome.cancelled,
+        T0 + timedelta(days=7, hours=-1),
+    )
+    assert first.reason == "step removed from the playbook before it was sent"
+    # The walk goes on with the step that is left, its `after` counted from then.
+    assert sent(run) == [("demo_offer", "sales_handoff")]
