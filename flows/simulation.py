@@ -20,7 +20,7 @@ from nurture.history import LeadHistory
 from nurture.impact import Impact, inflight_changes, step_order
 from nurture.playbook import Playbook, Stage
 from nurture.scoring import ActivityEvent
-from nurture.simulation import replay_lead
+from nurture.simulation import replay_both
 
 BATCH = 2000
 
@@ -71,8 +71,7 @@ def simulate(
             session.rollback()
         switch_at = None if whole_history else since
         for lead in leads:
-            changed = replay_lead(lead, current, now=now, switch_to=new, switch_at=switch_at)
-            impact.add(lead, replay_lead(lead, current, now=now), changed)
+            impact.add(lead, *replay_both(lead, current, new, now=now, switch_at=switch_at))
         before = first_cycle_stages(leads, playbook=current, now=now)
         after_change = first_cycle_stages(leads, playbook=new, now=now)
         stages = {i: (before[i], after_change[i]) for i in before}

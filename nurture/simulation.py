@@ -24,6 +24,7 @@ Pure: no clock, no database; ``now`` is a parameter.
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
@@ -34,7 +35,15 @@ from nurture.contact import DueEmail, decide
 from nurture.history import CLICK, OPEN, LeadHistory, PastEvent
 from nurture.lifecycle import review_thresholds, target_stage
 from nurture.playbook import Playbook, Stage
-from nurture.scoring import ActivityEvent, LeadScoreState, engagement_at, event_points, next_review_at, rescore
+from nurture.scoring import (
+    ActivityEvent,
+    LeadScoreState,
+    engagement_at,
+    event_points,
+    fit_breakdown,
+    next_review_at,
+    rescore,
+)
 from nurture.sequences import (
     Activity,
     EnrollmentChange,
@@ -132,6 +141,8 @@ class _Replay:
     switch_to: Playbook | None = None
     switch_at: datetime | None = None
     stage: Stage = Stage.cold
+    # The profile's fit points under ``playbook`` (the profile does not change during a replay).
+    fit: dict[str, float] | None = None
     score: LeadScoreState = field(default_factory=LeadScoreState)
     review_at: datetime | None = None
     counted: Counter[tuple[str, date]] = field(default_factory=Counter)
@@ -141,18 +152,40 @@ class _Replay:
     refused: list[EnrollmentOutcome] = field(default_factory=list)
     last_enrolled: dict[tuple[int, str], datetime] = field(default_factory=dict)
     sent_times: list[datetime] = field(default_factory=list)
+    # When the next look is due (None: nothing left to look at).
+    pending: datetime | None = None
     emails: list[StepOutcome] = field(default_factory=list)
     transitions: list[StageChange] = field(default_factory=list)
 
-    def run(self, now: datetime) -> LeadRun:
-        at: datetime | None = self.lead.starts_at
+    def advance(self, until: datetime, *, inclusive: bool = True) -> None:
+        """Take every look before ``until`` (and at it, if ``inclusive``)."""
+        at = self.pending
         looks = 0
-        while at is not None and at <= now:
+        while at is not None and (at < until or (inclusive and at == until)):
             self._look(at)
             at = self._next_look()
             looks += 1
             if looks > _MAX_LOOKS:
                 raise AssertionError(f"lead {self.lead.id}: the replay does not move forward at {at}")
+        self.pending = at
+
+    def fork(self, switch_to: Playbook, at: datetime) -> _Replay:
+        """A copy of this replay so far, whose playbook is replaced by ``switch_to`` at ``at`` (no look
+        was taken at or after ``at``): the two go on apart, sharing the lead and the playbooks."""
+        other = copy.copy(self)
+        other.counted = Counter(self.counted)
+        other.enrolled = [replace(e, sent_at=dict(e.sent_at)) for e in self.enrolled]
+        other.refused = list(self.refused)
+        other.last_enrolled = dict(self.last_enrolled)
+        other.sent_times = list(self.sent_times)
+        other.emails = list(self.emails)
+        other.transitions = list(self.transitions)
+        other.switch_to, other.switch_at, other.pending = switch_to, at, at
+        return other
+
+    def run(self, now: datetime) -> LeadRun:
+        """Take the looks left up to ``now``; what the replay did, with the lead's score at ``now``."""
+        self.advance(now)
         for enrolled in self.enrolled:
             if enrolled.in_flight is not None:
                 self._outcome(enrolled, Outcome.queued, now, "held by the contact policy when the replay ends")
@@ -269,8 +302,16 @@ class _Replay:
         for event in points.counted:
             self.counted[(event.kind, event.occurred_at.date())] += 1
         state = LeadScoreState(score=self.score.score) if from_zero else self.score
+        if self.fit is None:
+            self.fit = fit_breakdown(self.lead.profile, playbook.scoring.fit)
         update = rescore(
-            state, profile=self.lead.profile, new_events=(), scoring=playbook.scoring, now=at, new_points=points
+            state,
+            profile=self.lead.profile,
+            new_events=(),
+            scoring=playbook.scoring,
+            now=at,
+            new_points=points,
+            fit_points=self.fit,
         )
         self.score = LeadScoreState(update.fit, update.engagement, at, update.score)
         purchased = bool(update.kinds_seen & set(playbook.stages.customer.on_events))
@@ -292,6 +333,7 @@ class _Replay:
         stages changed, the lead is scored again from all its events, from the stage it is in."""
         assert self.switch_to is not None
         before, self.playbook, self.switch_to = self.playbook, self.switch_to, None
+        self.fit = None
         if before.scoring_version != self.playbook.scoring_version:
             self._rescore(list(self.lead.events[: self.applied]), at, from_zero=True)
 
@@ -418,4 +460,17 @@ def replay_lead(
     or until ``switch_at``, when ``switch_to`` went live (as a deployed change would)."""
     if switch_to is not None and (switch_at is None or switch_at <= lead.starts_at):
         playbook, switch_to = switch_to, None
-    return _Replay(lead, playbook, switch_to, switch_at).run(now)
+    return _Replay(lead, playbook, switch_to, switch_at, pending=lead.starts_at).run(now)
+
+
+def replay_both(
+    lead: LeadHistory, current: Playbook, new: Playbook, *, now: datetime, switch_at: datetime | None
+) -> tuple[LeadRun, LeadRun]:
+    """``replay_lead`` under ``current`` and with ``new`` going live at ``switch_at`` (None: from the
+    start), the history before ``switch_at`` replayed once for both."""
+    if switch_at is None or switch_at <= lead.starts_at:
+        return replay_lead(lead, current, now=now), replay_lead(lead, new, now=now)
+    before = _Replay(lead, current, pending=lead.starts_at)
+    before.advance(min(switch_at, now), inclusive=False)
+    changed = before.fork(new, switch_at)
+    return before.run(now), changed.run(now)

@@ -8,9 +8,10 @@ from datetime import datetime, timedelta
 from nurture.history import LeadHistory, LiveEnrollment, PastEvent
 from nurture.impact import Impact, inflight_changes
 from nurture.playbook import Playbook, Stage, parse_playbook
+from nurture.population import generate_population
 from nurture.scoring import LeadScoreState
 from nurture.sequences import EnrollmentState
-from nurture.simulation import LeadRun, Outcome, replay_lead
+from nurture.simulation import LeadRun, Outcome, replay_both, replay_lead
 from tests.conftest import PLAYBOOK_PATH, T0
 
 SHIPPED = PLAYBOOK_PATH.read_text()
@@ -235,3 +236,30 @@ def test_a_step_removed_while_its_email_is_held_is_cancelled_when_the_change_goe
     assert first.reason == "step removed from the playbook before it was sent"
     # The walk goes on with the step that is left, its `after` counted from then.
     assert sent(run) == [("demo_offer", "sales_handoff")]
+
+
+def test_replaying_both_at_once_is_the_same_as_replaying_each() -> None:
+    population = generate_population(leads=120, start=T0, end=T0 + timedelta(weeks=5), seed=4)
+    events: dict[str, list[PastEvent]] = {}
+    for record in sorted(population.events, key=lambda e: e.occurred_at):
+        events.setdefault(record.email, []).append(PastEvent(record.kind, record.occurred_at))
+    current, lowered = parse_playbook(SHIPPED), edited(WARM, "warm: {enter_at: 25, leave_below: 20}")
+    now = T0 + timedelta(weeks=5)
+    since = now - timedelta(days=14)
+    differ = 0
+    for number, record in enumerate(population.leads, 1):
+        profile = {"email": record.email, **record.profile, "attributes": record.attributes}
+        history = replace(
+            lead([], lead_id=number),
+            email=record.email,
+            profile=profile,
+            timezone=str(record.profile.get("timezone") or "UTC"),
+            events=tuple(events.get(record.email, ())),
+        )
+        both = replay_both(history, current, lowered, now=now, switch_at=since)
+        assert both == (
+            replay_lead(history, current, now=now),
+            replay_lead(history, current, now=now, switch_to=lowered, switch_at=since),
+        )
+        differ += both[0] != both[1]
+    assert differ > 0
