@@ -227,3 +227,32 @@ def test_a_missing_database_is_a_clear_error(tmp_path: Path) -> None:
     result = simulate(f"sqlite:///{tmp_path / 'nurture.db'}", expect=1)
     assert "there is no database at" in result.stderr
     assert not (tmp_path / "nurture.db").exists()
+
+
+def test_simulate_starts_no_prefect(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'nurture.db'}"
+    upgrade_schema(get_engine(url))
+    probe = (
+        "import sys, atexit\n"
+        "loaded = lambda: any(m.split('.')[0] == 'prefect' for m in sys.modules)\n"
+        "atexit.register(lambda: print('prefect' if loaded() else 'no prefect'))\n"
+        "sys.argv = ['nurture', 'simulate', '--json']\n"
+        "from nurture.cli import main\n"
+        "main()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "NURTURE_DATABASE_URL": url,
+            "NURTURE_PLAYBOOK": str(PLAYBOOK_PATH),
+            "NURTURE_TEMPLATES": str(TEMPLATES_DIR),
+        },
+        timeout=120,
+        check=True,
+    )
+    report, verdict = result.stdout.rsplit("}", 1)
+    assert json.loads(report + "}")["leads"] == 0
+    assert verdict.strip() == "no prefect"
