@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 from sqlalchemy import Engine, case, create_engine, event, select
 from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
 from sqlmodel import col
 
 from db.cycle import CLICK, OPEN, PROFILE_COLUMNS, batched
@@ -60,12 +61,12 @@ def _message_id(value: Any) -> int | None:
         return None
 
 
-def lead_histories(*, session: Any, lead_ids: Sequence[int], now: datetime) -> list[LeadHistory]:
+def lead_histories(*, session: Session, lead_ids: Sequence[int], now: datetime) -> list[LeadHistory]:
     """The leads with these ids, each with its events up to ``now`` (oldest first), in id order."""
     if not lead_ids:
         return []
     ids = sorted(set(lead_ids))
-    leads = []
+    leads: list[Any] = []
     steps: dict[int, tuple[str, str]] = {}
     events: dict[int, list[PastEvent]] = defaultdict(list)
     suppressed: dict[str, datetime] = {}
@@ -120,7 +121,7 @@ def lead_histories(*, session: Any, lead_ids: Sequence[int], now: datetime) -> l
     ]
 
 
-def live_enrollments(*, session: Any, lead_ids: Sequence[int]) -> list[LiveEnrollment]:
+def live_enrollments(*, session: Session, lead_ids: Sequence[int]) -> list[LiveEnrollment]:
     """The active enrollments of these leads, with each lead's address."""
     found: list[LiveEnrollment] = []
     for chunk in batched(sorted(set(lead_ids))):

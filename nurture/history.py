@@ -1,8 +1,9 @@
-"""What ``nurture simulate`` replays: a lead's stored history and the live enrollments, as plain snapshots.
+"""What ``nurture simulate`` replays, and what a replay gives back, as plain values.
 
-``db/`` loads these in set-based batches; :mod:`nurture.simulation` replays them under a
-playbook. They live apart from the simulator so the database layer can build them without
-importing the contact policy.
+A lead's stored history and the live enrollments: ``db/`` loads these in set-based batches,
+:mod:`nurture.simulation` replays them under a playbook and returns a :class:`LeadRun`. They
+live apart from the simulator so the database layer can build them without importing the
+contact policy.
 
 Pure: no clock, no database.
 """
@@ -12,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from nurture.playbook import Stage
 from nurture.scoring import LeadScoreState
-from nurture.sequences import Branch
+from nurture.sequences import Branch, EnrollmentState
 
 # Stored event kinds of a person opening and clicking an email (an Apple Mail machine open is another kind).
 OPEN, CLICK = "email_open", "email_click"
@@ -68,3 +70,54 @@ class LiveEnrollment:
     branches: tuple[Branch, ...]
     # None while its last step is in flight (a message queued, not yet settled).
     next_due_at: datetime | None
+
+
+class Outcome(StrEnum):
+    """What became of a step the replay decided."""
+
+    sent = "sent"
+    # Its unless / only_if ruled it out.
+    skipped = "skipped"
+    # Its enrollment ended before it went out: the lead left the stage, or reached the goal.
+    cancelled = "cancelled"
+    # The address was suppressed (unsubscribe, bounce, spam report, by hand).
+    suppressed = "suppressed"
+    # Decided, and held by the contact policy when the replay ends.
+    queued = "queued"
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutcome:
+    sequence: str
+    step_id: str
+    outcome: Outcome
+    at: datetime
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StageChange:
+    from_stage: Stage
+    to_stage: Stage
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollmentOutcome:
+    """An enrollment the replay started (or refused: ``skipped``), and how it stood at the end."""
+
+    sequence: str
+    started_at: datetime
+    state: EnrollmentState
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LeadRun:
+    """One lead replayed under one playbook up to ``now``."""
+
+    stage: Stage
+    score: float
+    transitions: tuple[StageChange, ...]
+    emails: tuple[StepOutcome, ...]
+    enrollments: tuple[EnrollmentOutcome, ...]

@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from nurture.history import LeadHistory, LiveEnrollment
+from nurture.history import LeadHistory, LeadRun, LiveEnrollment, Outcome
 from nurture.playbook import Playbook, Stage
 from nurture.sequences import EnrollmentState, next_step, step_now
-from nurture.simulation import LeadRun, Outcome
 
 SIDES = ("current", "new")
 # In-flight examples kept per simulation (the counts cover all of them).

@@ -10,9 +10,9 @@ from typing import Any
 
 from rich.table import Table
 
+from nurture.history import Outcome
 from nurture.impact import Impact
 from nurture.playbook import Stage
-from nurture.simulation import Outcome
 
 
 def _signed(n: int) -> str:

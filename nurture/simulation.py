@@ -28,11 +28,20 @@ import copy
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
-from enum import StrEnum
 
 from nurture.advancing import check_move
 from nurture.contact import DueEmail, decide
-from nurture.history import CLICK, OPEN, LeadHistory, PastEvent
+from nurture.history import (
+    CLICK,
+    OPEN,
+    EnrollmentOutcome,
+    LeadHistory,
+    LeadRun,
+    Outcome,
+    PastEvent,
+    StageChange,
+    StepOutcome,
+)
 from nurture.lifecycle import review_thresholds, target_stage
 from nurture.playbook import Playbook, Stage
 from nurture.scoring import (
@@ -64,57 +73,6 @@ from nurture.suppression import suppression_reason
 
 # A replay that takes more looks than this is a bug (every look moves time or a walk forward).
 _MAX_LOOKS = 1_000_000
-
-
-class Outcome(StrEnum):
-    """What became of a step the replay decided."""
-
-    sent = "sent"
-    # Its unless / only_if ruled it out.
-    skipped = "skipped"
-    # Its enrollment ended before it went out: the lead left the stage, or reached the goal.
-    cancelled = "cancelled"
-    # The address was suppressed (unsubscribe, bounce, spam report, by hand).
-    suppressed = "suppressed"
-    # Decided, and held by the contact policy when the replay ends.
-    queued = "queued"
-
-
-@dataclass(frozen=True, slots=True)
-class StepOutcome:
-    sequence: str
-    step_id: str
-    outcome: Outcome
-    at: datetime
-    reason: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class StageChange:
-    from_stage: Stage
-    to_stage: Stage
-    at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class EnrollmentOutcome:
-    """An enrollment the replay started (or refused: ``skipped``), and how it stood at the end."""
-
-    sequence: str
-    started_at: datetime
-    state: EnrollmentState
-    reason: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class LeadRun:
-    """One lead replayed under one playbook up to ``now``."""
-
-    stage: Stage
-    score: float
-    transitions: tuple[StageChange, ...]
-    emails: tuple[StepOutcome, ...]
-    enrollments: tuple[EnrollmentOutcome, ...]
 
 
 @dataclass

@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import datetime, timedelta
 
-from nurture.history import LeadHistory, LiveEnrollment, PastEvent
+from nurture.history import LeadHistory, LeadRun, LiveEnrollment, Outcome, PastEvent
 from nurture.impact import Impact, inflight_changes
 from nurture.playbook import Playbook, Stage, parse_playbook
 from nurture.population import generate_population
 from nurture.scoring import LeadScoreState
 from nurture.sequences import EnrollmentState
-from nurture.simulation import LeadRun, Outcome, replay_both, replay_lead
+from nurture.simulation import replay_both, replay_lead
 from tests.conftest import PLAYBOOK_PATH, T0
 
 SHIPPED = PLAYBOOK_PATH.read_text()
