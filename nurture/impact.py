@@ -145,7 +145,9 @@ def step_order(*playbooks: Playbook) -> dict[tuple[str, str], tuple[int, int]]:
 
 
 def _email_reason(outcome: Outcome, reason: str | None) -> str:
-    return f"{outcome.value}: {reason}" if reason else outcome.value
+    if not reason:
+        return outcome.value
+    return reason if reason.startswith(f"{outcome.value}:") else f"{outcome.value}: {reason}"
 
 
 @dataclass
