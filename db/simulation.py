@@ -32,17 +32,24 @@ from nurture.sequences import Branch, EnrollmentState
 
 def read_only_engine(url: str) -> Engine:
     """An engine that cannot change the database: ``mode=ro`` for a SQLite file, read-only transactions
-    on PostgreSQL. Reads take no write lock, so a simulation never holds up the cycle."""
+    on PostgreSQL. A transaction reads one snapshot of the database (a deferred ``BEGIN`` in WAL mode;
+    ``REPEATABLE READ``) and takes no write lock, so a simulation never holds up the cycle."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         path = Path(parsed.database or "")
         if not path.is_file():
             raise ConfigurationError(f"there is no database at {path}: nothing to simulate (run `nurture db upgrade`)")
-        return create_engine(
+        engine = create_engine(
             f"sqlite:///file:{quote(str(path.resolve()))}?mode=ro&uri=true",
             connect_args={"check_same_thread": False, "timeout": 30},
         )
-    engine = create_engine(url, pool_pre_ping=True)
+        # The driver would begin no transaction for reads: begin one, so every batch sees the same snapshot.
+        event.listen(
+            engine, "connect", lambda dbapi_connection, _record: setattr(dbapi_connection, "isolation_level", None)
+        )
+        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
+        return engine
+    engine = create_engine(url, pool_pre_ping=True, isolation_level="REPEATABLE READ")
 
     @event.listens_for(engine, "connect")
     def _read_only(dbapi_connection: Any, _record: Any) -> None:

@@ -63,22 +63,23 @@ def simulate(
         order=step_order(new, current),
     )
     after = 0
-    while True:
-        with Session(engine) as session:
+    # One read-only transaction for every batch: the simulation sees one moment of the database.
+    with Session(engine) as session:
+        while True:
             ids = all_lead_ids(session=session, after_id=after, limit=batch_size)
             leads = lead_histories(session=session, lead_ids=ids, now=now)
             enrollments = live_enrollments(session=session, lead_ids=ids)
-            session.rollback()
-        switch_at = None if whole_history else since
-        for lead in leads:
-            impact.add(lead, *replay_both(lead, current, new, now=now, switch_at=switch_at))
-        before = first_cycle_stages(leads, playbook=current, now=now)
-        after_change = first_cycle_stages(leads, playbook=new, now=now)
-        stages = {i: (before[i], after_change[i]) for i in before}
-        impact.add_go_live(stages)
-        impact.add_inflight(inflight_changes(enrollments, current=current, new=new, stage_now=stages))
-        if progress is not None:
-            progress(len(ids))
-        if len(ids) < batch_size:
-            return impact
-        after = ids[-1]
+            switch_at = None if whole_history else since
+            for lead in leads:
+                impact.add(lead, *replay_both(lead, current, new, now=now, switch_at=switch_at))
+            before = first_cycle_stages(leads, playbook=current, now=now)
+            after_change = first_cycle_stages(leads, playbook=new, now=now)
+            stages = {i: (before[i], after_change[i]) for i in before}
+            impact.add_go_live(stages)
+            impact.add_inflight(inflight_changes(enrollments, current=current, new=new, stage_now=stages))
+            if progress is not None:
+                progress(len(ids))
+            if len(ids) < batch_size:
+                session.rollback()
+                return impact
+            after = ids[-1]
