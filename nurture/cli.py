@@ -1264,9 +1264,21 @@ def simulate(
 
     engine = read_only_engine(settings.database_url)
     ensure_current_schema(engine)
-    impact = run_simulation(
-        engine=engine, current=current, new=new, since=at - window, now=at, top=top, whole_history=whole_history
+    shown = Progress(
+        TextColumn("simulating: {task.completed} leads"), console=errors, transient=True, disable=not errors.is_terminal
     )
+    with shown as progress:
+        bar = progress.add_task("simulating", total=None)
+        impact = run_simulation(
+            engine=engine,
+            current=current,
+            new=new,
+            since=at - window,
+            now=at,
+            top=top,
+            whole_history=whole_history,
+            progress=lambda leads: progress.advance(bar, leads),
+        )
     if as_json:
         print(json.dumps(impact.to_json(), indent=2))
         return
