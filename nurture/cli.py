@@ -1274,6 +1274,69 @@ def diagram(
         console.print(f"[green]wrote[/] {escape(str(path))}", highlight=False)
 
 
+@app.command()
+def simulate(
+    playbook: Annotated[
+        Path | None, typer.Option(metavar="NEW.yaml", help="The changed playbook (default: the current one)")
+    ] = None,
+    templates: Annotated[
+        Path | None, typer.Option(metavar="DIR", help="Its templates (default: NURTURE_TEMPLATES)")
+    ] = None,
+    since: Annotated[
+        str, typer.Option(metavar="DURATION", help="Count emails and stage changes this far back")
+    ] = "30d",
+    top: Annotated[int, typer.Option(min=0, help="Show this many of the leads most affected")] = 10,
+    now: Annotated[str | None, typer.Option(help="Simulate up to this ISO 8601 time (default: now)")] = None,
+    whole_history: Annotated[
+        bool, typer.Option("--whole-history", help="The new playbook from each lead's first event, not from --since")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Replay the stored events under a changed playbook next to the current one; writes nothing."""
+    from flows.simulation import simulate as run_simulation
+    from nurture.impact_text import report
+    from nurture.playbook import load_playbook, parse_duration
+    from nurture.rendering import EmailRenderer
+
+    settings = _settings()
+    try:
+        window = parse_duration(since)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--since") from exc
+    current = load_playbook(settings.nurture_playbook, templates_dir=settings.nurture_templates)
+    new_path, new_templates = playbook or settings.nurture_playbook, templates or settings.nurture_templates
+    new = load_playbook(new_path, templates_dir=new_templates)
+    problems = EmailRenderer(new_templates).check(new)
+    if problems:
+        raise PlaybookError(problems)
+    at = _parse_now(now)
+    from db.engine import ensure_current_schema
+    from db.simulation import read_only_engine
+
+    engine = read_only_engine(settings.database_url)
+    ensure_current_schema(engine)
+    shown = Progress(
+        TextColumn("simulating: {task.completed} leads"), console=errors, transient=True, disable=not errors.is_terminal
+    )
+    with shown as progress:
+        bar = progress.add_task("simulating", total=None)
+        impact = run_simulation(
+            engine=engine,
+            current=current,
+            new=new,
+            since=at - window,
+            now=at,
+            top=top,
+            whole_history=whole_history,
+            progress=lambda leads: progress.advance(bar, leads),
+        )
+    if as_json:
+        print(json.dumps(impact.to_json(), indent=2))
+        return
+    for part in report(impact, current_path=str(settings.nurture_playbook), new_path=str(new_path)):
+        console.print(part, highlight=False)
+
+
 def main() -> None:
     """Entry point: runs the app and turns nurture's errors into messages."""
     try:

@@ -193,10 +193,13 @@ def rescore(
     now: datetime,
     already_counted: Mapping[tuple[str, date], int] | None = None,
     new_points: EventPoints | None = None,
+    fit_points: Mapping[str, float] | None = None,
 ) -> ScoreUpdate:
     """Bring a lead's score to ``now`` from its stored state and its unseen events (or their points,
-    when the database summed them: ``new_points``)."""
-    fit_points = fit_breakdown(profile, scoring.fit)
+    when the database summed them: ``new_points``). ``fit_points``: the profile's ``fit_breakdown``,
+    when the caller already has it (a simulation scores the same profile at every event)."""
+    if fit_points is None:
+        fit_points = fit_breakdown(profile, scoring.fit)
     fit = sum(fit_points.values())
     decayed = engagement_at(state.engagement, state.scored_at, now, scoring.half_life)
     new = (
