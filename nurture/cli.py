@@ -1282,6 +1282,12 @@ def simulate(
     templates: Annotated[
         Path | None, typer.Option(metavar="DIR", help="Its templates (default: NURTURE_TEMPLATES)")
     ] = None,
+    against: Annotated[
+        Path | None,
+        typer.Option(
+            "--current", metavar="LIVE.yaml", help="The playbook live now, to compare with (default: NURTURE_PLAYBOOK)"
+        ),
+    ] = None,
     since: Annotated[
         str, typer.Option(metavar="DURATION", help="Count emails and stage changes this far back")
     ] = "30d",
@@ -1303,7 +1309,8 @@ def simulate(
         window = parse_duration(since)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--since") from exc
-    current = load_playbook(settings.nurture_playbook, templates_dir=settings.nurture_templates)
+    current_path = against or settings.nurture_playbook
+    current = load_playbook(current_path, templates_dir=settings.nurture_templates)
     new_path, new_templates = playbook or settings.nurture_playbook, templates or settings.nurture_templates
     new = load_playbook(new_path, templates_dir=new_templates)
     problems = EmailRenderer(new_templates).check(new)
@@ -1333,7 +1340,7 @@ def simulate(
     if as_json:
         print(json.dumps(impact.to_json(), indent=2))
         return
-    for part in report(impact, current_path=str(settings.nurture_playbook), new_path=str(new_path)):
+    for part in report(impact, current_path=str(current_path), new_path=str(new_path)):
         console.print(part, highlight=False)
 
 

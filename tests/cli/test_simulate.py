@@ -172,6 +172,14 @@ def test_a_lowered_warm_threshold_shows_its_impact_and_the_database_is_unchanged
     assert same["emails_total"]["sent"]["current"] > 0
     assert same["most_affected"] == []
 
+    # The other way round (--current names the live one): the same leads, from warm back to cold.
+    back = json.loads(
+        simulate(database_url, "--current", str(lowered), "--playbook", str(PLAYBOOK_PATH), "--json").stdout
+    )
+    assert {(m["from"], m["to"]): m["leads"] for m in back["stage_matrix"]} == {
+        ("warm", "cold"): matrix[("cold", "warm")]
+    }
+
     assert dump(get_engine(database_url)) == before
     if path is not None:
         assert path.read_bytes() == file_bytes
