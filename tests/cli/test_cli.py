@@ -18,24 +18,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli.runner import run_nurture
 from tests.conftest import PLAYBOOK_PATH, TEMPLATES_DIR
 
 pytestmark = pytest.mark.usefixtures("nurture_env")
 
 
 def nurture(*args: str, env: dict[str, str] | None = None, expect: int = 0) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "nurture.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "COLUMNS": "200", **(env or {})},
-        timeout=600,
-        check=False,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == expect, output
-    assert "Traceback" not in output, output
-    return result
+    return run_nurture(*args, env=env, expect=expect)
 
 
 def test_version_is_the_installed_package_s() -> None:

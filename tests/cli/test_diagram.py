@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.cli.runner import run_nurture
 
 pytestmark = pytest.mark.usefixtures("nurture_env")
 
@@ -18,18 +19,7 @@ NEEDS_DOT = pytest.mark.skipif(
 
 
 def nurture(*args: str, env: dict[str, str] | None = None, expect: int = 0) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "nurture.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "COLUMNS": "200", **(env or {})},
-        timeout=300,
-        check=False,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == expect, output
-    assert "Traceback" not in output, output
-    return result
+    return run_nurture(*args, env=env, expect=expect, timeout=300)
 
 
 @NEEDS_DOT

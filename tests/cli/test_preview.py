@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli.runner import run_nurture
 from tests.fakes.fake_sendgrid import FakeSendGrid
 
 pytestmark = pytest.mark.usefixtures("nurture_env")
@@ -27,19 +28,7 @@ SECRET = "preview-test-secret-key-0123456789"
 def nurture(
     *args: str, cwd: Path, env: dict[str, str] | None = None, expect: int = 0
 ) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "nurture.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env={**os.environ, "COLUMNS": "200", "NURTURE_SECRET_KEY": SECRET, **(env or {})},
-        timeout=120,
-        check=False,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == expect, output
-    assert "Traceback" not in output, output
-    return result
+    return run_nurture(*args, cwd=cwd, env={"NURTURE_SECRET_KEY": SECRET, **(env or {})}, expect=expect, timeout=120)
 
 
 def read_eml(path: Path) -> EmailMessage:

@@ -24,6 +24,7 @@ from db.reports import emails_sent_between
 from nurture.inbound import parse_sendgrid_batch
 from nurture.playbook import load_playbook
 from nurture.population import engagement_events, generate_population
+from tests.cli.runner import run_nurture
 from tests.conftest import PLAYBOOK_PATH, TEMPLATES_DIR
 from tests.db.world import World
 
@@ -78,24 +79,12 @@ def sqlite_file(url: str) -> Path | None:
 
 
 def simulate(url: str, *args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "nurture.cli", "simulate", "--now", NOW.isoformat(), *args],
-        capture_output=True,
-        text=True,
-        env={
-            **os.environ,
-            "COLUMNS": "200",
-            "NURTURE_DATABASE_URL": url,
-            "NURTURE_PLAYBOOK": str(PLAYBOOK_PATH),
-            "NURTURE_TEMPLATES": str(TEMPLATES_DIR),
-        },
-        timeout=600,
-        check=False,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == expect, output
-    assert "Traceback" not in output, output
-    return result
+    settings = {
+        "NURTURE_DATABASE_URL": url,
+        "NURTURE_PLAYBOOK": str(PLAYBOOK_PATH),
+        "NURTURE_TEMPLATES": str(TEMPLATES_DIR),
+    }
+    return run_nurture("simulate", "--now", NOW.isoformat(), *args, env=settings, expect=expect)
 
 
 def differences(report: dict[str, Any]) -> dict[str, Any]:

@@ -7,11 +7,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.cli.runner import run_nurture
 from tests.conftest import PLAYBOOK_PATH, ROOT, TEMPLATES_DIR
 
 SHIPPED = PLAYBOOK_PATH.read_text()
@@ -22,19 +22,15 @@ def nurture(
 ) -> subprocess.CompletedProcess[str]:
     """The command run in ``cwd`` with no NURTURE_ setting: the playbook and templates found there."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("NURTURE_")}
-    result = subprocess.run(
-        [sys.executable, *python, "-m", "nurture.cli", *args],
-        capture_output=True,
-        text=True,
+    return run_nurture(
+        *args,
         cwd=cwd,
-        env={**clean, "COLUMNS": "80", "PYTHONPATH": str(ROOT), **(env or {})},
+        expect=expect,
+        python=python,
+        base_env=clean,
+        env={"COLUMNS": "80", "PYTHONPATH": str(ROOT), **(env or {})},
         timeout=120,
-        check=False,
     )
-    output = result.stdout + result.stderr
-    assert result.returncode == expect, output
-    assert "Traceback" not in output, output
-    return result
 
 
 @pytest.fixture
