@@ -10,30 +10,18 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
-from sqlmodel import select
 
 from db.engine import session_scope
 from db.inbound import suppress
-from db.models import Suppression
 from nurture.api import create_app
 from nurture.settings import Settings
-from nurture.transports import InMemoryTransport
 from tests.api.conftest import ANN, NOW, TOKEN
+from tests.api.test_unsubscribe_links import _link_path, _suppressions
 from tests.conftest import T0
-from tests.db.world import SENDER, World
+from tests.db.world import World
 
 BRAND = "Acme Analytics"  # the shipped playbook's brand
 BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
-
-
-def _link_path(world: World) -> str:
-    assert isinstance(world.transport, InMemoryTransport)
-    return world.transport.sent[-1].unsubscribe_url.removeprefix(SENDER.public_url)
-
-
-def _suppressions(world: World) -> list[tuple[str | None, str, str]]:
-    with session_scope(world.engine) as session:
-        return [(row.email, row.reason, row.source) for row in session.scalars(select(Suppression))]
 
 
 def _is_branded_page(answer: Any, status: int) -> None:
