@@ -10,7 +10,7 @@ batch, whatever its size) and idempotent.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, select, update
@@ -64,14 +64,24 @@ def stop_mailing(*, session: Session, lead_ids: Sequence[int], reason: str, now:
 
 
 def suppress(*, session: Session, entries: Sequence[tuple[str, str]], now: datetime, source: str) -> int:
-    """Add (email, reason) suppressions; an address already suppressed keeps its first reason."""
+    """Add (email, reason) suppressions; an address already suppressed keeps its first reason, except an
+    unsubscribe made with a link, which a later suppression of another source replaces: the page's undo
+    lifts only a link's unsubscribe, so a bounce or spam report after it must be what the row says."""
     rows: dict[str, dict[str, Any]] = {}
     for email, reason in entries:
         hashed = email_hash(email)
         rows.setdefault(hashed, {"email": email, "email_hash": hashed, "reason": reason, "at": now, "source": source})
     if not rows:
         return 0
-    statement = dialect_insert(session, Suppression).on_conflict_do_nothing(index_elements=["email_hash"])
+    insert = dialect_insert(session, Suppression)
+    if source == LINK_SOURCE:
+        statement = insert.on_conflict_do_nothing(index_elements=["email_hash"])
+    else:
+        statement = insert.on_conflict_do_update(
+            index_elements=["email_hash"],
+            set_={"reason": insert.excluded.reason, "source": insert.excluded.source, "at": insert.excluded.at},
+            where=col(Suppression.source) == LINK_SOURCE,
+        )
     # Sorted by hash: concurrent writers take the unique index's locks in one order.
     ordered = [rows[h] for h in sorted(rows)]
     return len(list(session.execute(statement.returning(col(Suppression.id)), ordered)))
@@ -97,15 +107,18 @@ def apply_suppressions(
     return added
 
 
-# The sources of an unsubscribe made with one of nurture's links (nurture/api.py), which its page can undo.
-LINK_SOURCES = ("link", "expired link")
+# The source of an unsubscribe made with one of nurture's links still in its time (nurture/api.py): the
+# only suppression the page's undo lifts, and only for UNDO_WINDOW after it was made, so the undo serves
+# whoever pressed the button by mistake, not whoever holds a forwarded email months later.
+LINK_SOURCE = "link"
+UNDO_WINDOW = timedelta(hours=1)
 
 
-def resubscribe(*, session: Session, lead_id: int) -> bool:
-    """Lift the lead's unsubscribe if it was made with a link; False when there is none to lift.
+def resubscribe(*, session: Session, lead_id: int, now: datetime) -> bool:
+    """Lift the lead's unsubscribe if a link made it within the last UNDO_WINDOW; False when there is none.
 
-    Only an unsubscribe: a bounce, a spam report, SendGrid's own suppressions or a manual
-    one stay. What was cancelled when it was made stays cancelled.
+    Only that: a bounce, a spam report, SendGrid's own suppressions, a manual one or an
+    unsubscribe with an expired link stay. What was cancelled when it was made stays cancelled.
     """
     email = lead_address(session=session, lead_id=lead_id)
     if email is None:
@@ -114,7 +127,8 @@ def resubscribe(*, session: Session, lead_id: int) -> bool:
         delete(Suppression).where(
             col(Suppression.email_hash) == email_hash(email),
             col(Suppression.reason) == "unsubscribe",
-            col(Suppression.source).in_(LINK_SOURCES),
+            col(Suppression.source) == LINK_SOURCE,
+            col(Suppression.at) >= now - UNDO_WINDOW,
         )
     )
     return _rowcount(removed) > 0

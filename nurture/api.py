@@ -470,13 +470,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post("/unsubscribe/{token}/undo", response_class=HTMLResponse)
     def undo_unsubscribe(token: str) -> HTMLResponse:
-        """Subscribe again, for whoever unsubscribed by mistake: lifts an unsubscribe made with a link
-        (never a bounce, a spam report or SendGrid's own), and only with a link still in its time."""
+        """Subscribe again, for whoever unsubscribed by mistake: lifts an unsubscribe made with a link in
+        its time within the last hour (never a bounce, a spam report or SendGrid's own)."""
+        now = _now()
 
         def apply(session: Session, link: UnsubscribeLink) -> bool:
-            return not link.expired and resubscribe(session=session, lead_id=link.lead_id)
+            return not link.expired and resubscribe(session=session, lead_id=link.lead_id, now=now)
 
-        if not _lead_for(token, _now(), then=apply):
+        if not _lead_for(token, now, then=apply):
             return _html(pages.cannot_undo_page(brand), status=409)
         return _html(pages.resubscribed_page(brand))
 

@@ -4,15 +4,17 @@ OpenAPI document with the request bodies the endpoints read raw."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine
+from sqlalchemy import Engine, update
 
 from db.engine import session_scope
 from db.inbound import suppress
+from db.models import Suppression
+from db.suppressions import UNDO_WINDOW
 from nurture.api import create_app
 from nurture.settings import Settings
 from tests.api.conftest import ANN, NOW, TOKEN
@@ -65,6 +67,29 @@ def test_an_undo_never_lifts_a_suppression_the_link_did_not_make(client: TestCli
     assert client.post(path).status_code == 200
     _is_branded_page(client.post(f"{path}/undo"), 409)
     assert _suppressions(world) == [(ANN, "spamreport", "sendgrid")]
+
+
+def test_a_suppression_arriving_after_the_link_s_unsubscribe_is_kept_by_the_undo(
+    client: TestClient, world: World
+) -> None:
+    world.mailed_hot_lead(ANN, at=T0, now=NOW)
+    path = _link_path(world)
+    assert client.post(path).status_code == 200
+    with session_scope(world.engine) as session:  # the person then reports the earlier email as spam
+        suppress(session=session, entries=[(ANN, "spamreport")], now=NOW, source="sendgrid")
+    assert _suppressions(world) == [(ANN, "spamreport", "sendgrid")]
+    _is_branded_page(client.post(f"{path}/undo"), 409)
+    assert _suppressions(world) == [(ANN, "spamreport", "sendgrid")]
+
+
+def test_the_undo_is_for_a_mistake_not_for_an_unsubscribe_an_hour_old(client: TestClient, world: World) -> None:
+    world.mailed_hot_lead(ANN, at=T0, now=NOW)
+    path = _link_path(world)
+    assert client.post(path).status_code == 200
+    with session_scope(world.engine) as session:
+        session.execute(update(Suppression).values(at=datetime.now(UTC) - UNDO_WINDOW - timedelta(minutes=1)))
+    _is_branded_page(client.post(f"{path}/undo"), 409)
+    assert _suppressions(world) == [(ANN, "unsubscribe", "link")]
 
 
 def test_a_bad_unsubscribe_link_gets_a_branded_page_not_json(client: TestClient, world: World) -> None:
