@@ -31,7 +31,7 @@ from flows.sending import Sender, compose_email
 from nurture.errors import DeliveryError, NurtureError, UnknownNameError
 from nurture.inbound import TEST_SEND_ARG
 from nurture.playbook import Playbook, Step, Variant, load_playbook
-from nurture.preview import PreviewTarget, resolve, template_files
+from nurture.preview import PREVIEW_LINK_PATH, SAMPLE_LINK_PATH, TEST_LINK_PATH, PreviewTarget, resolve, template_files
 from nurture.rendering import EmailRenderer, sample_context
 from nurture.sequences import assign_variant
 from nurture.settings import Settings
@@ -42,9 +42,6 @@ from nurture.transports.outbox import build_mime
 TEST_SUBJECT_PREFIX = "[TEST] "
 TEST_HEADER = "X-Nurture-Test"
 TEST_CATEGORY = "nurture-test"
-# The unsubscribe link of the sample lead and of test sends: a link that unsubscribes no one.
-SAMPLE_LINK_PATH = "sample-lead"
-TEST_LINK_PATH = "test-send"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +85,10 @@ class Previewer:
         return resolve(self.playbook, name, templates=template_files(self.templates_dir), variant_for=variant_for)
 
     def render(self, target: PreviewTarget, *, lead: LeadForEmail | None, now: datetime, test: bool = False) -> Preview:
-        """The email ``target`` sends to ``lead`` (None: the sample lead), composed as the dispatcher composes it.
+        """The email ``target`` sends to ``lead`` (None: the sample lead), composed as the dispatcher composes it,
+        with an unsubscribe link that unsubscribes no one in place of the lead's.
 
-        ``test``: with the link of a test send, which unsubscribes no one. Raises ``TemplateError``.
+        ``test``: with the link of a test send. Raises ``TemplateError``.
         """
         public = self.sender.public_url.rstrip("/")
         if lead is None:
@@ -99,7 +97,7 @@ class Previewer:
             link = f"{public}/unsubscribe/{SAMPLE_LINK_PATH}"
         else:
             fields, to_email, rendered_for = lead.fields, lead.email, lead.email
-            link = self.sender.unsubscribe_link(lead.lead_id, email=lead.email, now=now)
+            link = f"{public}/unsubscribe/{PREVIEW_LINK_PATH}"
         if test:
             link = f"{public}/unsubscribe/{TEST_LINK_PATH}"
         email = compose_email(
@@ -154,11 +152,14 @@ def write_preview(preview: Preview, directory: Path) -> PreviewFiles:
     return files
 
 
-def as_test(email: OutgoingEmail, *, to: str, name: str, now: datetime) -> OutgoingEmail:
+def as_test(email: OutgoingEmail, *, to: str, name: str, now: datetime, lead_id: int | None = None) -> OutgoingEmail:
     """The email marked as a test and addressed to ``to``: subject prefix, header, custom arg, category.
 
-    It carries no message id, so no provider event of it can be counted for a lead.
+    It carries no message id, so no provider event of it can be counted for a lead. Rendered for a
+    real lead, its outbox file is named after the lead (``lead-ID``) as the lead's own emails are,
+    so `nurture forget` removes it with them.
     """
+    owner = f"lead-{lead_id}/" if lead_id is not None else ""
     return replace(
         email,
         to_email=to,
@@ -167,7 +168,7 @@ def as_test(email: OutgoingEmail, *, to: str, name: str, now: datetime) -> Outgo
         custom_args={TEST_SEND_ARG: "true"},
         category=TEST_CATEGORY,
         # A new outbox file for every test send.
-        idempotency_key=f"test/{name}/{now:%Y%m%dT%H%M%S%f}",
+        idempotency_key=f"test/{owner}{name}/{now:%Y%m%dT%H%M%S%f}",
         date=now,
     )
 
@@ -226,9 +227,9 @@ def run_preview(
         files = write_preview(shown, default_directory(target, out=out, many=len(targets) > 1))
         sent = None
         if test_to is not None:
-            test = as_test(
-                previewer.render(target, lead=lead, now=now, test=True).email, to=test_to, name=target.name, now=now
-            )
+            rendered = previewer.render(target, lead=lead, now=now, test=True).email
+            lead_id = lead.lead_id if lead is not None else None
+            test = as_test(rendered, to=test_to, name=target.name, now=now, lead_id=lead_id)
             sent = send_test_email(test, transport_from_settings(settings))
         results.append(PreviewResult(shown, files, sent))
     return results

@@ -50,7 +50,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from db.engine import ensure_current_schema, get_engine
 from db.imports import add_events
 from db.inbound import ingest_provider_events, unsubscribe_lead
-from db.suppressions import has_active_enrollments, lead_address, resubscribe, stop_mailing
+from db.suppressions import LINK_SOURCE, has_active_enrollments, lead_address, resubscribe, stop_mailing
 from db.transactions import TransactionRetries, retrying_transaction, unavailable_cause
 from nurture import pages
 from nurture.api_schemas import EventsRequest, SendGridEventBatch, component_schemas, request_body
@@ -65,6 +65,7 @@ from nurture.inbound import parse_api_events, parse_sendgrid_batch
 from nurture.pages import PageBrand
 from nurture.payloads import parse_json
 from nurture.playbook import load_playbook
+from nurture.preview import INERT_LINK_PATHS
 from nurture.settings import Settings, get_settings
 from nurture.unsubscribe import UnsubscribeLink, claimed_lead_id, read_unsubscribe_token
 
@@ -426,6 +427,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/unsubscribe/{token}", response_class=HTMLResponse)
     def unsubscribe_page(token: str) -> HTMLResponse:
         """A confirmation page; mail scanners open links, so a GET alone changes nothing."""
+        if token in INERT_LINK_PATHS:
+            return _html(pages.preview_link_page(brand))
 
         def look(session: Session, link: UnsubscribeLink) -> tuple[UnsubscribeLink, bool]:
             return link, has_active_enrollments(session=session, lead_id=link.lead_id)
@@ -445,10 +448,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         stopping mail never harms the person, refusing might break the law. Only a link
         still in its time offers the undo.
         """
+        if token in INERT_LINK_PATHS:
+            return _html(pages.preview_link_page(brand))
         now = _now()
 
         def apply(session: Session, link: UnsubscribeLink) -> UnsubscribeLink:
-            source = "expired link" if link.expired else "link"
+            source = "expired link" if link.expired else LINK_SOURCE
             unsubscribe_lead(session=session, lead_id=link.lead_id, now=now, source=source)
             return link
 

@@ -118,6 +118,19 @@ def series_stopped_page(brand: PageBrand, *, unsubscribe: str) -> str:
     )
 
 
+def preview_link_page(brand: PageBrand) -> str:
+    """The unsubscribe link of a preview or a test email: it works, and changes nothing."""
+    return page(
+        brand,
+        title="This is a preview",
+        paragraphs=[
+            "This unsubscribe link comes from a preview or a test email, so it changes nothing: "
+            "no address was unsubscribed.",
+            "In the emails your leads receive, this link opens the page that unsubscribes them.",
+        ],
+    )
+
+
 def resubscribed_page(brand: PageBrand) -> str:
     return page(
         brand,

@@ -27,6 +27,15 @@ from nurture.playbook import TEMPLATE_NAME, Playbook, Step, Variant
 
 # The sequence name in an email's context when the template is previewed outside any sequence.
 NO_SEQUENCE = "preview"
+# The unsubscribe links of previews and test sends: links that unsubscribe no one (the API answers
+# them with a page saying so). A preview for a real lead does not carry its real link either: a
+# marketer clicking it (or a mail program offering one-click unsubscribe on the .eml) would
+# unsubscribe a customer.
+SAMPLE_LINK_PATH = "sample-lead"
+PREVIEW_LINK_PATH = "preview"
+TEST_LINK_PATH = "test-send"
+INERT_LINK_PATHS = frozenset({SAMPLE_LINK_PATH, PREVIEW_LINK_PATH, TEST_LINK_PATH})
+
 # How many valid names an unknown-name error lists before "... and N more".
 MAX_NAMES_LISTED = 40
 

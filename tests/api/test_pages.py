@@ -92,6 +92,15 @@ def test_the_undo_is_for_a_mistake_not_for_an_unsubscribe_an_hour_old(client: Te
     assert _suppressions(world) == [(ANN, "unsubscribe", "link")]
 
 
+def test_the_links_of_previews_and_test_emails_say_so_and_unsubscribe_no_one(client: TestClient, world: World) -> None:
+    world.mailed_hot_lead(ANN, at=T0, now=NOW)
+    for path in ("/unsubscribe/preview", "/unsubscribe/test-send", "/unsubscribe/sample-lead"):
+        for answer in (client.get(path), client.post(path)):
+            _is_branded_page(answer, 200)
+            assert "This is a preview" in answer.text
+    assert _suppressions(world) == []
+
+
 def test_a_bad_unsubscribe_link_gets_a_branded_page_not_json(client: TestClient, world: World) -> None:
     world.mailed_hot_lead(ANN, at=T0, now=NOW)
     path = _link_path(world)

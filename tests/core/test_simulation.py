@@ -18,6 +18,7 @@ SHIPPED = PLAYBOOK_PATH.read_text()
 HANDOFF = """      - after: 2d
         template: sales_handoff
         subject: "Your {{ brand.name }} contact{% if lead.company %} for {{ lead.company }}{% endif %}"
+        preheader: "Pricing, security or a trial on your own data: one person to ask from now on."
 """
 WARM = "warm: {enter_at: 40, leave_below: 30}"
 
@@ -218,6 +219,7 @@ def test_a_step_removed_while_its_email_is_held_is_cancelled_when_the_change_goe
     offer = """      - after: 0h
         template: demo_offer
         subject: "See {{ brand.name }} on your own data"
+        preheader: "A 30-minute demo{% if lead.company %} for {{ lead.company }}{% endif %} with a product specialist."
 """
     sunday = saturday + timedelta(days=1)
     run = replay_lead(

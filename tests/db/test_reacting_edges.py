@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import io
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -46,12 +46,12 @@ def playbook_before_waits() -> Playbook:
     return parse_playbook(text[:start] + old_welcome + text[end:].replace(nudge, "", 1))
 
 
-def printed_explanation(report: dict[str, Any]) -> str:
+def printed_explanation(report: dict[str, Any], playbook: Playbook, now: datetime) -> str:
     out = io.StringIO()
     saved = cli.console
     cli.console = Console(file=out, width=200)
     try:
-        cli._print_explanation(report)
+        cli._print_explanation(report, playbook, now)
     finally:
         cli.console = saved
     return out.getvalue()
@@ -114,7 +114,9 @@ def test_after_the_upgrade_explain_does_not_say_the_waiting_welcome_ends(engine:
     [enrollment] = report["enrollments"]
     assert enrollment["state"] == "active"
     assert enrollment["waiting_for"] is not None or enrollment["next_step"] is not None, enrollment
-    assert "welcome: ends" not in printed_explanation(report)
+    printed = printed_explanation(report, world.playbook, T0 + 3 * HOUR)
+    assert "welcome: no step left" not in printed
+    assert "welcome: waiting until " in printed
 
 
 def test_an_unsubscribe_while_waiting_clears_the_wait_deadline(engine: Engine) -> None:
