@@ -347,11 +347,26 @@ def _referenced(tree: nodes.Template) -> Iterator[tuple[str, int, bool]]:
                 yield name.value, ref.lineno, not isinstance(ref, nodes.Extends)
 
 
+# What a template may call on any mapping of its context (``lead.get("company")``, ``links.items()``).
+MAPPING_METHODS = frozenset({"get", "items", "keys", "values"})
+
+
 def _attributes(tree: nodes.Template) -> Iterator[tuple[str, str, nodes.Node]]:
-    """``lead.x``, ``lead['x']``, ``brand.x``, ``links.x``: the owner, the name and the node."""
+    """``lead.x``, ``lead['x']``, ``brand.x``, ``links.x``: the owner, the name and the node.
+
+    Not a mapping method called (``lead.get(...)``), and nothing of a name the file binds itself
+    (``{% for lead in ... %}``, ``{% set links = ... %}``, a macro's argument): that is not the context's."""
+    bound = {n.name for n in tree.find_all(nodes.Name) if n.ctx in ("store", "param")}
+    called = {
+        id(call.node)
+        for call in tree.find_all(nodes.Call)
+        if isinstance(call.node, nodes.Getattr) and call.node.attr in MAPPING_METHODS
+    }
     for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
         owner = getattr(node, "node", None)
-        if not isinstance(owner, nodes.Name) or owner.name not in ("lead", "brand", "links"):
+        if not isinstance(owner, nodes.Name) or owner.name not in ("lead", "brand", "links") or owner.name in bound:
+            continue
+        if id(node) in called:
             continue
         if isinstance(node, nodes.Getattr):
             yield owner.name, node.attr, node

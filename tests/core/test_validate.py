@@ -348,3 +348,15 @@ def test_a_typo_early_in_the_layout_does_not_hide_a_problem_further_on(project: 
     _edited(templates / "check_in.html", 'lead.first_name or "there"', "lead.company.upper()")
     problems = validate_files(playbook, templates).problems
     assert [(p.file, p.line) for p in problems] == [(f"{templates}/_layout.html", 1), (f"{templates}/check_in.html", 3)]
+
+
+def test_mapping_methods_and_names_a_template_binds_itself_are_not_typos(project: tuple[Path, Path]) -> None:
+    playbook, templates = project
+    _edited(
+        templates / "check_in.html",
+        "{% block body %}",
+        "{% block body %}<p>{{ lead.get('company') or 'your team' }}</p>"
+        "{% for name, url in links.items() %}<a href='{{ url }}'>{{ name }}</a>{% endfor %}"
+        "{% for lead in ['x'] %}{{ lead.upper() }}{% endfor %}",
+    )
+    assert validate_files(playbook, templates).problems == []
