@@ -50,8 +50,6 @@ def get_engine(url: str) -> Engine:
     except ArgumentError as exc:
         raise ConfigurationError(f"NURTURE_DATABASE_URL is not a database URL: {url!r}") from exc
     if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         # Let SQLAlchemy stop emitting BEGIN so ours (IMMEDIATE) is the one used.
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -114,8 +112,21 @@ def current_revision(engine: Engine) -> str | None:
     return str(row[0]) if row else None
 
 
+def sqlite_file(engine: Engine) -> Path | None:
+    """The file of a SQLite database (None for PostgreSQL or an in-memory one)."""
+    if engine.dialect.name != "sqlite" or engine.url.database in (None, "", ":memory:"):
+        return None
+    return Path(engine.url.database)
+
+
 def ensure_current_schema(engine: Engine) -> None:
-    """Refuse to run on a database whose schema is not this version's."""
+    """Refuse to run on a database whose schema is not this version's.
+
+    A SQLite file that does not exist is refused before connecting: connecting would create an
+    empty database at a mistyped path and every later command would read it as "no leads"."""
+    path = sqlite_file(engine)
+    if path is not None and not path.exists():
+        raise SchemaOutOfDateError(f"there is no database at {path}: run `nurture db upgrade` to create it")
     current, head = current_revision(engine), head_revision()
     if current == head:
         return
@@ -144,6 +155,9 @@ def upgrade_schema(engine: Engine) -> tuple[str | None, str]:
     from alembic import command
     from alembic.config import Config
 
+    path = sqlite_file(engine)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
     before = current_revision(engine)
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))

@@ -92,9 +92,20 @@ def test_status_and_explain_tell_the_story(engine: Engine, playbook: Playbook) -
 
 
 def test_an_empty_database_is_refused_with_the_command_to_run(tmp_path: Path) -> None:
+    (tmp_path / "new.db").touch()
     engine = get_engine(f"sqlite:///{tmp_path / 'new.db'}")
-    with pytest.raises(SchemaOutOfDateError, match="run `nurture db upgrade`"):
+    with pytest.raises(SchemaOutOfDateError, match="has no nurture tables yet: run `nurture db upgrade`"):
         ensure_current_schema(engine)
+
+
+def test_a_mistyped_database_path_is_refused_and_nothing_is_created_there(tmp_path: Path) -> None:
+    """Connecting would create an empty file (and its directory) that every later command
+    reads as a database with no leads."""
+    missing = tmp_path / "typo" / "nurture.db"
+    engine = get_engine(f"sqlite:///{missing}")
+    with pytest.raises(SchemaOutOfDateError, match=f"there is no database at {missing}: run `nurture db upgrade`"):
+        ensure_current_schema(engine)
+    assert not missing.parent.exists()
 
 
 def test_a_value_the_database_refuses_is_a_row_problem_and_the_batch_is_kept(
