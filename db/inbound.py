@@ -71,6 +71,7 @@ def ingest_provider_events(*, session: Session, events: Sequence[ProviderEvent],
                 "properties": e.properties,
                 "applied": False,
                 "received_at": now,
+                "message_id": e.message_id,
             }
             for e in scored
             if e.email is not None
@@ -98,7 +99,7 @@ def ingest_provider_events(*, session: Session, events: Sequence[ProviderEvent],
 
 
 def _settle_messages(session: Session, events: Sequence[ProviderEvent], now: datetime) -> int:
-    """processed/delivered confirm a send left in doubt; bounce/dropped fail it.
+    """processed/delivered confirm a send left in doubt; delivered dates it; bounce/dropped fail it.
 
     One executemany per kind of change: a batch of 1,000 events is two round trips, not 1,000.
     """
@@ -126,6 +127,19 @@ def _settle_messages(session: Session, events: Sequence[ProviderEvent], now: dat
             )
         )
         updated += _rowcount(session.execute(statement, confirmed))
+    delivered = [
+        {"mid": e.message_id, "at": e.occurred_at}
+        for e in events
+        if e.event_type == "delivered" and e.message_id is not None
+    ]
+    if delivered:
+        # The first delivery counts (SendGrid may report one again); reports count delivered emails by it.
+        statement = (
+            table.update()
+            .where(table.c.id == bindparam("mid"), table.c.delivered_at.is_(None))
+            .values(delivered_at=bindparam("at"))
+        )
+        session.execute(statement, delivered)
     failed = [
         {"mid": e.message_id, "why": f"{e.event_type}: {e.reason or 'no reason given'}"}
         for e in events

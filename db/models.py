@@ -139,6 +139,13 @@ class Event(SQLModel, table=True):
         ),
         # Explain, caps: one lead's events by kind and time.
         Index("ix_event_lead_kind_time", "lead_id", "kind", "occurred_at"),
+        # Reports: an email's opens, clicks, bounces and spam reports.
+        Index(
+            "ix_event_message",
+            "message_id",
+            postgresql_where=text("message_id IS NOT NULL"),
+            sqlite_where=text("message_id IS NOT NULL"),
+        ),
     )
 
     id: int | None = _pk()
@@ -150,6 +157,9 @@ class Event(SQLModel, table=True):
     properties: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     applied: bool = False
     received_at: datetime = _utc()
+    # The email this event is about (SendGrid's ``nurture_message_id``): no foreign key, an event
+    # may name an email of a lead since forgotten or one from another database.
+    message_id: int | None = Field(default=None, sa_type=_BigId)
 
 
 class ScoreChange(SQLModel, table=True):
@@ -260,6 +270,8 @@ class Message(SQLModel, table=True):
         # Dispatch start: claims and sends whose lease ran out.
         Index("ix_message_status_lease", "status", "lease_until"),
         Index("ix_message_lead", "lead_id"),
+        # Reports: the emails sent in a period.
+        Index("ix_message_sent_at", "sent_at"),
         {"sqlite_autoincrement": True},  # ids are never reused: migration 0004
     )
 
@@ -292,6 +304,8 @@ class Message(SQLModel, table=True):
     subject: str | None = Field(default=None, sa_type=String(500))
     created_at: datetime = _utc()
     sent_at: datetime | None = _utc(default=None)
+    # SendGrid's ``delivered`` event: the receiving server accepted the email.
+    delivered_at: datetime | None = _utc(default=None)
     updated_at: datetime = _utc()
 
 

@@ -266,6 +266,8 @@ ENGAGEMENT = {
 APPLE_MAIL_SHARE = 0.25
 # The shipped welcome's split test: variant b's subject gets more opens (so a report has something to find).
 VARIANT_OPEN_LIFT = {"b": 1.3}
+# The receiving server accepts every demo email this long after it left.
+DELIVERY_DELAY = timedelta(seconds=4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,14 +298,15 @@ def _provider_event(email: SentEmail, kind: str, at: datetime, seed: int, n: int
 
 
 def engagement_events(sent: Iterable[SentEmail], *, personas: Mapping[str, str], seed: int = 7) -> list[dict[str, Any]]:
-    """What the demo's leads do with their emails, as the SendGrid event webhook reports it: opens
-    (Apple's machine opens flagged ``sg_machine_open``, as SendGrid does) and clicks. The same
+    """What the demo's leads do with their emails, as the SendGrid event webhook reports it: delivery,
+    opens (Apple's machine opens flagged ``sg_machine_open``, as SendGrid does) and clicks. The same
     emails and seed give the same events."""
     events: list[dict[str, Any]] = []
     for email in sent:
         rng = _seeded(seed, "message", email.message_id)
         p_open, p_click = ENGAGEMENT.get(personas.get(email.email, ""), (0.3, 0.2))
         p_open = min(p_open * VARIANT_OPEN_LIFT.get(email.variant or "", 1.0), 0.95)
+        events.append(_provider_event(email, "delivered", email.sent_at + DELIVERY_DELAY, seed, 3))
         if _seeded(seed, "apple", email.email).random() < APPLE_MAIL_SHARE:
             machine = email.sent_at + timedelta(minutes=rng.uniform(1, 20))
             events.append(_provider_event(email, "open", machine, seed, 0, sg_machine_open=True))

@@ -138,7 +138,8 @@ def test_the_demo_leads_open_and_click_as_sendgrid_reports_it() -> None:
     assert events == engagement_events(sent, personas=personas, seed=7)  # the same demo every time
     batch = parse_sendgrid_batch(events)
     assert len(batch.events) == len(events)
-    assert {e.scoring_kind for e in batch.events} == {"email_open", "email_machine_open", "email_click"}
+    assert {e.scoring_kind for e in batch.events} == {"email_open", "email_machine_open", "email_click", None}
+    assert sum(e.event_type == "delivered" for e in batch.events) == len(sent)  # every email is delivered
     assert all(e.message_id is not None for e in batch.events)
     machine = {e["email"] for e in events if e.get("sg_machine_open")}
     assert 0.15 < len(machine) / 400 < 0.35  # Apple Mail readers: every email of theirs gets a machine open
