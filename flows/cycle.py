@@ -31,6 +31,7 @@ from db.reports import STAGE_ORDER, funnel
 from flows.advancing import WalkResult, replay_chunk_size, walk_sequences
 from flows.chunks import ARTIFACT_ROWS, Advanced, advance_in_chunks
 from flows.pacing import send_pacer
+from flows.reporting import publish_sequence_report
 from flows.runtime import current_runtime
 from flows.sending import DispatchResult, dispatch_due
 
@@ -157,8 +158,10 @@ def run_and_report(run: Any, **parameters: Any) -> tuple[dict[str, Any], bool]:
     return summary, not state.is_failed()
 
 
-def publish_report(advanced: ChunkResult, dispatched: DispatchResult, *, dry_run: bool = False) -> dict[str, Any]:
-    """Table artifacts with stable keys: transitions, the funnel and its change, messages."""
+def publish_report(
+    advanced: ChunkResult, dispatched: DispatchResult, *, at: datetime, dry_run: bool = False
+) -> dict[str, Any]:
+    """Table artifacts with stable keys: transitions, the funnel and its change, messages, the sequence report."""
     label = "DRY RUN, nothing was written: " if dry_run else ""
     with session_scope(current_runtime().engine) as session:
         totals = funnel(session=session)
@@ -186,6 +189,7 @@ def publish_report(advanced: ChunkResult, dispatched: DispatchResult, *, dry_run
         description="Leads per stage after this run, and how this run changed them",
     )
     publish_messages(dispatched, key="nurture-cycle-messages")
+    publish_sequence_report(at)
     return totals
 
 
@@ -247,7 +251,7 @@ def nurture_cycle(
     failed_chunks = [*(rescore.rescored.failed if rescore.rescored else []), *chunks.failed]
     walked = walk_all(at, batch_size, dry_run=dry_run)
     dispatched = dispatch_task(at, batch_size) if dispatch and not dry_run else DispatchResult()
-    totals = publish_report(advanced, dispatched, dry_run=dry_run)
+    totals = publish_report(advanced, dispatched, at=at, dry_run=dry_run)
     logger.info(
         "cycle at %s: %d leads rescored in %d chunks, %d transitions, %d messages queued, %d sent, %d failed",
         at.isoformat(),

@@ -43,7 +43,7 @@ def rescore_all(
     runtime = current_runtime()
     chunks = rescore_in_chunks(at, batch_size, dry_run=dry_run, fan_out=fan_out)
     advanced = chunks.result
-    publish_report(advanced, DispatchResult(), dry_run=dry_run)
+    publish_report(advanced, DispatchResult(), at=at, dry_run=dry_run)
     if not dry_run and not chunks.failed:
         with session_scope(runtime.engine) as session:
             record_scoring_version(

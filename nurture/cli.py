@@ -1178,6 +1178,7 @@ def demo(
         f"\nDone in {result.seconds:.0f} s. Where to look next:\n"
         f"  • the emails:       {settings.nurture_outbox_dir.resolve()}/  (open any .eml in a mail client)\n"
         f"  • the numbers:      nurture status\n"
+        f"  • what worked:      nurture report --since {weeks}w\n"
         f"  • one lead's story: nurture explain {result.example_email or 'EMAIL'}\n" + reacting,
         highlight=False,
     )
@@ -1342,6 +1343,78 @@ def simulate(
         return
     for part in report(impact, current_path=str(current_path), new_path=str(new_path)):
         console.print(part, highlight=False)
+
+
+@app.command()
+def report(
+    since: Annotated[str, typer.Option(metavar="DURATION", help="Emails sent this far back")] = "30d",
+    sequence: Annotated[str | None, typer.Option(metavar="NAME", help="Only this sequence")] = None,
+    conversion_window: Annotated[
+        str, typer.Option(metavar="DURATION", help="A conversion counts for an email sent this long before it")
+    ] = "14d",
+    metric: Annotated[
+        str | None,
+        typer.Option(
+            metavar="METRIC",
+            help="Judge every split test on opened, clicked or converted (default: each step's judged_on)",
+        ),
+    ] = None,
+    now: Annotated[str | None, typer.Option(help="Report up to this ISO 8601 time (default: now)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="One row per step and variant, for a spreadsheet")] = False,
+) -> None:
+    """What each sequence's emails achieved, per step and variant, and the verdict of each split test."""
+    from db.analytics import Period, sequence_report
+    from db.engine import session_scope
+    from nurture.diagnostics import closest, did_you_mean
+    from nurture.playbook import load_playbook, parse_duration
+    from nurture.report_text import render, report_csv
+    from nurture.reporting import METRICS, report_json
+
+    windows = {}
+    for name, value in (("--since", since), ("--conversion-window", conversion_window)):
+        try:
+            windows[name] = parse_duration(value)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint=name) from exc
+    if metric is not None and metric not in METRICS:
+        suggestion = did_you_mean(closest(metric, METRICS))
+        raise typer.BadParameter(f"one of {', '.join(METRICS)}{suggestion}", param_hint="--metric")
+    if as_json and as_csv:
+        raise typer.BadParameter("choose one of --json and --csv")
+    settings = _settings()
+    try:
+        playbook: Playbook | None = load_playbook(settings.nurture_playbook, templates_dir=settings.nurture_templates)
+    except PlaybookError:
+        playbook = None
+        errors.print(
+            f"[yellow]warning:[/] {escape(str(settings.nurture_playbook))} has problems (see `nurture validate`): "
+            "goals are not known, so every sequence converts on a move up to hot or customer",
+            highlight=False,
+        )
+    if sequence is not None and playbook is not None and sequence not in playbook.sequences:
+        errors.print(
+            f"[yellow]warning:[/] the playbook has no sequence {escape(sequence)!r}"
+            f"{escape(did_you_mean(closest(sequence, playbook.sequences)))}; showing what was sent under that name",
+            highlight=False,
+        )
+    until = _parse_now(now)
+    with session_scope(_engine(), commit=False) as session:
+        result = sequence_report(
+            session=session,
+            playbook=playbook,
+            period=Period(until - windows["--since"], until),
+            conversion_window=windows["--conversion-window"],
+            sequence=sequence,
+            metric=metric,
+        )
+    if as_json:
+        print(json.dumps(report_json(result), indent=2))
+    elif as_csv:
+        sys.stdout.write(report_csv(result))
+    else:
+        for part in render(result):
+            console.print(part, highlight=False)
 
 
 def main() -> None:

@@ -474,6 +474,14 @@ class Variant(_Frozen):
         return variant_id
 
 
+class SplitMetric(StrEnum):
+    """What decides a split test: emails a person opened (a subject line), clicked, or that converted."""
+
+    opened = "opened"
+    clicked = "clicked"
+    converted = "converted"
+
+
 class Step(_Frozen):
     """One email of a sequence, sent ``after`` the previous step was sent or skipped (the first:
     after the stage change). ``id`` (default: the template's name) is how an enrollment
@@ -482,7 +490,8 @@ class Step(_Frozen):
     ``wait_for`` with ``then`` / ``else``: the one branch (both default to the next step in order).
     ``variants``: a split test; then each variant has the template and subject, and the step's are empty
     (what a step sends is in :meth:`contents`). ``preheader``: the preview text inboxes show after the
-    subject, a template string like ``subject`` (with variants: the default of those without their own)."""
+    subject, a template string like ``subject`` (with variants: the default of those without their own).
+    ``judged_on``: what decides the split test, chosen before it starts (default: clicked)."""
 
     id: str = ""
     after: Duration
@@ -495,6 +504,7 @@ class Step(_Frozen):
     then: str | None = None
     else_: str | None = Field(default=None, alias="else")
     variants: tuple[Variant, ...] = ()
+    judged_on: SplitMetric = SplitMetric.clicked
 
     @field_validator("id")
     @classmethod
@@ -517,6 +527,8 @@ class Step(_Frozen):
                 raise ValueError(f"variants need different ids (they are {', '.join(ids)})")
             if not any(v.weight for v in self.variants):
                 raise ValueError("at least one variant needs a weight above 0")
+        elif "judged_on" in self.model_fields_set:
+            raise ValueError("judged_on says what decides a split test: it needs variants")
         elif not self.template or not self.subject:
             missing = " and ".join(k for k in ("template", "subject") if not getattr(self, k))
             raise ValueError(f"a step needs a template and a subject (missing: {missing}), or variants")

@@ -166,6 +166,22 @@ def test_demo_reaches_every_stage_and_sends_multi_step_sequences(prefect_api: st
     # Stored as SendGrid reported them: a person's opens and clicks, and Apple's machine opens apart.
     assert (kinds["email_open"], kinds["email_click"], kinds["email_machine_open"]) == (opens, clicks, machine)
     assert set(arms) == {"a", "b"}
+    # The report the demo points to: per-step opens, clicks, conversions and the split test's verdict.
+    hint = re.search(r"what worked:\s+nurture (report --since \S+)", result.stdout)
+    assert hint, result.stdout
+    report = json.loads(nurture(*hint.group(1).split(), "--json").stdout)
+    welcome = next(s for s in report["sequences"] if s["sequence"] == "welcome")
+    split = welcome["steps"][0]
+    assert [v["variant"] for v in split["variants"]] == ["a", "b"]
+    assert split["verdict"]["metric"] == "opened"
+    assert split["verdict"]["call"] in {"winner", "no clear difference", "too small to call"}
+    steps = [step for sequence in report["sequences"] for step in sequence["steps"]]
+    assert sum(step["sent"] for step in steps) == status["messages_by_status"]["sent"]
+    assert sum(step["opened"] for step in steps) == opens_of_distinct_emails(database)
+    assert min(sum(step[k] for step in steps) for k in ("opened", "clicked", "converted", "machine_opened")) > 0
+    table = nurture(*hint.group(1).split()).stdout
+    assert "Split tests" in table
+    assert "welcome/welcome:" in table
     rerun = nurture("demo", "--leads", "20", "--weeks", "1", "--tick-hours", "48", env=env)
     assert "Starting clean: removed 150 leads" in rerun.stdout
 
@@ -371,3 +387,9 @@ def test_a_scoring_change_is_noticed_and_rescore_all_applies_it(tmp_path: Path, 
     assert (cycle["rescore_needed"], cycle["rescored_all_leads"]) == (False, True)
     assert cycle["transitions"] == {"warm→cold": 1}
     assert json.loads(nurture("status", "--json", env=env).stdout)["rescore_needed"] is False
+
+
+def opens_of_distinct_emails(database: str) -> int:
+    """Emails a person opened, straight from the stored events (machine opens are another kind)."""
+    with closing(sqlite3.connect(database)) as db:
+        return int(db.execute("SELECT count(DISTINCT message_id) FROM event WHERE kind = 'email_open'").fetchone()[0])

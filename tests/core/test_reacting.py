@@ -253,6 +253,12 @@ BAD_VARIANTS = [
     ("      - id: welcome\n        after: 0h\n", "      - after: 0h\n", "needs its own `id:`"),
     ("weight: 50", "weight: -1", "greater than or equal to 0"),
     ("          - id: b\n", "          - id: 'b c'\n", "is not a variant id"),
+    ("        judged_on: opened\n", "        judged_on: opens\n", "'opened', 'clicked' or 'converted'"),
+    (
+        "        template: welcome_nudge\n",
+        "        template: welcome_nudge\n        judged_on: clicked\n",
+        "judged_on says what decides a split test: it needs variants",
+    ),
 ]
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -17,9 +19,12 @@ from prefect.client.schemas.filters import (
     FlowRunFilterId,
     FlowRunFilterName,
 )
+from sqlalchemy import select
+from sqlmodel import col
 
 from db.engine import get_engine, session_scope, upgrade_schema
 from db.imports import add_events, upsert_leads
+from db.models import Message
 from flows.cycle import nurture_cycle
 from flows.runtime import reset_runtime
 from nurture.importing import EventRecord, LeadRecord
@@ -69,12 +74,17 @@ def test_the_cycle_flow_advances_leads_sends_and_publishes_artifacts(
             "advance-leads-2/3",
             "advance-leads-3/3",
         }
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=["nurture-cycle-transitions", "nurture-cycle-messages", "nurture-funnel"])
-            )
+        keys = ["nurture-cycle-transitions", "nurture-cycle-messages", "nurture-funnel", "nurture-sequence-report"]
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+        assert {a.key for a in artifacts} == set(keys)
+        latest = client.read_latest_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["nurture-sequence-report"]))
         )
-        assert {a.key for a in artifacts} == {"nurture-cycle-transitions", "nurture-cycle-messages", "nurture-funnel"}
+    # The last run's report counts every email the cycles sent, per step (a split step: all, then each variant).
+    rows = json.loads(latest[0].data) if isinstance(latest[0].data, str) else latest[0].data
+    steps = [row for row in rows if row["variant"] in ("", "(all)")]
+    assert sum(row["sent"] for row in steps) == summary["messages"]["sent"]
+    assert {row["sequence"] for row in steps} <= set(summary_sequences(engine))
 
 
 def test_a_cycle_that_failed_messages_is_a_failed_run_and_raises_an_event(
@@ -126,3 +136,8 @@ def test_a_cycle_that_failed_messages_is_a_failed_run_and_raises_an_event(
         found = [e for e in answer.json().get("events", []) if e["payload"].get("failed") == 1]
         time.sleep(0.5)
     assert found, "no nurture.delivery.problems event reached the Prefect server"
+
+
+def summary_sequences(engine: Any) -> list[str]:
+    with session_scope(engine) as session:
+        return list(session.scalars(select(col(Message.sequence)).distinct()))

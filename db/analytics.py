@@ -1,0 +1,301 @@
+"""Set-based counts behind `nurture report`: what became of the emails each step sent.
+
+One grouped query does the bulk of the work: the period's emails joined to one row per
+email of what its events say (opened, clicked, bounced …), summed per sequence, step and
+variant. It reads each event once, however many emails and events there are
+(docs/benchmarks.md). Unsubscribes and conversions are rare, so they are found by small
+joins from their side (an unsubscribe, a conversion, a move up) to the emails before them,
+and the window arithmetic is done on those few rows in Python, the same on SQLite and
+PostgreSQL. This module counts; ``nurture.reporting`` orders, rates and judges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, case, func, or_, select
+from sqlalchemy.orm import Session
+
+from db.cycle import CLICK, OPEN
+from db.models import Enrollment, Event, Lead, Message, StageTransition, Suppression
+from db.suppressions import LINK_SOURCE
+from nurture.delivery import MessageStatus
+from nurture.inbound import MACHINE_OPEN
+from nurture.playbook import Playbook, Stage
+from nurture.reporting import Report, StepCounts, build_report
+
+# An unsubscribe made on nurture's own page (a link in the email): credited to the last email before it.
+PAGE_SOURCES = (LINK_SOURCE, "expired link")
+# Stages a lead "converts" to when its sequence has no goal: up to one of these, above where it enrolled.
+CONVERTING_STAGES = (Stage.hot.value, Stage.customer.value)
+RANK = {stage.value: rank for rank, stage in enumerate(Stage)}
+
+_E = Event.__table__  # type: ignore[attr-defined]
+_M = Message.__table__  # type: ignore[attr-defined]
+_N = Enrollment.__table__  # type: ignore[attr-defined]
+_T = StageTransition.__table__  # type: ignore[attr-defined]
+_L = Lead.__table__  # type: ignore[attr-defined]
+_S = Suppression.__table__  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class Period:
+    """Emails sent from ``since`` to ``until``, both included (a cycle reports the emails it just sent)."""
+
+    since: datetime
+    until: datetime
+
+
+def _flag(kind: str | tuple[str, ...]) -> Any:
+    kinds = (kind,) if isinstance(kind, str) else kind
+    return func.max(case((_E.c.kind.in_(kinds), 1), else_=0))
+
+
+def _sent_in(period: Period, sequence: str | None) -> list[Any]:
+    where = [_M.c.sent_at.is_not(None), _M.c.sent_at >= period.since, _M.c.sent_at <= period.until]
+    if sequence is not None:
+        where.append(_M.c.sequence == sequence)
+    return where
+
+
+def step_counts(
+    *,
+    session: Session,
+    period: Period,
+    sequence: str | None = None,
+    conversion_window: timedelta,
+    goal_sequences: Collection[str],
+) -> list[StepCounts]:
+    """Per sequence, step and variant: the period's emails and what became of them."""
+    flags = (
+        select(
+            _E.c.message_id.label("message_id"),
+            _flag(OPEN).label("opened"),
+            _flag(MACHINE_OPEN).label("machine_opened"),
+            _flag(CLICK).label("clicked"),
+            _flag("bounce").label("bounced"),
+            _flag("spamreport").label("spam"),
+        )
+        # An event cannot come before its email: the period's start bounds the events read.
+        .where(_E.c.message_id.is_not(None), _E.c.occurred_at >= period.since)
+        .group_by(_E.c.message_id)
+        .subquery()
+    )
+    bounced = or_(
+        flags.c.bounced == 1,
+        and_(_M.c.status == MessageStatus.failed.value, _M.c.last_error.like("bounce:%")),
+    )
+    query = (
+        select(
+            _M.c.sequence,
+            _M.c.step_id,
+            _M.c.variant,
+            func.count().label("sent"),
+            func.count(_M.c.delivered_at).label("delivered"),
+            func.coalesce(func.sum(flags.c.opened), 0),
+            func.coalesce(func.sum(flags.c.machine_opened), 0),
+            func.coalesce(func.sum(flags.c.clicked), 0),
+            func.sum(case((bounced, 1), else_=0)),
+            func.coalesce(func.sum(flags.c.spam), 0),
+        )
+        .select_from(_M.outerjoin(flags, flags.c.message_id == _M.c.id))
+        .where(*_sent_in(period, sequence))
+        .group_by(_M.c.sequence, _M.c.step_id, _M.c.variant)
+    )
+    keyed: dict[tuple[str, str, str | None], dict[str, int]] = {}
+    for seq, step, variant, sent, delivered, opened, machine, clicked, bounce, spam in session.execute(query):
+        keyed[(seq, step, variant)] = {
+            "sent": int(sent),
+            "delivered": int(delivered),
+            "opened": int(opened),
+            "machine_opened": int(machine),
+            "clicked": int(clicked),
+            "bounced": int(bounce),
+            "spam": int(spam),
+            "unsubscribed": 0,
+            "converted": 0,
+        }
+    for key in _keys_of(session, unsubscribed_emails(session=session, period=period, sequence=sequence)):
+        keyed[key]["unsubscribed"] += 1
+    converted = converted_emails(
+        session=session, period=period, sequence=sequence, window=conversion_window, goal_sequences=goal_sequences
+    )
+    for key in _keys_of(session, converted):
+        keyed[key]["converted"] += 1
+    return [StepCounts(seq, step, variant, **numbers) for (seq, step, variant), numbers in keyed.items()]
+
+
+def _keys_of(session: Session, message_ids: Collection[int]) -> Iterable[tuple[str, str, str | None]]:
+    """The (sequence, step, variant) of each of a few emails."""
+    ids = sorted(message_ids)
+    for start in range(0, len(ids), 5000):
+        chunk = ids[start : start + 5000]
+        query = select(_M.c.sequence, _M.c.step_id, _M.c.variant).where(_M.c.id.in_(chunk))
+        yield from session.execute(query)  # type: ignore[misc]
+
+
+def unsubscribed_emails(*, session: Session, period: Period, sequence: str | None) -> set[int]:
+    """The period's emails a lead unsubscribed from: the email SendGrid's unsubscribe event names,
+    or, for an unsubscribe on nurture's own page, the last email the lead got before it."""
+    named = (
+        select(_M.c.id)
+        .join(_E, _E.c.message_id == _M.c.id)
+        .where(_E.c.kind == "unsubscribe", *_sent_in(period, sequence))
+    )
+    found = {int(row[0]) for row in session.execute(named)}
+    pages = (
+        select(_M.c.id, _M.c.lead_id, _M.c.sent_at)
+        .join(_L, _L.c.id == _M.c.lead_id)
+        .join(_S, _S.c.email == _L.c.email)
+        .where(
+            _S.c.reason == "unsubscribe",
+            _S.c.source.in_(PAGE_SOURCES),
+            _S.c.at >= period.since,
+            _M.c.sent_at <= _S.c.at,
+            *_sent_in(period, None),
+        )
+    )
+    last: dict[int, tuple[datetime, int]] = {}
+    for message_id, lead_id, sent_at in session.execute(pages):
+        if lead_id not in last or sent_at > last[lead_id][0]:
+            last[lead_id] = (sent_at, int(message_id))
+    found |= {message_id for _, message_id in last.values()}
+    if sequence is not None and last:
+        found &= set(_in_sequence(session, found, sequence))
+    return found
+
+
+def _in_sequence(session: Session, message_ids: Collection[int], sequence: str) -> list[int]:
+    ids = sorted(message_ids)
+    return [
+        int(row[0])
+        for start in range(0, len(ids), 5000)
+        for row in session.execute(
+            select(_M.c.id).where(_M.c.id.in_(ids[start : start + 5000]), _M.c.sequence == sequence)
+        )
+    ]
+
+
+def converted_emails(
+    *,
+    session: Session,
+    period: Period,
+    sequence: str | None,
+    window: timedelta,
+    goal_sequences: Collection[str],
+) -> set[int]:
+    """The period's emails followed, within ``window``, by their lead converting: the enrollment
+    reaching its goal; for a sequence without a goal, the lead moving up to hot or customer, above
+    the stage it enrolled at."""
+    found: set[int] = set()
+    goals = (
+        select(_M.c.id, _M.c.sent_at, _N.c.converted_at)
+        .join(_N, _N.c.id == _M.c.enrollment_id)
+        .where(_N.c.converted_at.is_not(None), _N.c.converted_at >= _M.c.sent_at, *_sent_in(period, sequence))
+    )
+    for message_id, sent_at, converted_at in session.execute(goals):
+        if converted_at - sent_at <= window:
+            found.add(int(message_id))
+    moves = (
+        select(_M.c.id, _M.c.sequence, _M.c.sent_at, _N.c.stage, _T.c.to_stage, _T.c.at)
+        .join(_N, _N.c.id == _M.c.enrollment_id)
+        .join(_T, _T.c.lead_id == _M.c.lead_id)
+        .where(
+            _T.c.to_stage.in_(CONVERTING_STAGES),
+            _T.c.at > _M.c.sent_at,
+            _T.c.at >= period.since,
+            *_sent_in(period, sequence),
+        )
+    )
+    if goal_sequences:
+        moves = moves.where(_M.c.sequence.not_in(sorted(goal_sequences)))
+    for message_id, _seq, sent_at, enrolled_stage, to_stage, at in session.execute(moves):
+        if RANK[to_stage] > RANK.get(enrolled_stage, 0) and at - sent_at <= window:
+            found.add(int(message_id))
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceConversion:
+    """Enrollments started in the period, and those that converted within the window."""
+
+    sequence: str
+    enrolled: int
+    converted: int
+
+
+def sequence_conversions(
+    *,
+    session: Session,
+    period: Period,
+    window: timedelta,
+    goal_sequences: Collection[str],
+) -> list[SequenceConversion]:
+    """Per sequence: enrollments started in the period and how many converted (goal, else a move up)."""
+    started = [_N.c.started_at >= period.since, _N.c.started_at <= period.until]
+    enrolled = {
+        seq: int(n)
+        for seq, n in session.execute(
+            select(_N.c.sequence, func.count()).where(*started).group_by(_N.c.sequence).order_by(_N.c.sequence)
+        )
+    }
+    converted: dict[str, set[int]] = {}
+    goals = select(_N.c.id, _N.c.sequence, _N.c.started_at, _N.c.converted_at).where(
+        _N.c.converted_at.is_not(None), *started
+    )
+    for enrollment_id, seq, started_at, converted_at in session.execute(goals):
+        if converted_at - started_at <= window:
+            converted.setdefault(seq, set()).add(int(enrollment_id))
+    moves = (
+        select(_N.c.id, _N.c.sequence, _N.c.stage, _N.c.started_at, _T.c.to_stage, _T.c.at)
+        .join(_T, and_(_T.c.lead_id == _N.c.lead_id, _T.c.at > _N.c.started_at))
+        .where(_T.c.to_stage.in_(CONVERTING_STAGES), *started)
+    )
+    if goal_sequences:
+        moves = moves.where(_N.c.sequence.not_in(sorted(goal_sequences)))
+    for enrollment_id, seq, stage, started_at, to_stage, at in session.execute(moves):
+        if RANK[to_stage] > RANK.get(stage, 0) and at - started_at <= window:
+            converted.setdefault(seq, set()).add(int(enrollment_id))
+    return [SequenceConversion(seq, n, len(converted.get(seq, ()))) for seq, n in enrolled.items()]
+
+
+def sequence_report(
+    *,
+    session: Session,
+    playbook: Playbook | None,
+    period: Period,
+    conversion_window: timedelta,
+    sequence: str | None = None,
+    metric: str | None = None,
+) -> Report:
+    """The report of the period's emails, in the playbook's order, with its split-test verdicts."""
+    goal_sequences = {name for name, s in playbook.sequences.items() if s.goal} if playbook else set()
+    counts = step_counts(
+        session=session,
+        period=period,
+        sequence=sequence,
+        conversion_window=conversion_window,
+        goal_sequences=goal_sequences,
+    )
+    return build_report(
+        counts,
+        playbook=playbook,
+        metric=metric,
+        period={
+            "since": period.since.isoformat(timespec="minutes"),
+            "until": period.until.isoformat(timespec="minutes"),
+            "conversion_window": describe_duration(conversion_window),
+        },
+    )
+
+
+def describe_duration(value: timedelta) -> str:
+    """``14 days``, ``36 hours``: a window as people say it."""
+    hours = value.total_seconds() / 3600
+    if hours % 24 == 0:
+        days = int(hours // 24)
+        return f"{days} day" + ("" if days == 1 else "s")
+    return f"{hours:g} hours"
