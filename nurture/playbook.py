@@ -504,7 +504,7 @@ class Step(_Frozen):
     then: str | None = None
     else_: str | None = Field(default=None, alias="else")
     variants: tuple[Variant, ...] = ()
-    judged_on: SplitMetric = SplitMetric.clicked
+    judged_on: SplitMetric | None = None
 
     @field_validator("id")
     @classmethod
@@ -527,7 +527,7 @@ class Step(_Frozen):
                 raise ValueError(f"variants need different ids (they are {', '.join(ids)})")
             if not any(v.weight for v in self.variants):
                 raise ValueError("at least one variant needs a weight above 0")
-        elif "judged_on" in self.model_fields_set:
+        elif self.judged_on is not None:
             raise ValueError("judged_on says what decides a split test: it needs variants")
         elif not self.template or not self.subject:
             missing = " and ".join(k for k in ("template", "subject") if not getattr(self, k))
@@ -539,6 +539,11 @@ class Step(_Frozen):
         if self.id == END:
             raise ValueError(f"{END!r} is kept for then / else (the enrollment completes): give the step another id")
         return self
+
+    @property
+    def split_metric(self) -> SplitMetric:
+        """What the split test is judged on (clicks unless the step says)."""
+        return self.judged_on or SplitMetric.clicked
 
     def contents(self) -> tuple[tuple[str | None, str, str], ...]:
         """Every (variant id, template, subject) the step can send; the variant id is None without a split test."""

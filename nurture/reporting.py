@@ -141,7 +141,7 @@ def _playbook_order(
     steps = {name: [step.id for step in sequence.steps] for name, sequence in playbook.sequences.items()}
     tests = [(f"{name}/{step.id}", step) for name, sequence in playbook.sequences.items() for step in sequence.steps]
     variants = {key: [variant.id for variant in step.variants] for key, step in tests if step.variants}
-    judged_on = {key: step.judged_on.value for key, step in tests if step.variants}
+    judged_on = {key: step.split_metric.value for key, step in tests if step.variants}
     return list(playbook.sequences), steps, variants, judged_on
 
 

@@ -52,7 +52,7 @@ def test_a_split_test_is_judged_on_what_its_step_chose(playbook: Playbook) -> No
     """The shipped welcome test is a subject line, judged on opens: b's extra opens win, though
     clicks are level. Asked to judge on clicks, there is no clear difference."""
     welcome = playbook.sequences["welcome"].steps[0]
-    assert welcome.judged_on.value == "opened"
+    assert welcome.split_metric.value == "opened"
     judged = build_report(ROWS, playbook=playbook)
     verdict = next(s for s in judged.sequences if s.sequence == "welcome").steps[0].verdict
     assert verdict is not None

@@ -160,6 +160,8 @@ SPLIT = """        variants:
             template: welcome
             subject: "{{ lead.first_name or 'Hi' }}, your first {{ brand.name }} dashboard takes an afternoon"
             weight: 50
+        # A subject line is judged on opens (by people: Apple Mail's machine opens never count).
+        judged_on: opened
 """
 
 
