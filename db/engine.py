@@ -113,10 +113,12 @@ def current_revision(engine: Engine) -> str | None:
 
 
 def sqlite_file(engine: Engine) -> Path | None:
-    """The file of a SQLite database (None for PostgreSQL or an in-memory one)."""
-    if engine.dialect.name != "sqlite" or engine.url.database in (None, "", ":memory:"):
+    """The file of a SQLite database (None for PostgreSQL, an in-memory one, or a ``file:`` URI such as a
+    read-only engine's, whose opener checked the file itself)."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or database in (None, "", ":memory:") or engine.url.query.get("uri"):
         return None
-    return Path(engine.url.database)
+    return Path(database)
 
 
 def ensure_current_schema(engine: Engine) -> None:
