@@ -268,14 +268,23 @@ def _date(day: date) -> str:
     return f"{_MONTHS[day.month - 1]} {day.day}, {day.year}"
 
 
-def _nice_scale(maximum: int, ticks: int = 5) -> tuple[int, int]:
-    """A round step (1, 2 or 5 × a power of ten, at least 1) and the axis top: the first multiple ≥ ``maximum``."""
-    raw = max(maximum, 1) / ticks
+def _nice_scale(maximum: int, max_intervals: int = 7) -> tuple[int, int]:
+    """A round step (1, 2, 2.5 or 5 × a power of ten, a whole number) and the axis top, a multiple of it
+    ≥ ``maximum``: of the steps giving at most ``max_intervals`` gridlines, the one with the least headroom."""
+    maximum = max(maximum, 1)
+    best: tuple[int, int] | None = None
     power = 1
-    while power * 10 <= raw:
+    while best is None or power <= maximum:
+        for mantissa in (1.0, 2.0, 2.5, 5.0):
+            step = mantissa * power
+            if step != int(step):
+                continue
+            top = -(-maximum // int(step)) * int(step)
+            if top // int(step) <= max_intervals and (best is None or top < best[1]):
+                best = (int(step), top)
         power *= 10
-    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
-    return step, max(step, -(-maximum // step) * step)
+    assert best is not None
+    return best
 
 
 _PERCENT_STEPS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 25.0)
