@@ -42,6 +42,7 @@ _AXIS = "#9ca3af"
 _BAR = "#2563eb"
 # Up to this many days the funnel is a bar per day; beyond, bars would be thinner than their gaps.
 BARS_UP_TO_DAYS = 60
+_WIDEST_BAR = 64.0  # a week or a single day stays a row of bars, not a wall
 _NAME_COLUMN = 260  # the widest a sequence's name is drawn before it is cut with "…"
 _ROW = 30
 _BAR_HEIGHT = 18
@@ -134,7 +135,7 @@ def funnel_chart(days: Sequence[date], stages: Mapping[str, Sequence[int]], *, t
     stacking = list(reversed(series))  # the warmest at the bottom of the stack, the coldest on top
     if n <= BARS_UP_TO_DAYS:
         slot = (right - left) / n
-        bar = max(1.0, slot * 0.78)
+        bar = min(max(1.0, slot * 0.78), _WIDEST_BAR)
 
         def x_of(i: int) -> float:
             return left + slot * (i + 0.5)
