@@ -11,15 +11,16 @@ PostgreSQL. This module counts; ``nurture.reporting`` orders, rates and judges.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.orm import Session
 
 from db.cycle import CLICK, OPEN
+from db.funnel_history import stages_by_day
 from db.models import Enrollment, Event, Lead, Message, StageTransition, Suppression
 from db.suppressions import LINK_SOURCE
 from nurture.delivery import MessageStatus
@@ -67,7 +68,7 @@ def step_counts(
     period: Period,
     sequence: str | None = None,
     conversion_window: timedelta,
-    goal_sequences: Collection[str],
+    goals: Mapping[str, Collection[str]],
 ) -> list[StepCounts]:
     """Per sequence, step and variant: the period's emails and what became of them."""
     flags = (
@@ -121,7 +122,7 @@ def step_counts(
     for key in _keys_of(session, unsubscribed_emails(session=session, period=period, sequence=sequence)):
         keyed[key]["unsubscribed"] += 1
     converted = converted_emails(
-        session=session, period=period, sequence=sequence, window=conversion_window, goal_sequences=goal_sequences
+        session=session, period=period, sequence=sequence, window=conversion_window, goals=goals
     )
     for key in _keys_of(session, converted):
         keyed[key]["converted"] += 1
@@ -185,22 +186,28 @@ def converted_emails(
     period: Period,
     sequence: str | None,
     window: timedelta,
-    goal_sequences: Collection[str],
+    goals: Mapping[str, Collection[str]],
 ) -> set[int]:
-    """The period's emails followed, within ``window``, by their lead converting: the enrollment
-    reaching its goal; for a sequence without a goal, the lead moving up to hot or customer, above
-    the stage it enrolled at."""
+    """The period's emails followed, within ``window``, by their lead converting: one of the sequence's
+    goal events (``goals``: sequence → event kinds), even after the enrollment ended; for a sequence
+    without a goal, the lead moving up to hot or customer, above the stage it enrolled at."""
     found: set[int] = set()
-    goals = (
-        select(_M.c.id, _M.c.sent_at, _N.c.converted_at)
-        .join(_N, _N.c.id == _M.c.enrollment_id)
-        .where(_N.c.converted_at.is_not(None), _N.c.converted_at >= _M.c.sent_at, *_sent_in(period, sequence))
-    )
-    for message_id, sent_at, converted_at in session.execute(goals):
-        if converted_at - sent_at <= window:
-            found.add(int(message_id))
+    for name, kinds in sorted(goals.items()):
+        if sequence is not None and name != sequence:
+            continue
+        reached = (
+            select(_M.c.id, _M.c.sent_at, _E.c.occurred_at)
+            .join(_E, _E.c.lead_id == _M.c.lead_id)
+            .where(
+                _E.c.kind.in_(sorted(kinds)),
+                _E.c.occurred_at > _M.c.sent_at,
+                _E.c.occurred_at >= period.since,
+                *_sent_in(period, name),
+            )
+        )
+        found |= {int(m) for m, sent_at, at in session.execute(reached) if at - sent_at <= window}
     moves = (
-        select(_M.c.id, _M.c.sequence, _M.c.sent_at, _N.c.stage, _T.c.to_stage, _T.c.at)
+        select(_M.c.id, _M.c.sent_at, _N.c.stage, _T.c.to_stage, _T.c.at)
         .join(_N, _N.c.id == _M.c.enrollment_id)
         .join(_T, _T.c.lead_id == _M.c.lead_id)
         .where(
@@ -210,9 +217,9 @@ def converted_emails(
             *_sent_in(period, sequence),
         )
     )
-    if goal_sequences:
-        moves = moves.where(_M.c.sequence.not_in(sorted(goal_sequences)))
-    for message_id, _seq, sent_at, enrolled_stage, to_stage, at in session.execute(moves):
+    if goals:
+        moves = moves.where(_M.c.sequence.not_in(sorted(goals)))
+    for message_id, sent_at, enrolled_stage, to_stage, at in session.execute(moves):
         if RANK[to_stage] > RANK.get(enrolled_stage, 0) and at - sent_at <= window:
             found.add(int(message_id))
     return found
@@ -232,9 +239,10 @@ def sequence_conversions(
     session: Session,
     period: Period,
     window: timedelta,
-    goal_sequences: Collection[str],
+    goals: Mapping[str, Collection[str]],
 ) -> list[SequenceConversion]:
-    """Per sequence: enrollments started in the period and how many converted (goal, else a move up)."""
+    """Per sequence: enrollments started in the period and how many converted within ``window`` of
+    starting (a goal event; for a sequence without a goal, a move up to hot or customer)."""
     started = [_N.c.started_at >= period.since, _N.c.started_at <= period.until]
     enrolled = {
         seq: int(n)
@@ -243,23 +251,33 @@ def sequence_conversions(
         )
     }
     converted: dict[str, set[int]] = {}
-    goals = select(_N.c.id, _N.c.sequence, _N.c.started_at, _N.c.converted_at).where(
-        _N.c.converted_at.is_not(None), *started
-    )
-    for enrollment_id, seq, started_at, converted_at in session.execute(goals):
-        if converted_at - started_at <= window:
-            converted.setdefault(seq, set()).add(int(enrollment_id))
+    for name, kinds in sorted(goals.items()):
+        reached = (
+            select(_N.c.id, _N.c.started_at, _E.c.occurred_at)
+            .join(_E, _E.c.lead_id == _N.c.lead_id)
+            .where(_N.c.sequence == name, _E.c.kind.in_(sorted(kinds)), _E.c.occurred_at > _N.c.started_at, *started)
+        )
+        for enrollment_id, started_at, at in session.execute(reached):
+            if at - started_at <= window:
+                converted.setdefault(name, set()).add(int(enrollment_id))
     moves = (
         select(_N.c.id, _N.c.sequence, _N.c.stage, _N.c.started_at, _T.c.to_stage, _T.c.at)
         .join(_T, and_(_T.c.lead_id == _N.c.lead_id, _T.c.at > _N.c.started_at))
         .where(_T.c.to_stage.in_(CONVERTING_STAGES), *started)
     )
-    if goal_sequences:
-        moves = moves.where(_N.c.sequence.not_in(sorted(goal_sequences)))
+    if goals:
+        moves = moves.where(_N.c.sequence.not_in(sorted(goals)))
     for enrollment_id, seq, stage, started_at, to_stage, at in session.execute(moves):
         if RANK[to_stage] > RANK.get(stage, 0) and at - started_at <= window:
             converted.setdefault(seq, set()).add(int(enrollment_id))
     return [SequenceConversion(seq, n, len(converted.get(seq, ()))) for seq, n in enrolled.items()]
+
+
+def goals_of(playbook: Playbook | None) -> dict[str, tuple[str, ...]]:
+    """Each sequence with a goal, and the event kinds that reach it."""
+    if playbook is None:
+        return {}
+    return {name: s.goal.events for name, s in playbook.sequences.items() if s.goal is not None}
 
 
 def sequence_report(
@@ -272,13 +290,12 @@ def sequence_report(
     metric: str | None = None,
 ) -> Report:
     """The report of the period's emails, in the playbook's order, with its split-test verdicts."""
-    goal_sequences = {name for name, s in playbook.sequences.items() if s.goal} if playbook else set()
     counts = step_counts(
         session=session,
         period=period,
         sequence=sequence,
         conversion_window=conversion_window,
-        goal_sequences=goal_sequences,
+        goals=goals_of(playbook),
     )
     return build_report(
         counts,
@@ -299,3 +316,16 @@ def describe_duration(value: timedelta) -> str:
         days = int(hours // 24)
         return f"{days} day" + ("" if days == 1 else "s")
     return f"{hours:g} hours"
+
+
+def chart_data(
+    *, session: Session, playbook: Playbook | None, period: Period, window: timedelta
+) -> tuple[list[date], dict[str, list[int]], list[SequenceConversion]]:
+    """What the report's charts draw: leads per stage each day of the period, and each sequence's
+    enrollments of the period with their conversions, in playbook order."""
+    days, stages = stages_by_day(session=session, start=period.since.date(), end=period.until.date())
+    conversions = sequence_conversions(session=session, period=period, window=window, goals=goals_of(playbook))
+    order = list(playbook.sequences) if playbook is not None else []
+    present = {c.sequence: c for c in conversions}
+    ordered = [present.pop(name, SequenceConversion(name, 0, 0)) for name in order]
+    return days, stages, ordered + sorted(present.values(), key=lambda c: c.sequence)

@@ -32,21 +32,8 @@ from flows.advancing import WalkResult, replay_chunk_size, walk_sequences
 from flows.chunks import ARTIFACT_ROWS, Advanced, advance_in_chunks
 from flows.pacing import send_pacer
 from flows.reporting import publish_sequence_report
-from flows.runtime import current_runtime
+from flows.runtime import as_utc, current_runtime, run_name
 from flows.sending import DispatchResult, dispatch_due
-
-
-def run_name(prefix: str) -> str:
-    """``cycle-2026-11-22T10:00Z``: the run's ``now`` parameter, or the wall clock."""
-    now = flow_run.parameters.get("now")
-    when = now if isinstance(now, datetime) else datetime.now(UTC)
-    return f"{prefix}-{when.astimezone(UTC):%Y-%m-%dT%H:%MZ}"
-
-
-def as_utc(value: datetime | None) -> datetime:
-    if value is None:
-        return datetime.now(UTC)
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 # Safe to retry: a failed chunk rolled back, and a committed one left no enrollment due.

@@ -15,8 +15,8 @@ from db.cycle import record_scoring_version
 from db.engine import session_scope
 from db.imports import import_file
 from flows.chunks import ARTIFACT_ROWS
-from flows.cycle import as_utc, publish_report, rescore_in_chunks, run_name, run_verdict
-from flows.runtime import current_runtime
+from flows.cycle import publish_report, rescore_in_chunks, run_verdict
+from flows.runtime import as_utc, current_runtime, run_name
 from flows.sending import DispatchResult
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import cast
 
@@ -87,3 +88,19 @@ def reset_runtime() -> None:
     """Forget the cached runtime (after settings or the playbook changed)."""
     current_runtime.cache_clear()
     get_settings.cache_clear()
+
+
+def run_name(prefix: str) -> str:
+    """``cycle-2026-11-22T10:00Z``: the run's ``now`` parameter, or the wall clock."""
+    from prefect.runtime import flow_run
+
+    now = flow_run.parameters.get("now")
+    when = now if isinstance(now, datetime) else datetime.now(UTC)
+    return f"{prefix}-{when.astimezone(UTC):%Y-%m-%dT%H:%MZ}"
+
+
+def as_utc(value: datetime | None) -> datetime:
+    """A flow's ``now`` parameter: the wall clock when not given, UTC when given naive."""
+    if value is None:
+        return datetime.now(UTC)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

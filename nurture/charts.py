@@ -25,7 +25,7 @@ from itertools import pairwise
 
 from nurture.chart_drawing import Chart, Line, Polygon, Rect, Shape, Text, text_width, truncate
 
-__all__ = ["STAGE_COLOURS", "Chart", "ConversionBar", "conversion_chart", "funnel_chart"]
+__all__ = ["STAGE_COLOURS", "Chart", "ConversionBar", "conversion_chart", "funnel_chart", "report_charts"]
 
 # The stages' colours, as in `nurture diagram`; other series take the spare ones in order.
 STAGE_COLOURS = {"cold": "#2563eb", "warm": "#d97706", "hot": "#dc2626", "customer": "#16a34a"}
@@ -326,3 +326,19 @@ def _no_data(title: str, subtitle: str, height: int) -> Chart:
         Text(WIDTH / 2, (top + height - _PAD) / 2 + 6, NO_DATA, 16, _MUTED, "middle"),
     ]
     return Chart(WIDTH, height, title, f"{subtitle}: {NO_DATA}.", tuple(shapes))
+
+
+def report_charts(
+    days: Sequence[date],
+    stages: Mapping[str, Sequence[int]],
+    conversions: Sequence[ConversionBar],
+    *,
+    period: str,
+    window: str,
+) -> tuple[Chart, Chart]:
+    """The report's two pictures for one period (``period``, ``window``: as people say them)."""
+    funnel = funnel_chart(days, stages, title=f"Leads by stage, {period}")
+    conversion = conversion_chart(
+        conversions, title=f"Conversion per sequence, enrollments of {period} (within {window})"
+    )
+    return funnel, conversion

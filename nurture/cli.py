@@ -1362,9 +1362,13 @@ def report(
     now: Annotated[str | None, typer.Option(help="Report up to this ISO 8601 time (default: now)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="One row per step and variant, for a spreadsheet")] = False,
+    chart: Annotated[
+        Path | None,
+        typer.Option(metavar="DIR", help="Also draw the funnel over time and conversion per sequence (SVG and PNG)"),
+    ] = None,
 ) -> None:
     """What each sequence's emails achieved, per step and variant, and the verdict of each split test."""
-    from db.analytics import Period, sequence_report
+    from db.analytics import Period, chart_data, sequence_report
     from db.engine import session_scope
     from nurture.diagnostics import closest, did_you_mean
     from nurture.playbook import load_playbook, parse_duration
@@ -1399,15 +1403,19 @@ def report(
             highlight=False,
         )
     until = _parse_now(now)
+    period = Period(until - windows["--since"], until)
     with session_scope(_engine(), commit=False) as session:
         result = sequence_report(
             session=session,
             playbook=playbook,
-            period=Period(until - windows["--since"], until),
+            period=period,
             conversion_window=windows["--conversion-window"],
             sequence=sequence,
             metric=metric,
         )
+        drawn = chart_data(session=session, playbook=playbook, period=period, window=windows["--conversion-window"])
+    if chart is not None:
+        _write_charts(chart, drawn, since=since, window=conversion_window, quiet=as_json or as_csv)
     if as_json:
         print(json.dumps(report_json(result), indent=2))
     elif as_csv:
@@ -1415,6 +1423,26 @@ def report(
     else:
         for part in render(result):
             console.print(part, highlight=False)
+
+
+def _write_charts(directory: Path, drawn: Any, *, since: str, window: str, quiet: bool) -> None:
+    """funnel.svg/.png and conversion.svg/.png in ``directory`` (created if need be)."""
+    from nurture.charts import ConversionBar, report_charts
+
+    days, stages, conversions = drawn
+    bars = [ConversionBar(c.sequence, c.enrolled, c.converted) for c in conversions]
+    funnel, conversion = report_charts(days, stages, bars, period=f"last {since}", window=window)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        written = []
+        for name, picture in (("funnel", funnel), ("conversion", conversion)):
+            (directory / f"{name}.svg").write_text(picture.svg(), encoding="utf-8")
+            (directory / f"{name}.png").write_bytes(picture.png())
+            written += [directory / f"{name}.svg", directory / f"{name}.png"]
+    except OSError as exc:
+        raise ConfigurationError(f"cannot write the charts to {directory}: {exc.strerror or exc}") from exc
+    for path in written:
+        (errors if quiet else console).print(f"[green]wrote[/] {escape(str(path))}", highlight=False)
 
 
 def main() -> None:

@@ -12,9 +12,10 @@ Definitions (docs/reports.md says the same to marketers):
   *machine opened* and is not an open.
 - *bounced*, *spam*, *unsubscribed*: emails that bounced, were reported as spam, or were the
   last email the lead got before unsubscribing.
-- *converted*: emails whose lead reached the sequence's goal (a sequence without one: moved up
-  to hot or customer) within the conversion window after the email was sent. A conversion is
-  credited to every email of the sequence sent in the window before it.
+- *converted*: emails whose lead did one of the sequence's goal events (a sequence without a goal:
+  moved up to hot or customer) within the conversion window after the email was sent, even after
+  the sequence ended. A conversion is credited to every email of the sequence sent in the window
+  before it.
 - Rates are per delivered email (per sent email for a step with no delivery reports, such
   as mail written to the file outbox without SendGrid's events).
 """

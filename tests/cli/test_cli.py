@@ -179,9 +179,14 @@ def test_demo_reaches_every_stage_and_sends_multi_step_sequences(prefect_api: st
     assert sum(step["sent"] for step in steps) == status["messages_by_status"]["sent"]
     assert sum(step["opened"] for step in steps) == opens_of_distinct_emails(database)
     assert min(sum(step[k] for step in steps) for k in ("opened", "clicked", "converted", "machine_opened")) > 0
-    table = nurture(*hint.group(1).split()).stdout
+    charts = outbox.parent / "charts"
+    table = nurture(*hint.group(1).split(), "--chart", str(charts)).stdout
     assert "Split tests" in table
     assert "welcome/welcome:" in table
+    # The pictures for a deck, as files.
+    assert sorted(p.name for p in charts.iterdir()) == ["conversion.png", "conversion.svg", "funnel.png", "funnel.svg"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in charts.glob("*.png"))
+    assert "welcome" in (charts / "conversion.svg").read_text()
     rerun = nurture("demo", "--leads", "20", "--weeks", "1", "--tick-hours", "48", env=env)
     assert "Starting clean: removed 150 leads" in rerun.stdout
 

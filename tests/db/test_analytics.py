@@ -14,7 +14,7 @@ from sqlalchemy import Engine
 from db.analytics import Period, sequence_conversions, sequence_report, step_counts
 from db.engine import session_scope
 from db.inbound import ingest_provider_events, unsubscribe_lead
-from db.models import Enrollment, Lead, Message, StageTransition
+from db.models import Enrollment, Event, Lead, Message, StageTransition
 from nurture.inbound import parse_sendgrid_batch
 from nurture.playbook import Playbook
 from nurture.reporting import StepCounts
@@ -23,6 +23,7 @@ from tests.conftest import T0
 DAY = timedelta(days=1)
 PERIOD = Period(T0 - DAY, T0 + 30 * DAY)
 WINDOW = timedelta(days=14)
+GOALS = {"demo_offer": ("purchase",)}
 
 
 class History:
@@ -51,7 +52,7 @@ class History:
         )  # fmt: skip
         return self._add(transition)
 
-    def enroll(self, lead: str, sequence: str, stage: str, at: datetime, converted_at: datetime | None = None) -> None:
+    def enroll(self, lead: str, sequence: str, stage: str, at: datetime) -> None:
         transition = self.move(lead, "cold" if stage == "warm" else "warm", stage, at)
         self.enrollments[(lead, sequence)] = self._add(
             Enrollment(
@@ -61,8 +62,7 @@ class History:
                 stage=stage,
                 transition_id=transition,
                 started_at=at,
-                state="converted" if converted_at else "active",
-                converted_at=converted_at,
+                state="completed",
             )
         )
 
@@ -84,6 +84,11 @@ class History:
                 created_at=at,
                 updated_at=at,
             )
+        )
+
+    def did(self, lead: str, kind: str, at: datetime) -> None:
+        self._add(
+            Event(lead_id=self.leads[lead], kind=kind, occurred_at=at, received_at=at, external_id=f"{lead}-{kind}")
         )
 
     def sendgrid(self, *events: tuple[str, str, str, datetime], **extra: Any) -> None:
@@ -109,7 +114,8 @@ def history(engine: Engine) -> History:
     hour = timedelta(hours=1)
     for lead in ("ann", "bob", "cy", "dee", "eve"):
         h.enroll(lead, "welcome", "warm", T0 - hour)
-    h.enroll("fay", "demo_offer", "hot", T0 - hour, converted_at=T0 + 5 * DAY)
+    # fay's offer completed its steps before she bought: buying is still its goal reached.
+    h.enroll("fay", "demo_offer", "hot", T0 - hour)
     h.send("ann-old", "ann", "welcome", "welcome", T0 - 40 * DAY, "a")  # before the period
     h.send("ann", "ann", "welcome", "welcome", T0, "a")
     h.send("bob", "bob", "welcome", "welcome", T0, "b")
@@ -136,6 +142,7 @@ def history(engine: Engine) -> History:
     h.move("ann", "warm", "hot", T0 + 3 * DAY)  # within the window: a conversion of the welcome
     h.move("bob", "warm", "hot", T0 + 20 * DAY)  # too late to credit the welcome
     h.move("fay", "hot", "customer", T0 + 3 * DAY)  # demo_offer has a goal: only the goal counts
+    h.did("fay", "purchase", T0 + 5 * DAY)  # its goal: after the offer, before the hand-off
     with session_scope(engine) as session:  # eve unsubscribes on nurture's page after her second email
         unsubscribe_lead(session=session, lead_id=h.leads["eve"], now=T0 + 2 * DAY)
     return h
@@ -143,9 +150,7 @@ def history(engine: Engine) -> History:
 
 def _counts(engine: Engine, **kwargs: Any) -> dict[tuple[str, str, str | None], StepCounts]:
     with session_scope(engine, commit=False) as session:
-        rows = step_counts(
-            session=session, period=PERIOD, conversion_window=WINDOW, goal_sequences={"demo_offer"}, **kwargs
-        )
+        rows = step_counts(session=session, period=PERIOD, conversion_window=WINDOW, goals=GOALS, **kwargs)
     return {(r.sequence, r.step, r.variant): r for r in rows}
 
 
@@ -175,7 +180,7 @@ def test_each_email_is_counted_once_for_its_step_and_variant(engine: Engine, his
 def test_a_longer_window_credits_a_later_move_up(engine: Engine, history: History) -> None:
     with session_scope(engine, commit=False) as session:
         rows = step_counts(
-            session=session, period=PERIOD, conversion_window=30 * DAY, goal_sequences={"demo_offer"}
+            session=session, period=PERIOD, conversion_window=30 * DAY, goals=GOALS
         )  # fmt: skip
     converted = {(r.step, r.variant): r.converted for r in rows if r.sequence == "welcome"}
     assert converted == {("welcome", "a"): 1, ("welcome", "b"): 1, ("welcome_nudge", None): 0}
@@ -190,7 +195,7 @@ def test_one_sequence_and_its_unsubscribes(engine: Engine, history: History) -> 
 
 def test_sequence_conversions_count_enrollments(engine: Engine, history: History) -> None:
     with session_scope(engine, commit=False) as session:
-        rows = sequence_conversions(session=session, period=PERIOD, window=WINDOW, goal_sequences={"demo_offer"})
+        rows = sequence_conversions(session=session, period=PERIOD, window=WINDOW, goals=GOALS)
     assert {(r.sequence, r.enrolled, r.converted) for r in rows} == {("welcome", 5, 1), ("demo_offer", 1, 1)}
 
 

@@ -16,6 +16,7 @@ from flows.chunks import advance_chunk
 from flows.cycle import dispatch_messages, nurture_cycle
 from flows.deployments import served_deployments
 from flows.maintenance import import_events, import_leads, rescore_all
+from flows.reporting import nurture_report
 from tests.conftest import ROOT
 
 FLOWS: dict[str, Any] = {
@@ -25,6 +26,7 @@ FLOWS: dict[str, Any] = {
     "import-leads": import_leads,
     "import-events": import_events,
     "advance-chunk": advance_chunk,
+    "nurture-report": nurture_report,
 }
 
 
@@ -91,3 +93,6 @@ def test_nurture_serve_intervals_are_the_operators_choice() -> None:
     assert _schedules([s.schedule for s in served["nurture-cycle"].schedules]) == [("interval", 300, "UTC")]
     assert _schedules([s.schedule for s in served["dispatch"].schedules]) == [("interval", 20, "UTC")]
     assert _schedules([s.schedule for s in served["rescore-all"].schedules]) == [("cron", "0 3 * * *", "Europe/Berlin")]
+    assert _schedules([s.schedule for s in served["nurture-report"].schedules]) == [
+        ("cron", "0 6 * * *", "Europe/Berlin")
+    ]

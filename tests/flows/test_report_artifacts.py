@@ -65,3 +65,45 @@ def test_text_from_data_cannot_become_markdown() -> None:
     assert markdown_text("<img src=x onerror=alert(1)>") == r"\<img src=x onerror=alert\(1\)\>"
     assert markdown_text("a\nb") == "a b"
     assert markdown_text("Mar 2, 2026 to Mar 31, 2026.") == "Mar 2, 2026 to Mar 31, 2026."
+
+
+def test_the_daily_report_flow_publishes_the_table_and_the_charts(
+    prefect_api: str, nurture_env: dict[str, str]
+) -> None:
+    """Cycles over ten simulated days send emails; the nurture-report flow then reads them back."""
+    from db.engine import get_engine, session_scope, upgrade_schema
+    from db.imports import add_events, upsert_leads
+    from flows.cycle import nurture_cycle
+    from flows.reporting import nurture_report
+    from nurture.population import generate_population
+    from tests.conftest import T0
+
+    engine = get_engine(nurture_env["NURTURE_DATABASE_URL"])
+    upgrade_schema(engine)
+    population = generate_population(leads=60, start=T0, end=T0 + timedelta(days=10), seed=5)
+    with session_scope(engine) as session:
+        upsert_leads(session=session, records=population.leads, now=T0)
+        add_events(session=session, records=population.events, now=T0)
+    sent = 0
+    for day in range(1, 11):
+        summary = nurture_cycle(now=T0 + timedelta(days=day), batch_size=25)
+        sent += summary["messages"].get("sent", 0)
+    assert sent > 0
+
+    result = nurture_report(now=T0 + timedelta(days=10, hours=1), days=30, conversion_window_days=14)
+    assert result["emails"] == sent
+
+    with get_client(sync_client=True) as client:
+        [charts] = client.read_latest_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[CHARTS_ARTIFACT_KEY]))
+        )
+        [table] = client.read_latest_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["nurture-sequence-report"]))
+        )
+    alts = [alt for alt, _ in INLINE_PNG.findall(str(charts.data))]
+    assert alts == [
+        "Leads by stage, the last 30 days",
+        r"Conversion per sequence, enrollments of the last 30 days \(within 14 days\)",
+    ]
+    assert charts.flow_run_id == table.flow_run_id  # both from the report's own run
+    assert "60" in str(charts.data)  # the funnel's last day, in words: every lead counted

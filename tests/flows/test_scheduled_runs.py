@@ -211,5 +211,7 @@ def test_nurture_serve_stops_with_an_error_when_prefect_schedules_nothing(tmp_pa
     output = " ".join((result.stdout + result.stderr).split())
     assert result.returncode == 1, output[-3000:]
     assert time.monotonic() - started < 200
-    assert "Prefect has not scheduled any run of nurture-cycle, dispatch, rescore-all within" in output, output[-3000:]
+    assert (
+        "Prefect has not scheduled any run of nurture-cycle, dispatch, rescore-all, nurture-report within" in output
+    ), output[-3000:]
     assert "Traceback" not in output, output[-3000:]
