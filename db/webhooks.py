@@ -231,7 +231,13 @@ def record_outcomes(*, session: Session, owner: str, updates: Sequence[DeliveryU
         .where(
             table.c.id == bindparam("did"),
             table.c.claimed_by == owner,
-            table.c.status.in_([DeliveryStatus.claimed, DeliveryStatus.sending, DeliveryStatus.in_doubt]),
+            # OR, not IN: an expanding IN cannot be part of an executemany.
+            or_(
+                *(
+                    table.c.status == s
+                    for s in (DeliveryStatus.claimed, DeliveryStatus.sending, DeliveryStatus.in_doubt)
+                )
+            ),
         )
         .values(
             status=bindparam("new_status"),
