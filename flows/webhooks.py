@@ -179,7 +179,7 @@ def webhook_secrets(playbook: Playbook, environment: Mapping[str, str]) -> dict[
         return {}
     missing = missing_secrets(playbook, environment)
     if missing:
-        raise ConfigurationError(secrets_problem(playbook, missing))
+        raise ConfigurationError(secrets_problem(missing))
     return {name: environment[env].strip() for name, env in secret_names(playbook).items()}
 
 

@@ -344,10 +344,11 @@ def missing_secrets(playbook: Playbook, available: Mapping[str, str]) -> list[st
     return sorted({env for env in secret_names(playbook).values() if not (available.get(env) or "").strip()})
 
 
-def secrets_problem(playbook: Playbook, missing: Sequence[str]) -> str:
+def secrets_problem(missing: Sequence[str]) -> str:
     """What to say when webhooks cannot be signed."""
     names = ", ".join(missing)
+    verb = "is" if len(missing) == 1 else "are"
     return (
-        f"{len(playbook.webhooks)} webhooks are configured but {names} is not set: nurture never sends a webhook "
+        f"{names} {verb} not set, and the playbook's webhooks are signed with it: nurture never sends a webhook "
         f"unsigned; set {names} to the secret the receiver verifies with (docs/webhooks.md)"
     )
