@@ -203,7 +203,13 @@ class HttpPoster:
     def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> Attempt:
         try:
             response = self.client.post(url, content=body, headers=dict(headers))
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol) as exc:
+        except (
+            httpx.ConnectError,
+            httpx.ConnectTimeout,
+            httpx.PoolTimeout,
+            httpx.UnsupportedProtocol,
+            httpx.InvalidURL,
+        ) as exc:
             return Attempt(error=f"{type(exc).__name__}: {exc}", left=False)
         except httpx.TransportError as exc:  # read/write timeouts, a connection dropped mid-request
             return Attempt(error=f"{type(exc).__name__}: {exc}", left=True)

@@ -191,6 +191,19 @@ def test_a_5xx_is_retried_after_a_backoff_a_4xx_is_dead_at_once_and_an_operator_
     assert all(verify(SECRET, r.body, r.headers["nurture-signature"]) for r in receiver.requests)
 
 
+def test_forgetting_a_lead_erases_its_deliveries(engine: Engine) -> None:
+    from db.inbound import forget_lead
+
+    world = World(engine, _playbook("  - url: https://crm.example/hooks\n    events: [lead.transitioned]\n"))
+    _hot(world)
+    _hot(world, "bob@northwind.example")
+    assert len(_deliveries(world)) == 2
+    with session_scope(engine) as session:
+        assert forget_lead(session=session, email=ANN, now=NOW).lead_found
+    (left,) = _deliveries(world)
+    assert left.payload["lead"]["email"] == "bob@northwind.example"
+
+
 def test_a_delivery_whose_webhook_left_the_playbook_is_dead_not_sent_unsigned(engine: Engine) -> None:
     with webhook_receiver() as receiver:
         world = World(
