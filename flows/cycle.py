@@ -130,6 +130,7 @@ def webhooks_task(now: datetime, batch_size: int) -> WebhookResult:
             clock=lambda: datetime.now(UTC),
             poster=poster,
             batch_size=batch_size,
+            lease=timedelta(seconds=runtime.settings.nurture_send_lease_seconds),
         )
     finally:
         poster.close()
