@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from sqlalchemy import Engine, bindparam, create_engine, event, inspect
 from sqlalchemy.dialects import postgresql, sqlite
@@ -116,7 +117,11 @@ def sqlite_file(engine: Engine) -> Path | None:
     """The file of a SQLite database (None for PostgreSQL or an in-memory one)."""
     if engine.dialect.name != "sqlite" or engine.url.database in (None, "", ":memory:"):
         return None
-    return Path(engine.url.database)
+    database = engine.url.database
+    if database.startswith("file:") and engine.url.query.get("uri") == "true":
+        # A URI filename (the read-only engine of `nurture simulate`: file:/path?mode=ro).
+        return Path(unquote(database.removeprefix("file:")))
+    return Path(database)
 
 
 def ensure_current_schema(engine: Engine) -> None:
