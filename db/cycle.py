@@ -47,6 +47,7 @@ from nurture.sequences import (
     PlannedEnrollment,
     Transition,
 )
+from nurture.webhooks import Fact
 
 # Keeps IN (...) lists and executemany batches well under every driver's limits.
 _IN_BATCH = 5000
@@ -112,6 +113,8 @@ class ChunkResult:
     last_lead_id: int = 0
     # Each transition, for events and the run's artifact.
     moved: list[StageMove] = field(default_factory=list)
+    # The transitions and conversions as webhooks tell them, for the run's Prefect events.
+    facts: list[Fact] = field(default_factory=list)
 
     def add(self, other: ChunkResult) -> None:
         self.leads += other.leads
@@ -123,6 +126,7 @@ class ChunkResult:
         self.messages_cancelled += other.messages_cancelled
         self.last_lead_id = max(self.last_lead_id, other.last_lead_id)
         self.moved.extend(other.moved)
+        self.facts.extend(other.facts)
 
 
 def lock_leads(*, session: Session, lead_ids: Sequence[int]) -> None:

@@ -20,7 +20,7 @@ from sqlmodel import col
 
 from db.cycle import batched
 from db.imports import dialect_insert
-from db.models import Enrollment, Event, Lead, Message, ScoreChange, StageTransition, Suppression
+from db.models import Enrollment, Event, Lead, Message, ScoreChange, StageTransition, Suppression, WebhookDelivery
 from db.suppressions import apply_suppressions
 
 # Re-exported: they moved to db.suppressions, callers still import them from here.
@@ -184,7 +184,7 @@ def forget_lead(*, session: Session, email: str, now: datetime, outbox: Path | N
     lead_id = session.scalar(select(col(Lead.id)).where(col(Lead.email) == email))
     if lead_id is not None:
         # Children first: SQLite and PostgreSQL would cascade, but explicit deletes do not depend on it.
-        for model in (Message, Enrollment, StageTransition, ScoreChange, Event):
+        for model in (WebhookDelivery, Message, Enrollment, StageTransition, ScoreChange, Event):
             session.execute(delete(model).where(col(model.lead_id) == lead_id))
         session.execute(delete(Lead).where(col(Lead.id) == lead_id))
     hashed = email_hash(email)

@@ -323,3 +323,42 @@ class Suppression(SQLModel, table=True):
     reason: str = Field(sa_type=String(32))
     at: datetime = _utc()
     source: str = Field(default="manual", sa_type=String(32))
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """The webhook outbox: one row per fact and webhook, written in the fact's transaction (docs/webhooks.md)."""
+
+    __tablename__ = "webhook_delivery"
+    __table_args__ = (
+        # Delivery: queued and failed deliveries that are due, oldest first.
+        Index("ix_webhook_delivery_status_due", "status", "due_at"),
+        # Delivery start: claims and sends whose lease ran out.
+        Index("ix_webhook_delivery_status_lease", "status", "lease_until"),
+        # `nurture forget`, explain: a lead's deliveries.
+        Index("ix_webhook_delivery_lead", "lead_id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: int | None = _pk()
+    lead_id: int = _fk("lead.id", index=False)
+    # The playbook's name of the webhook (``webhook-N`` when unnamed), its URL then, and the event.
+    webhook: str = Field(sa_type=String(100))
+    url: str = Field(sa_type=String(2000))
+    event: str = Field(sa_type=String(32))
+    # Sent as Nurture-Delivery-Id on every attempt; derived from the key.
+    delivery_id: str = Field(sa_type=String(36), unique=True)
+    # event/fact/URL hash: a replayed cycle or a retried transaction never enqueues twice.
+    idempotency_key: str = Field(sa_type=String(300), unique=True)
+    # The body, built when the fact happened.
+    payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    status: str = Field(default="queued", sa_type=String(16))
+    attempts: int = 0
+    due_at: datetime = _utc()
+    lease_until: datetime | None = _utc(default=None)
+    claimed_by: str | None = Field(default=None, sa_type=String(64))
+    send_started_at: datetime | None = _utc(default=None)
+    last_error: str | None = Field(default=None, sa_type=String(2000))
+    response_status: int | None = None
+    created_at: datetime = _utc()
+    updated_at: datetime = _utc()
+    delivered_at: datetime | None = _utc(default=None)

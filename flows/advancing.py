@@ -39,6 +39,7 @@ from db.cycle import (
 )
 from db.enrollments import unscored_changes
 from db.scoring import score_chunk
+from flows.webhooks import announce_conversions, announce_transitions
 from nurture.advancing import StageMove, check_move
 from nurture.delivery import MessageStatus
 from nurture.errors import NurtureError
@@ -142,6 +143,14 @@ def apply_moves(
     )
     if not transitions:
         return transitions
+    announce_transitions(
+        session=session,
+        transitions=transitions,
+        reasons=[m.reason for m in moves],
+        playbook=playbook,
+        now=now,
+        result=result,
+    )
     for move in moves:
         result.transitions[f"{move.from_stage.value}→{move.to_stage.value}"] += 1
         result.moved.append(move)
@@ -190,6 +199,9 @@ def convert_on_goals(
     candidates = goal_candidates(session=session, lead_ids=leads, sequences=with_goal)
     conversions = reached_goals(candidates, events=events, playbook=playbook)
     result.messages_cancelled += record_conversions(session=session, conversions=conversions, now=now)
+    announce_conversions(
+        session=session, conversions=conversions, candidates=candidates, playbook=playbook, now=now, result=result
+    )
     result.conversions += len(conversions)
 
 

@@ -47,6 +47,7 @@ from flows.advancing import advance_leads
 from flows.runtime import current_runtime
 from nurture.advancing import StageMove
 from nurture.playbook import Stage
+from nurture.webhooks import WebhookEvent, event_payload
 
 # Rows shown in a run's per-lead tables; the counts above them are always complete.
 ARTIFACT_ROWS = 500
@@ -72,27 +73,26 @@ def split(at: datetime, size: int, *, replay: bool) -> list[LeadRange]:
         return candidate_ranges(session=session, now=at, size=size)
 
 
-def emit_transition_events(result: ChunkResult, playbook_version: str) -> None:
-    """One Prefect event per transition, for Automations ("tell sales when a lead turns hot").
+def emit_transition_events(result: ChunkResult, playbook_version: str, *, personal_data: bool = False) -> None:
+    """One Prefect event per transition and per conversion, for Automations ("tell sales when a lead turns hot").
 
+    The payload is a webhook's content (docs/webhooks.md): the lead's stage, scores and score
+    breakdown, the transition or conversion; who the lead is (email, name, company, profile,
+    attributes) only with ``personal_data`` (NURTURE_PREFECT_EVENTS_PERSONAL_DATA).
     ``emit_event`` only queues the event for Prefect's background worker, so a
     chunk with thousands of transitions is not slowed by round trips.
     """
-    for move in result.moved:
-        emit_event(
-            event="nurture.lead.transitioned",
-            resource={
-                "prefect.resource.id": f"nurture.lead.{move.lead_id}",
-                "nurture.stage": move.to_stage.value,
-                "nurture.stage.from": move.from_stage.value,
-            },
-            payload={
-                "from": move.from_stage.value,
-                "to": move.to_stage.value,
-                "score": round(move.score, 2),
-                "playbook_version": playbook_version,
-            },
-        )
+    for fact in result.facts:
+        payload = event_payload(fact, playbook_version=playbook_version, personal_data=personal_data)
+        resource = {"prefect.resource.id": f"nurture.lead.{fact.lead.id}", "nurture.stage": fact.lead.stage}
+        if fact.event == WebhookEvent.transitioned:
+            resource["nurture.stage"] = fact.detail["to"]
+            resource["nurture.stage.from"] = fact.detail["from"]
+            payload |= {"from": fact.detail["from"], "to": fact.detail["to"], "score": round(fact.lead.score, 2)}
+            emit_event(event="nurture.lead.transitioned", resource=resource, payload=payload)
+        elif fact.event == WebhookEvent.converted:
+            resource["nurture.sequence"] = fact.detail["sequence"]
+            emit_event(event="nurture.lead.converted", resource=resource, payload=payload)
 
 
 # Safe to retry: a failed chunk rolled back, and a committed one has no candidates left.
@@ -122,7 +122,8 @@ def advance_chunk_task(
             session=session, lead_ids=lead_ids, playbook=runtime.playbook, now=now, flow_run_id=run_id, replay=replay
         )
     if not dry_run:
-        emit_transition_events(result, runtime.playbook.version)
+        personal = runtime.settings.nurture_prefect_events_personal_data
+        emit_transition_events(result, runtime.playbook.version, personal_data=personal)
     return result
 
 

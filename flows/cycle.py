@@ -34,6 +34,7 @@ from flows.pacing import send_pacer
 from flows.reporting import publish_sequence_report
 from flows.runtime import as_utc, current_runtime, run_name
 from flows.sending import DispatchResult, dispatch_due
+from flows.webhooks import HttpPoster, WebhookResult, deliver_webhooks
 
 
 # Safe to retry: a failed chunk rolled back, and a committed one left no enrollment due.
@@ -103,8 +104,46 @@ def dispatch_task(now: datetime, batch_size: int) -> DispatchResult:
     return result
 
 
+# Safe to retry: only due queued or failed deliveries are claimed; one in doubt is never sent again.
+@task(name="deliver-webhooks", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=30)
+def webhooks_task(now: datetime, batch_size: int) -> WebhookResult:
+    """Deliver the outbound webhooks due by ``now``, signed (docs/webhooks.md)."""
+    runtime = current_runtime()
+    poster = HttpPoster()
+    try:
+        result = deliver_webhooks(
+            engine=runtime.engine,
+            secrets=runtime.webhook_secrets,
+            now=now,
+            clock=lambda: datetime.now(UTC),
+            poster=poster,
+            batch_size=batch_size,
+            lease=timedelta(seconds=runtime.settings.nurture_send_lease_seconds),
+        )
+    finally:
+        poster.close()
+    if result.found_in_doubt:
+        get_run_logger().warning(
+            "%d webhook deliveries of a stopped dispatcher are in doubt (not resent): "
+            "`nurture messages list --webhooks`",
+            result.found_in_doubt,
+        )
+    for problem in result.problems[:20]:
+        get_run_logger().warning("%s", problem)
+    return result
+
+
+def deliver_if_configured(at: datetime, batch_size: int) -> WebhookResult | None:
+    """The webhooks task, when the playbook has webhooks (a task run costs 30–80 ms: none for nothing)."""
+    return webhooks_task(at, batch_size) if current_runtime().playbook.webhooks else None
+
+
 def run_verdict(
-    dispatched: DispatchResult, summary: dict[str, Any], *, failed_chunks: Sequence[str] = ()
+    dispatched: DispatchResult,
+    summary: dict[str, Any],
+    *,
+    failed_chunks: Sequence[str] = (),
+    webhooks: WebhookResult | None = None,
 ) -> dict[str, Any] | State[Any]:
     """The run's end: its summary, or a Failed state carrying it when chunks of leads failed or
     messages failed or are in doubt.
@@ -128,6 +167,11 @@ def run_verdict(
             event="nurture.delivery.problems",
             resource={"prefect.resource.id": f"nurture.flow-run.{flow_run.id or 'local'}"},
             payload={"failed": dispatched.failed, "in_doubt": dispatched.in_doubt},
+        )
+    if webhooks is not None and (webhooks.dead or webhooks.in_doubt):
+        problems.append(
+            f"{webhooks.dead} webhook deliveries dead, {webhooks.in_doubt} in doubt: "
+            "`nurture messages list --webhooks` and `nurture messages retry --webhooks`"
         )
     if not problems:
         return summary
@@ -238,6 +282,7 @@ def nurture_cycle(
     failed_chunks = [*(rescore.rescored.failed if rescore.rescored else []), *chunks.failed]
     walked = walk_all(at, batch_size, dry_run=dry_run)
     dispatched = dispatch_task(at, batch_size) if dispatch and not dry_run else DispatchResult()
+    webhooks = deliver_if_configured(at, batch_size) if dispatch and not dry_run else None
     totals = publish_report(advanced, dispatched, at=at, dry_run=dry_run)
     logger.info(
         "cycle at %s: %d leads rescored in %d chunks, %d transitions, %d messages queued, %d sent, %d failed",
@@ -273,7 +318,9 @@ def nurture_cycle(
         "rescore_needed": rescore.needed,
         "rescored_all_leads": rescore.rescored is not None and not rescore.rescored.failed,
     }
-    return run_verdict(dispatched, summary, failed_chunks=failed_chunks)
+    if webhooks is not None:
+        summary["webhooks"] = webhooks.as_json()
+    return run_verdict(dispatched, summary, failed_chunks=failed_chunks, webhooks=webhooks)
 
 
 @dataclass(frozen=True)
@@ -325,7 +372,7 @@ def rescore_in_chunks(at: datetime, batch_size: int, *, dry_run: bool = False, f
 
 @flow(name="dispatch", flow_run_name=lambda: run_name("dispatch"))
 def dispatch_messages(now: datetime | None = None, batch_size: int = 500) -> dict[str, Any] | State[Any]:
-    """Send the messages that are due, between cycles; several may run at once.
+    """Send the messages and deliver the webhooks that are due, between cycles; several may run at once.
 
     Claims are exclusive (``FOR UPDATE SKIP LOCKED`` on PostgreSQL) and the send
     rate is shared through the ``nurture-send`` limit, so extra dispatchers add
@@ -337,9 +384,13 @@ def dispatch_messages(now: datetime | None = None, batch_size: int = 500) -> dic
 
     The run ends Failed (with its summary) when messages failed or are in doubt.
     """
-    result = dispatch_task(as_utc(now), batch_size)
+    at = as_utc(now)
+    result = dispatch_task(at, batch_size)
+    webhooks = deliver_if_configured(at, batch_size)
     publish_messages(result, key="nurture-dispatch-messages")
     summary: dict[str, Any] = {str(k): v for k, v in result.by_status.items()}
     if result.found_in_doubt:
         summary["in_doubt_from_stopped_dispatchers"] = result.found_in_doubt
-    return run_verdict(result, summary)
+    if webhooks is not None:
+        summary["webhooks"] = webhooks.as_json()
+    return run_verdict(result, summary, webhooks=webhooks)

@@ -7,7 +7,7 @@ from here, so a task can run in any worker process.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import cast
@@ -16,6 +16,7 @@ from sqlalchemy import Engine
 
 from db.engine import ensure_current_schema, get_engine
 from flows.sending import Sender
+from flows.webhooks import webhook_secrets
 from nurture.playbook import Playbook, load_playbook
 from nurture.rendering import EmailRenderer
 from nurture.settings import Settings, get_settings
@@ -30,6 +31,8 @@ class Runtime:
     renderer: EmailRenderer
     transport: EmailTransport
     sender: Sender
+    # Each webhook's signing secret, by webhook name (never printed).
+    webhook_secrets: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 def build_runtime(settings: Settings) -> Runtime:
@@ -37,6 +40,8 @@ def build_runtime(settings: Settings) -> Runtime:
     engine = get_engine(settings.database_url)
     ensure_current_schema(engine)
     playbook = load_playbook(settings.nurture_playbook, templates_dir=settings.nurture_templates)
+    # Webhooks are never sent unsigned: a missing secret stops the run here, before any work.
+    secrets = webhook_secrets(playbook, settings.webhook_environment())
     return Runtime(
         settings=settings,
         engine=engine,
@@ -44,6 +49,7 @@ def build_runtime(settings: Settings) -> Runtime:
         renderer=EmailRenderer(settings.nurture_templates),
         transport=transport_from_settings(settings),
         sender=Sender.from_settings(settings),
+        webhook_secrets=secrets,
     )
 
 
@@ -53,6 +59,7 @@ SECRET_BLOCKS = {
     "SENDGRID_WEBHOOK_PUBLIC_KEY": "nurture-sendgrid-webhook-public-key",
     "NURTURE_SECRET_KEY": "nurture-secret-key",
     "NURTURE_API_TOKEN": "nurture-api-token",
+    "NURTURE_WEBHOOK_SECRET": "nurture-webhook-secret",
 }
 
 

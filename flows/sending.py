@@ -44,6 +44,7 @@ from db.dispatch import (
 from db.engine import session_scope
 from flows.advancing import settle_steps
 from flows.inflight import InFlight
+from flows.webhooks import announce_failures
 from nurture.delivery import MessageStatus, RetryPolicy, SendOutcome, backoff_seconds
 from nurture.dispatching import Triage, Verdict, triage
 from nurture.errors import AmbiguousDeliveryError, PermanentDeliveryError, TemplateError, TransientDeliveryError
@@ -331,6 +332,9 @@ def _record(
     def write(session: Session) -> None:
         record_outcomes(session=session, owner=owner, updates=updates, at=at)
         settle_steps(session=session, message_ids=[u.id for u in updates], playbook=playbook, at=now)
+        # The outbox pattern: a failed email's webhook deliveries commit with its failure.
+        failed = [u.id for u in updates if u.status == MessageStatus.failed]
+        announce_failures(session=session, message_ids=failed, playbook=playbook, now=now, recorded_at=at)
 
     _in_transaction(engine, write)
 

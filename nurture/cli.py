@@ -142,6 +142,10 @@ def _checked_playbook() -> Playbook:
     problems = EmailRenderer(settings.nurture_templates).check(playbook)
     if problems:
         raise PlaybookError(problems)
+    if playbook.webhooks:
+        from flows.webhooks import webhook_secrets
+
+        webhook_secrets(playbook, settings.webhook_environment())  # ConfigurationError: never sent unsigned
     return playbook
 
 
@@ -149,10 +153,17 @@ def _checked_playbook() -> Playbook:
 def validate(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
     database: Annotated[
-        bool, typer.Option("--database", help="Also accept the event kinds already stored in the database")
+        bool,
+        typer.Option(
+            "--database",
+            help="Check against where it runs: accept the event kinds stored in the database, and require "
+            "each webhook's signing secret to be set",
+        ),
     ] = False,
 ) -> None:
-    """Check the playbook and every template together, like a compiler: every problem, with file and line."""
+    """Check the playbook and every template together, like a compiler: every problem, with file and line.
+
+    Without --database it needs no database and no secrets, so it runs as a pre-commit hook on a laptop."""
     from nurture.validation import validate_files
 
     settings = _settings()
@@ -163,7 +174,12 @@ def validate(
 
         with session_scope(_engine()) as session:
             stored = stored_event_kinds(session=session)
-    report = validate_files(settings.nurture_playbook, settings.nurture_templates, stored_event_kinds=stored)
+    report = validate_files(
+        settings.nurture_playbook,
+        settings.nurture_templates,
+        stored_event_kinds=stored,
+        environment=settings.webhook_environment() if database else None,
+    )
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
     elif report.ok:
@@ -340,7 +356,14 @@ def _exit_on_problems(summary: dict[str, Any], ok: bool) -> None:
             "the next run takes their leads up"
         )
     messages = summary.get("messages", summary)  # a cycle's summary nests them, dispatch's is them
-    if messages.get("failed") or messages.get("in_doubt") or not failed_chunks:
+    hooks = summary.get("webhooks") or {}
+    hook_problems = any(hooks.get(k) for k in ("dead", "in_doubt", "in_doubt_from_stopped_dispatchers"))
+    if hook_problems:
+        errors.print(
+            "[red]webhook problems:[/] some deliveries are dead or in doubt; "
+            "see `nurture messages list --webhooks`, then `nurture messages retry --webhooks`"
+        )
+    if messages.get("failed") or messages.get("in_doubt") or not (failed_chunks or hook_problems):
         errors.print(
             "[red]delivery problems:[/] some messages failed or are in doubt; "
             "see `nurture messages list --status failed` and `--status in_doubt`, then `nurture messages retry`"
@@ -463,19 +486,107 @@ def _statuses(values: list[str] | None, default: tuple[Any, ...]) -> tuple[Any, 
         raise typer.BadParameter(f"{exc}; a status is one of: {STATUS_HELP.split(' (')[0]}") from exc
 
 
+WEBHOOK_STATUS_HELP = (
+    "with --webhooks: queued, claimed, sending, delivered, failed, in_doubt or dead (repeatable; default: dead and "
+    "in_doubt)"
+)
+WEBHOOKS_HELP = "Outbound webhook deliveries instead of emails (docs/webhooks.md)"
+
+
+def _delivery_statuses(values: list[str] | None, default: tuple[Any, ...]) -> tuple[Any, ...]:
+    from nurture.webhooks import DeliveryStatus
+
+    if not values:
+        return default
+    try:
+        return tuple(DeliveryStatus(v.strip().lower()) for v in values)
+    except ValueError as exc:
+        known = ", ".join(s.value for s in DeliveryStatus)
+        raise typer.BadParameter(f"{exc}; a webhook delivery's status is one of: {known}") from exc
+
+
+def _list_webhook_deliveries(status: list[str] | None, limit: int, as_json: bool) -> None:
+    from db.engine import session_scope
+    from db.webhooks import list_deliveries
+    from nurture.webhooks import OPERATOR_RETRYABLE
+
+    statuses = _delivery_statuses(status, OPERATOR_RETRYABLE)
+    with session_scope(_engine()) as session:
+        rows = list_deliveries(session=session, statuses=statuses, limit=limit)
+    if as_json:
+        console.print_json(json.dumps([_delivery_row(row) for row in rows]))
+        return
+    if not rows:
+        console.print("no webhook deliveries match", highlight=False)
+        return
+    table = Table(show_edge=False)
+    for column in ("id", "lead", "webhook", "event", "status", "due", "tries", "http", "why"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(
+            str(row.id),
+            escape(row.email),
+            row.webhook,
+            row.event,
+            row.status,
+            row.due_at.isoformat()[:16],
+            str(row.attempts),
+            str(row.response_status or ""),
+            escape((row.last_error or "")[:200]),
+        )
+    console.print(table)
+
+
+def _delivery_row(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "delivery_id": row.delivery_id,
+        "email": row.email,
+        "webhook": row.webhook,
+        "event": row.event,
+        "status": row.status,
+        "due_at": row.due_at.isoformat(),
+        "attempts": row.attempts,
+        "response_status": row.response_status,
+        "last_error": row.last_error,
+    }
+
+
+def _webhook_footnote() -> None:
+    """Under the emails: how many webhook deliveries need an operator too (they are listed apart)."""
+    from db.engine import session_scope
+    from db.webhooks import count_by_status
+    from nurture.webhooks import OPERATOR_RETRYABLE
+
+    with session_scope(_engine()) as session:
+        counts = count_by_status(session=session, statuses=OPERATOR_RETRYABLE)
+    if counts:
+        detail = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        console.print(f"webhook deliveries: {detail}; see `nurture messages list --webhooks`", highlight=False)
+
+
 @messages_app.command("list")
 def messages_list(
-    status: Annotated[list[str] | None, typer.Option(help=STATUS_HELP)] = None,
+    status: Annotated[list[str] | None, typer.Option(help=f"{STATUS_HELP}; {WEBHOOK_STATUS_HELP}")] = None,
     template: Annotated[str | None, typer.Option(help="Only this template")] = None,
     sequence: Annotated[str | None, typer.Option(help="Only this sequence")] = None,
     limit: Annotated[int, typer.Option(min=1, help="At most this many rows")] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    webhooks: Annotated[bool, typer.Option("--webhooks", help=WEBHOOKS_HELP)] = False,
 ) -> None:
-    """Messages by status (default: failed and in doubt), most recently due first, with why."""
+    """Messages by status (default: failed and in doubt), most recently due first, with why.
+
+    With --webhooks, outbound webhook deliveries instead (default: dead and in doubt).
+    """
     from db.engine import session_scope
     from db.messages import MessageSelection, list_messages
     from nurture.delivery import RETRYABLE
 
+    if webhooks:
+        if template or sequence:
+            raise typer.BadParameter("--template and --sequence select emails, not webhook deliveries")
+        _list_webhook_deliveries(status, limit, as_json)
+        return
     selection = MessageSelection(statuses=_statuses(status, RETRYABLE), template=template, sequence=sequence)
     with session_scope(_engine()) as session:
         rows = list_messages(session=session, selection=selection, limit=limit)
@@ -484,6 +595,7 @@ def messages_list(
         return
     if not rows:
         console.print("no messages match", highlight=False)
+        _webhook_footnote()
         return
     table = Table(show_edge=False)
     for column in ("id", "lead", "sequence", "step", "template", "status", "due", "tries", "why"):
@@ -501,6 +613,7 @@ def messages_list(
             escape((row.last_error or "")[:200]),
         )
     console.print(table)
+    _webhook_footnote()
 
 
 def _row(row: Any) -> dict[str, Any]:
@@ -527,15 +640,22 @@ def messages_retry(
         list[str] | None, typer.Option(help="failed (the default) or in_doubt; in doubt may send a second copy")
     ] = None,
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation")] = False,
+    webhooks: Annotated[bool, typer.Option("--webhooks", help=WEBHOOKS_HELP + ": dead (default) or in_doubt")] = False,
 ) -> None:
     """Queue failed (or in-doubt) messages again, due now: after fixing a template or an outage.
 
     Messages of exited enrollments (the lead left the stage, an operator ended it, the address was
-    suppressed) are left alone.
+    suppressed) are left alone. With --webhooks, dead (or in-doubt) webhook deliveries instead.
     """
     from db.engine import session_scope
     from db.messages import MessageSelection, plan_retry, retry_messages
     from nurture.delivery import RETRYABLE, MessageStatus
+
+    if webhooks:
+        if template or sequence:
+            raise typer.BadParameter("--template and --sequence select emails, not webhook deliveries")
+        _retry_webhook_deliveries(message_id or [], status, yes)
+        return
 
     chosen = _statuses(status, RETRYABLE if message_id else (MessageStatus.failed,))
     if not set(chosen) <= set(RETRYABLE):
@@ -567,6 +687,43 @@ def messages_retry(
     with session_scope(engine) as session:
         queued = retry_messages(session=session, selection=selection, now=datetime.now(UTC))
     console.print(f"[green]ok[/] {queued} messages queued again; the next cycle or dispatch sends them")
+
+
+def _retry_webhook_deliveries(ids: list[int], status: list[str] | None, yes: bool) -> None:
+    from db.engine import session_scope
+    from db.webhooks import count_by_status, retry_deliveries
+    from nurture.webhooks import OPERATOR_RETRYABLE, DeliveryStatus
+
+    chosen = _delivery_statuses(status, OPERATOR_RETRYABLE if ids else (DeliveryStatus.dead,))
+    if not set(chosen) <= set(OPERATOR_RETRYABLE):
+        raise typer.BadParameter("only dead and in_doubt webhook deliveries can be retried", param_hint="--status")
+    engine = _engine()
+    with session_scope(engine) as session:
+        if ids:
+            from db.webhooks import list_deliveries
+
+            rows = list_deliveries(session=session, statuses=chosen, ids=ids, limit=len(ids))
+            counts: dict[str, int] = {}
+            for row in rows:
+                counts[row.status] = counts.get(row.status, 0) + 1
+        else:
+            counts = count_by_status(session=session, statuses=chosen)
+    total = sum(counts.values())
+    if not total:
+        console.print("no dead or in-doubt webhook deliveries match", highlight=False)
+        return
+    detail = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    console.print(f"{total} webhook deliveries to queue again ({detail})", highlight=False)
+    if counts.get(DeliveryStatus.in_doubt):
+        console.print(
+            f"[yellow]warning:[/] {counts[DeliveryStatus.in_doubt]} are in doubt: the receiver may already have them; "
+            "a retry sends them again with the same Nurture-Delivery-Id, which a receiver that deduplicates drops."
+        )
+    if not yes and not typer.confirm(f"Queue {total} webhook deliveries again, due now?"):
+        raise typer.Exit(1)
+    with session_scope(engine) as session:
+        queued = retry_deliveries(session=session, statuses=chosen, ids=ids, now=datetime.now(UTC))
+    console.print(f"[green]ok[/] {queued} webhook deliveries queued again; the next cycle or dispatch delivers them")
 
 
 # Reasons are stored with the enrollment, pause or transition (columns of 300 characters and more).

@@ -19,6 +19,7 @@ from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import yaml
 from jinja2 import TemplateSyntaxError
@@ -35,6 +36,7 @@ from pydantic import (
     model_validator,
 )
 
+from nurture.diagnostics import closest, did_you_mean
 from nurture.errors import PlaybookError
 
 
@@ -785,6 +787,97 @@ def _event_kind(kind: str) -> str:
     return kind
 
 
+class WebhookEvent(StrEnum):
+    """What an outbound webhook can be told about (docs/webhooks.md)."""
+
+    transitioned = "lead.transitioned"
+    converted = "lead.converted"
+    message_failed = "message.failed"
+
+
+# An environment variable's name, as a webhook's ``secret_env`` names one.
+ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,99}$")
+WEBHOOK_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
+MAX_URL = 2000
+
+
+def _did_you_mean(value: str, choices: Any) -> str:
+    return did_you_mean(closest(value, [str(c) for c in choices]))
+
+
+def _webhook_event(value: object) -> object:
+    if isinstance(value, str) and value not in {e.value for e in WebhookEvent}:
+        known = ", ".join(e.value for e in WebhookEvent)
+        raise ValueError(f"{_shown(value)} is not a webhook event{_did_you_mean(value, WebhookEvent)}; one of: {known}")
+    return value
+
+
+def _webhook_stage(value: object) -> object:
+    if isinstance(value, str) and value not in {s.value for s in Stage}:
+        known = ", ".join(s.value for s in Stage)
+        raise ValueError(f"{_shown(value)} is not a stage{_did_you_mean(value, Stage)}; one of: {known}")
+    return value
+
+
+def _webhook_url(url: str) -> str:
+    problem = None
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises for a port that is not a number)
+    except ValueError as exc:
+        parts, problem = None, str(exc)
+    if problem is None and (parts is None or parts.scheme not in ("http", "https")):
+        problem = "it must start with https:// (or http://)"
+    elif problem is None and parts is not None and not parts.hostname:
+        problem = "it names no host"
+    elif problem is None and parts is not None and (parts.username or parts.password):
+        problem = "it carries a user name or password: receivers check the signature instead"
+    elif problem is None and (len(url) > MAX_URL or any(c.isspace() for c in url)):
+        problem = f"it is longer than {MAX_URL} characters or contains spaces"
+    if problem:
+        raise ValueError(f"{_shown(url, 80)} is not a webhook URL: {problem}")
+    return url
+
+
+class Webhook(_Frozen):
+    """An outbound webhook: where nurture POSTs signed JSON about ``events`` (docs/webhooks.md)."""
+
+    name: str | None = None
+    url: Annotated[str, AfterValidator(_webhook_url)]
+    events: tuple[Annotated[WebhookEvent, BeforeValidator(_webhook_event)], ...]
+    # Only transitions into these stages (lead.transitioned); empty: every transition.
+    to: Annotated[tuple[Annotated[Stage, BeforeValidator(_webhook_stage)], ...], BeforeValidator(_stage_list)] = ()
+    # The environment variable holding this webhook's signing secret (default: NURTURE_WEBHOOK_SECRET).
+    secret_env: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_fits(cls, name: str | None) -> str | None:
+        if name is not None and not WEBHOOK_NAME.match(name):
+            raise ValueError(f"{_shown(name)} is not a webhook name: up to 100 letters, digits, _ . and -")
+        return name
+
+    @field_validator("events")
+    @classmethod
+    def _some_events(cls, events: tuple[WebhookEvent, ...]) -> tuple[WebhookEvent, ...]:
+        if not events:
+            raise ValueError("lists no event: name at least one of " + ", ".join(e.value for e in WebhookEvent))
+        return events
+
+    @field_validator("secret_env")
+    @classmethod
+    def _env_name(cls, name: str | None) -> str | None:
+        if name is not None and not ENV_NAME.match(name):
+            raise ValueError(f"{_shown(name)} is not an environment variable name (e.g. SALES_WEBHOOK_SECRET)")
+        return name
+
+    def wants(self, event: WebhookEvent, to_stage: Stage | None = None) -> bool:
+        """Whether this webhook is told about ``event`` (a transition: into ``to_stage``)."""
+        if event not in self.events:
+            return False
+        return event != WebhookEvent.transitioned or not self.to or to_stage in self.to
+
+
 @dataclass(frozen=True)
 class PlaybookSource:
     """Where a loaded playbook came from: its file and the line of each key path.
@@ -815,6 +908,8 @@ class Playbook(_Frozen):
     # Event kinds the website or imports send that no rule scores (e.g. for a goal): listed so that
     # `nurture validate` knows them and still catches a misspelt kind.
     known_events: tuple[Annotated[str, AfterValidator(_event_kind)], ...] = ()
+    # Outbound webhooks: signed JSON to sales and other systems (docs/webhooks.md).
+    webhooks: tuple[Webhook, ...] = ()
     # Set by parse_playbook, so later checks (the templates' subjects) can name the file and line.
     _source: PlaybookSource = PrivateAttr(default_factory=PlaybookSource)
 
@@ -831,6 +926,21 @@ class Playbook(_Frozen):
             if not STEP_ID.match(name) or "/" in name:
                 raise ValueError(f"{_shown(name)} is not a sequence name: up to 100 letters, digits, _ . and -")
         return sequences
+
+    @field_validator("webhooks")
+    @classmethod
+    def _webhook_names_differ(cls, webhooks: tuple[Webhook, ...]) -> tuple[Webhook, ...]:
+        seen: set[str] = set()
+        for i, hook in enumerate(webhooks):
+            name = webhook_name(hook, i)
+            if name in seen:
+                raise ValueError(f"two webhooks are named {name!r}: give each its own name")
+            seen.add(name)
+        return webhooks
+
+    def named_webhooks(self) -> list[tuple[str, Webhook]]:
+        """Each webhook with its name (``webhook-1``, ``webhook-2``, ... when the playbook gives none)."""
+        return [(webhook_name(hook, i), hook) for i, hook in enumerate(self.webhooks)]
 
     def sequences_for(self, from_stage: Stage, to_stage: Stage) -> list[str]:
         """Names of the sequences a transition enrolls a lead in, in playbook order."""
@@ -860,6 +970,11 @@ class Playbook(_Frozen):
             for step in seq.steps
             for _, template, _subject in step.contents()
         }
+
+
+def webhook_name(hook: Webhook, index: int) -> str:
+    """A webhook's name: its own, or ``webhook-N`` from its place in the list (1-based)."""
+    return hook.name or f"webhook-{index + 1}"
 
 
 def _read_nodes(root: yaml.Node, source: str) -> tuple[dict[tuple[str, ...], int], list[str]]:

@@ -21,6 +21,7 @@ from nurture.diagnostics import Problem, closest, did_you_mean
 from nurture.importing import LEAD_COLUMNS
 from nurture.inbound import MACHINE_OPEN, SCORED
 from nurture.playbook import END, Playbook, QuietHours, SendWindow, Sequence
+from nurture.webhooks import DEFAULT_SECRET_ENV
 
 # Kinds a website usually sends to the events API (docs/api.md); others go in the playbook's known_events.
 WEBSITE_EVENT_KINDS = frozenset(
@@ -55,8 +56,14 @@ class _Locator:
         return Problem(self.file, line, message, key=".".join(loc) or None, suggestion=suggestion)
 
 
-def check_playbook(playbook: Playbook, *, stored_event_kinds: Iterable[str] = ()) -> list[Problem]:
-    """Every problem of a loaded playbook that the loader lets through, each at its key's line."""
+def check_playbook(
+    playbook: Playbook, *, stored_event_kinds: Iterable[str] = (), environment: Mapping[str, str] | None = None
+) -> list[Problem]:
+    """Every problem of a loaded playbook that the loader lets through, each at its key's line.
+
+    With ``environment`` (the variables set where it runs), webhooks whose signing secret is
+    not set are problems too: nurture never sends one unsigned.
+    """
     at = _Locator(playbook)
     return [
         *_event_kinds(playbook, at, frozenset(stored_event_kinds)),
@@ -64,7 +71,24 @@ def check_playbook(playbook: Playbook, *, stored_event_kinds: Iterable[str] = ()
         *_thresholds(playbook, at),
         *_unreachable(playbook, at),
         *_windows(playbook, at),
+        *(_webhook_secrets(playbook, at, environment) if environment is not None else []),
     ]
+
+
+def _webhook_secrets(playbook: Playbook, at: _Locator, environment: Mapping[str, str]) -> list[Problem]:
+    problems = []
+    for i, hook in enumerate(playbook.webhooks):
+        env = hook.secret_env or DEFAULT_SECRET_ENV
+        if not (environment.get(env) or "").strip():
+            loc = ("webhooks", str(i), "secret_env" if hook.secret_env else "url")
+            problems.append(
+                at.problem(
+                    loc,
+                    f"{env} is not set: this webhook would never be sent (nurture sends none unsigned); "
+                    f"set {env} to the secret its receiver verifies with (docs/webhooks.md)",
+                )
+            )
+    return problems
 
 
 def sent_event_kinds(playbook: Playbook, stored: Iterable[str] = ()) -> frozenset[str]:

@@ -6,6 +6,7 @@ reads no secret. Secrets are ``SecretStr`` so they never print in logs.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -68,6 +69,16 @@ class Settings(BaseSettings):
         default=None, description="The Event Webhook's verification key (base64), from SendGrid's mail settings"
     )
     nurture_api_token: SecretStr | None = Field(default=None, description="Bearer token for POST /v1/events")
+    nurture_webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="Signs outbound webhooks (HMAC-SHA256); needed as soon as the playbook has webhooks, unless each "
+        "names its own secret_env",
+    )
+    nurture_prefect_events_personal_data: bool = Field(
+        default=False,
+        description="Put who the lead is (email, name, company, profile, attributes) in nurture's Prefect events; "
+        "off: ids, stages, scores and the score breakdown only",
+    )
     nurture_api_lock_timeout_seconds: float = Field(
         default=5.0,
         gt=0,
@@ -135,6 +146,12 @@ class Settings(BaseSettings):
         if self.nurture_database_url.startswith("sqlite"):
             return 1
         return self.nurture_chunk_concurrency or DEFAULT_CHUNK_CONCURRENCY
+
+    def webhook_environment(self) -> dict[str, str]:
+        """Where webhook signing secrets are read: the environment (a webhook's own ``secret_env``), with
+        NURTURE_WEBHOOK_SECRET as these settings have it."""
+        given = self.nurture_webhook_secret
+        return {**os.environ, "NURTURE_WEBHOOK_SECRET": given.get_secret_value() if given else ""}
 
     @property
     def database_url(self) -> str:

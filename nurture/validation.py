@@ -9,7 +9,7 @@ are a parameter the CLI reads.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,8 +40,17 @@ class Report:
         return {"ok": self.ok, "problems": [p.to_json() for p in self.problems], "summary": self.summary}
 
 
-def validate_files(playbook_path: Path, templates_dir: Path, *, stored_event_kinds: Iterable[str] = ()) -> Report:
-    """Load the playbook and check it and every template it uses; never raises for bad input."""
+def validate_files(
+    playbook_path: Path,
+    templates_dir: Path,
+    *,
+    stored_event_kinds: Iterable[str] = (),
+    environment: Mapping[str, str] | None = None,
+) -> Report:
+    """Load the playbook and check it and every template it uses; never raises for bad input.
+
+    ``environment``: the variables set where it will run, to check that every webhook can be signed.
+    """
     try:
         playbook = load_playbook(playbook_path)
     except PlaybookError as exc:
@@ -53,7 +62,7 @@ def validate_files(playbook_path: Path, templates_dir: Path, *, stored_event_kin
     problems = unique_sorted(
         [
             *(from_text(text, default_file=str(playbook_path)) for _, text in missing),
-            *check_playbook(playbook, stored_event_kinds=stored_event_kinds),
+            *check_playbook(playbook, stored_event_kinds=stored_event_kinds, environment=environment),
             *check_templates(
                 renderer, playbook, shown_dir=str(templates_dir), skip=frozenset(name for name, _ in missing)
             ),
@@ -68,6 +77,7 @@ def validate_files(playbook_path: Path, templates_dir: Path, *, stored_event_kin
         "sequences": len(playbook.sequences),
         "emails": sum(len(s.steps) for s in playbook.sequences.values()),
         "template_files": len(playbook.template_names()),
+        "webhooks": len(playbook.webhooks),
         "problems": len(problems),
     }
     return Report(playbook_path, templates_dir, problems, playbook, summary)

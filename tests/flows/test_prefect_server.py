@@ -109,11 +109,13 @@ def test_deploy_run_with_a_worker_and_read_the_artifacts(server: tuple[str, dict
             "advance-chunk",
             "import-leads",
             "import-events",
+            "nurture-report",
         }
         cycle = deployments["nurture-cycle"]
         assert cycle["schedules"][0]["schedule"]["interval"] == 600
         assert cycle["global_concurrency_limit"]["limit"] == 1  # runs never overlap
         assert deployments["rescore-all"]["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
+        assert deployments["nurture-report"]["schedules"][0]["schedule"]["cron"] == "0 6 * * *"
         run = client.post(
             f"/deployments/{cycle['id']}/create_flow_run", json={"parameters": {"now": "2026-01-05T12:00:00+00:00"}}
         ).json()
@@ -126,6 +128,7 @@ def test_deploy_run_with_a_worker_and_read_the_artifacts(server: tuple[str, dict
             "nurture-cycle-transitions",
             "nurture-funnel",
             "nurture-cycle-messages",
+            "nurture-sequence-report",
         }
         transitions = next(a for a in artifacts if a["key"] == "nurture-cycle-transitions")
         assert "cold→warm 1" in transitions["description"]
@@ -156,7 +159,7 @@ def test_nurture_serve_registers_every_deployment_with_its_schedule(
                 time.sleep(1)
             assert rescore_timezone(client) == "Europe/Berlin", (tmp_path / "serve.log").read_text()[-3000:]
             names = {d["name"] for d in client.post("/deployments/filter", json={}).json()}
-        assert names >= {"nurture-cycle", "dispatch", "rescore-all", "import-leads", "import-events"}
+        assert names >= {"nurture-cycle", "dispatch", "rescore-all", "import-leads", "import-events", "nurture-report"}
     finally:
         process.terminate()  # stops cleanly within systemd's default 90 s, cancelling any run in progress
         try:
