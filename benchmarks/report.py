@@ -56,6 +56,7 @@ import sqlite3
 import tempfile
 import time
 import uuid
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -156,7 +157,9 @@ class Written:
 class History:
     """Draws the leads' histories, as rows ready for a bulk write (times as the database's text)."""
 
-    def __init__(self, *, seed: int, postgres: bool, messages: int, events: int) -> None:
+    def __init__(
+        self, *, seed: int, postgres: bool, messages: int, events: int, message_ids: Sequence[int] = ()
+    ) -> None:
         self.rng = random.Random(seed)
         self.clock = Clock(postgres=postgres)
         self.end = self.clock.end
@@ -164,6 +167,10 @@ class History:
         self.ids = dict.fromkeys(TABLES, 0)
         self.messages = self.email_events = self.events = 0
         self.version = "bench"
+        # Emails are drawn lead by lead; nurture numbers them as it creates them, when each falls due.
+        # ``message_ids`` maps the order drawn to that order (``in_sending_order``); ``sent_times`` feeds it.
+        self.message_ids = message_ids
+        self.sent_times = array("q")
 
     def _id(self, table: str) -> int:
         self.ids[table] += 1
@@ -323,7 +330,9 @@ class History:
         if at > self.end or at >= until:
             return None
         rng = self.rng
-        message_id = self._id("message")
+        drawn = self._id("message")
+        message_id = self.message_ids[drawn] if self.message_ids else drawn
+        self.sent_times.append(at)
         sequence = self.enrollment.sequence
         steps.append(step_id)
         self.sent.append((at, message_id))
@@ -518,13 +527,34 @@ def _write_postgres(url: str, history: History) -> None:
             connection.execute(f"VACUUM ANALYZE {table}")
 
 
+def in_sending_order(seed: int, messages: int, events: int) -> array[int]:
+    """Each drawn email's id in the order nurture would have created them: by time sent (a first
+    pass of the same draw). Ids then follow time, as in a real outbox, and a period's emails sit
+    together in the table and its id index."""
+    draft = History(seed=seed, postgres=False, messages=messages, events=events)
+    for _ in draft.batches():
+        pass
+    times = draft.sent_times
+    order = sorted(range(len(times)), key=lambda n: (times[n], n))
+    ids = array("q", bytes(8 * (len(times) + 1)))
+    for rank, n in enumerate(order, start=1):
+        ids[n + 1] = rank
+    return ids
+
+
 def write_history(url: str, *, messages: int, events: int, seed: int = 7) -> Written:
     """Create the schema and write the history described in the module docstring (the tables must be empty)."""
     engine = get_engine(url)
     upgrade_schema(engine)
     engine.dispose()
     postgres = engine.dialect.name == "postgresql"
-    history = History(seed=seed, postgres=postgres, messages=messages, events=events)
+    history = History(
+        seed=seed,
+        postgres=postgres,
+        messages=messages,
+        events=events,
+        message_ids=in_sending_order(seed, messages, events),
+    )
     started = time.perf_counter()
     if postgres:
         _write_postgres(url, history)
