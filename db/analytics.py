@@ -75,8 +75,12 @@ def step_counts(
     """Per sequence, step and variant: the period's emails and what became of them."""
     # The first and last id of the period's emails bound the events read to the index's range of
     # those emails: a day's report reads a day's events, not every event since that day's first email.
-    first, last = session.execute(select(func.min(_M.c.id), func.max(_M.c.id)).where(*_sent_in(period, sequence))).one()
-    if first is None:
+    # (With count(*) beside them, PostgreSQL reads the period's emails from the sent_at index instead of
+    # walking the primary key from its first id until an email of the period turns up.)
+    emails, first, last = session.execute(
+        select(func.count(), func.min(_M.c.id), func.max(_M.c.id)).where(*_sent_in(period, sequence))
+    ).one()
+    if not emails:
         return []
     flags = (
         select(
@@ -227,16 +231,20 @@ def converted_emails(
         .join(_N, _N.c.id == _M.c.enrollment_id)
         .join(_T, _T.c.lead_id == _M.c.lead_id)
         .where(
-            # The leads that moved up since the period began, named first (as the goals above).
-            _M.c.lead_id.in_(select(_T.c.lead_id).where(_T.c.to_stage.in_(CONVERTING_STAGES), _T.c.at >= period.since)),
             _T.c.to_stage.in_(CONVERTING_STAGES),
             _T.c.at > _M.c.sent_at,
             _T.c.at >= period.since,
             *_sent_in(period, sequence),
         )
     )
+    # The rarer side named first, as for the goals above: the enrollments of the sequences without
+    # a goal (most emails belong to the ones with a goal), else the leads that moved up in the period.
     if goal_sequences:
-        moves = moves.where(_M.c.sequence.not_in(sorted(goal_sequences)))
+        others = select(_N.c.id).where(_N.c.sequence.not_in(sorted(goal_sequences)))
+        moves = moves.where(_M.c.enrollment_id.in_(others), _M.c.sequence.not_in(sorted(goal_sequences)))
+    else:
+        moved = select(_T.c.lead_id).where(_T.c.to_stage.in_(CONVERTING_STAGES), _T.c.at >= period.since)
+        moves = moves.where(_M.c.lead_id.in_(moved))
     for message_id, _seq, sent_at, enrolled_stage, to_stage, at in session.execute(moves):
         if RANK[to_stage] > RANK.get(enrolled_stage, 0) and at - sent_at <= window:
             found.add(int(message_id))
