@@ -16,6 +16,7 @@ from db.engine import get_engine, session_scope
 from db.models import Enrollment, Event, Lead, Message, StageTransition, Suppression
 from nurture.playbook import Stage
 from nurture.reporting import COUNTS
+from tests.conftest import postgres_url
 
 MESSAGES, EVENTS = 3000, 15_000
 GOALS = {"welcome", "demo_offer"}
@@ -120,13 +121,16 @@ def test_conversions_per_sequence_equal_enrollments_counted_by_hand(database_url
     assert sum(converted for _, converted in expected.values()) > 0
 
 
+@pytest.mark.parametrize("engine", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def test_the_script_runs_and_prints_its_ratios(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    engine: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(sys, "argv", ["benchmarks.report", "--messages", "400", "--engine", "sqlite"])
+    if engine == "postgresql" and postgres_url() is None:
+        pytest.skip("NURTURE_TEST_DATABASE_URL is not set: PostgreSQL tests skipped (CI sets it)")
+    monkeypatch.setattr(sys, "argv", ["benchmarks.report", "--messages", "400", "--engine", engine])
     bench.main()
     out = capsys.readouterr().out
     for said in ("report, 90 days", "report, 30 days, --sequence welcome", "sequence_conversions", "30 days / 1 day"):
         assert said in out
     assert "x baseline" in out
-    assert "summary" in out
+    assert f"summary (seconds, best of 3; ratio to the bare read of the same period)\n  {engine}" in out
