@@ -4,6 +4,7 @@
 #   make bench  — scoring, then dispatch at 80 ms provider latency (docs/benchmarks.md); `make bench-quick` at 1/10 scale
 #   make bench-imports — imports against a bare COPY / executemany (docs/benchmarks.md); ARGS=--quick at 100k events
 #   make bench-dispatch — dispatch throughput at 80 ms provider latency, SQLite and PostgreSQL (docs/benchmarks.md)
+#   make bench-report — `nurture report` over 1M emails / 5M events against a bare read (docs/benchmarks.md); ARGS=--quick at 1/10
 PYTHON ?= python3
 UV_VERSION := 0.13.9
 TOOLS := .tools
@@ -13,7 +14,7 @@ export UV_PYTHON_DOWNLOADS := never
 # Compiled bytecode at install: every `nurture` command starts several times faster.
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: setup demo test lint typecheck bench bench-quick bench-imports bench-dispatch clean
+.PHONY: setup demo test lint typecheck bench bench-quick bench-imports bench-dispatch bench-report clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -55,6 +56,11 @@ bench-imports: setup
 # `make bench-dispatch ARGS="--in-flight 256 --engine sqlite"`.
 bench-dispatch: setup
 	$(UV) run --locked python -m benchmarks.dispatch_throughput $(ARGS)
+
+# `nurture report` over 1M emails and 5M events next to a bare read of them (docs/benchmarks.md):
+# `make bench-report ARGS=--quick` (100k emails), ARGS="--engine sqlite".
+bench-report: setup
+	$(UV) run --locked python -m benchmarks.report $(ARGS)
 
 clean:
 	rm -rf $(TOOLS) .venv nurture.db nurture.db-* outbox .pytest_cache .mypy_cache .ruff_cache

@@ -1,12 +1,15 @@
 """Set-based counts behind `nurture report`: what became of the emails each step sent.
 
 One grouped query does the bulk of the work: the period's emails joined to one row per
-email of what its events say (opened, clicked, bounced …), summed per sequence, step and
-variant. It reads each event once, however many emails and events there are
-(docs/benchmarks.md). Unsubscribes and conversions are rare, so they are found by small
-joins from their side (an unsubscribe, a conversion, a move up) to the emails before them,
-and the window arithmetic is done on those few rows in Python, the same on SQLite and
-PostgreSQL. This module counts; ``nurture.reporting`` orders, rates and judges.
+email of what its events say (opened, clicked, bounced, unsubscribed …), summed per
+sequence, step and variant. It reads each event of the period once, from the index on the
+email it is about (which holds the kind and time too, so the table itself is not read).
+Page unsubscribes and conversions are rare, so they are found from their side (an
+unsubscribe, a converted enrollment, a move up) to the emails before them: each of those
+queries names its rare rows in an ``IN (subquery)``, which both engines run first, instead
+of visiting every email of the period. The window arithmetic is done on those few rows in
+Python, the same on SQLite and PostgreSQL. docs/benchmarks.md measures it at a million
+emails. This module counts; ``nurture.reporting`` orders, rates and judges.
 """
 
 from __future__ import annotations
@@ -71,6 +74,15 @@ def step_counts(
     goals: Mapping[str, Collection[str]],
 ) -> list[StepCounts]:
     """Per sequence, step and variant: the period's emails and what became of them."""
+    # The first and last id of the period's emails bound the events read to the index's range of
+    # those emails: a day's report reads a day's events, not every event since that day's first email.
+    # (With count(*) beside them, PostgreSQL reads the period's emails from the sent_at index instead of
+    # walking the primary key from its first id until an email of the period turns up.)
+    emails, first, last = session.execute(
+        select(func.count(), func.min(_M.c.id), func.max(_M.c.id)).where(*_sent_in(period, sequence))
+    ).one()
+    if not emails:
+        return []
     flags = (
         select(
             _E.c.message_id.label("message_id"),
@@ -79,9 +91,15 @@ def step_counts(
             _flag(CLICK).label("clicked"),
             _flag("bounce").label("bounced"),
             _flag("spamreport").label("spam"),
+            _flag("unsubscribe").label("unsubscribed"),
         )
-        # An event cannot come before its email: the period's start bounds the events read.
-        .where(_E.c.message_id.is_not(None), _E.c.occurred_at >= period.since)
+        # An event cannot come before its email: the period's start bounds the events read too.
+        .where(
+            _E.c.message_id.is_not(None),
+            _E.c.message_id >= first,
+            _E.c.message_id <= last,
+            _E.c.occurred_at >= period.since,
+        )
         .group_by(_E.c.message_id)
         .subquery()
     )
@@ -101,13 +119,14 @@ def step_counts(
             func.coalesce(func.sum(flags.c.clicked), 0),
             func.sum(case((bounced, 1), else_=0)),
             func.coalesce(func.sum(flags.c.spam), 0),
+            func.coalesce(func.sum(flags.c.unsubscribed), 0),
         )
         .select_from(_M.outerjoin(flags, flags.c.message_id == _M.c.id))
         .where(*_sent_in(period, sequence))
         .group_by(_M.c.sequence, _M.c.step_id, _M.c.variant)
     )
     keyed: dict[tuple[str, str, str | None], dict[str, int]] = {}
-    for seq, step, variant, sent, delivered, opened, machine, clicked, bounce, spam in session.execute(query):
+    for seq, step, variant, sent, delivered, opened, machine, clicked, bounce, spam, unsub in session.execute(query):
         keyed[(seq, step, variant)] = {
             "sent": int(sent),
             "delivered": int(delivered),
@@ -116,10 +135,11 @@ def step_counts(
             "clicked": int(clicked),
             "bounced": int(bounce),
             "spam": int(spam),
-            "unsubscribed": 0,
+            "unsubscribed": int(unsub),
             "converted": 0,
         }
-    for key in _keys_of(session, unsubscribed_emails(session=session, period=period, sequence=sequence)):
+    # SendGrid's unsubscribes are counted above; an unsubscribe on nurture's page names no email.
+    for key in _keys_of(session, page_unsubscribed_emails(session=session, period=period, sequence=sequence)):
         keyed[key]["unsubscribed"] += 1
     converted = converted_emails(
         session=session, period=period, sequence=sequence, window=conversion_window, goals=goals
@@ -138,15 +158,9 @@ def _keys_of(session: Session, message_ids: Collection[int]) -> Iterable[tuple[s
         yield from session.execute(query)  # type: ignore[misc]
 
 
-def unsubscribed_emails(*, session: Session, period: Period, sequence: str | None) -> set[int]:
-    """The period's emails a lead unsubscribed from: the email SendGrid's unsubscribe event names,
-    or, for an unsubscribe on nurture's own page, the last email the lead got before it."""
-    named = (
-        select(_M.c.id)
-        .join(_E, _E.c.message_id == _M.c.id)
-        .where(_E.c.kind == "unsubscribe", *_sent_in(period, sequence))
-    )
-    found = {int(row[0]) for row in session.execute(named)}
+def page_unsubscribed_emails(*, session: Session, period: Period, sequence: str | None) -> set[int]:
+    """The period's emails unsubscribed from on nurture's own page: the last email the lead got before
+    the unsubscribe, unless SendGrid's unsubscribe event names that email already (counted with the events)."""
     pages = (
         select(_M.c.id, _M.c.lead_id, _M.c.sent_at)
         .join(_L, _L.c.id == _M.c.lead_id)
@@ -163,8 +177,16 @@ def unsubscribed_emails(*, session: Session, period: Period, sequence: str | Non
     for message_id, lead_id, sent_at in session.execute(pages):
         if lead_id not in last or sent_at > last[lead_id][0]:
             last[lead_id] = (sent_at, int(message_id))
-    found |= {message_id for _, message_id in last.values()}
-    if sequence is not None and last:
+    found = {message_id for _, message_id in last.values()}
+    ids = sorted(found)
+    for start in range(0, len(ids), 5000):
+        named = select(_E.c.message_id).where(
+            _E.c.message_id.in_(ids[start : start + 5000]),
+            _E.c.kind == "unsubscribe",
+            _E.c.occurred_at >= period.since,
+        )
+        found -= {int(row[0]) for row in session.execute(named)}
+    if sequence is not None and found:
         found &= set(_in_sequence(session, found, sequence))
     return found
 
@@ -195,10 +217,13 @@ def converted_emails(
     for name, kinds in sorted(goals.items()):
         if sequence is not None and name != sequence:
             continue
+        # The leads that did a goal event in the period, named first: a few, where the period's emails are many.
+        reachers = select(_E.c.lead_id).where(_E.c.kind.in_(sorted(kinds)), _E.c.occurred_at >= period.since)
         reached = (
             select(_M.c.id, _M.c.sent_at, _E.c.occurred_at)
             .join(_E, _E.c.lead_id == _M.c.lead_id)
             .where(
+                _M.c.lead_id.in_(reachers),
                 _E.c.kind.in_(sorted(kinds)),
                 _E.c.occurred_at > _M.c.sent_at,
                 _E.c.occurred_at >= period.since,
@@ -217,8 +242,14 @@ def converted_emails(
             *_sent_in(period, sequence),
         )
     )
+    # The rarer side named first, as for the goals above: the enrollments of the sequences without
+    # a goal (most emails belong to the ones with a goal), else the leads that moved up in the period.
     if goals:
-        moves = moves.where(_M.c.sequence.not_in(sorted(goals)))
+        others = select(_N.c.id).where(_N.c.sequence.not_in(sorted(goals)))
+        moves = moves.where(_M.c.enrollment_id.in_(others), _M.c.sequence.not_in(sorted(goals)))
+    else:
+        moved = select(_T.c.lead_id).where(_T.c.to_stage.in_(CONVERTING_STAGES), _T.c.at >= period.since)
+        moves = moves.where(_M.c.lead_id.in_(moved))
     for message_id, sent_at, enrolled_stage, to_stage, at in session.execute(moves):
         if RANK[to_stage] > RANK.get(enrolled_stage, 0) and at - sent_at <= window:
             found.add(int(message_id))
@@ -252,10 +283,17 @@ def sequence_conversions(
     }
     converted: dict[str, set[int]] = {}
     for name, kinds in sorted(goals.items()):
+        reachers = select(_E.c.lead_id).where(_E.c.kind.in_(sorted(kinds)), _E.c.occurred_at >= period.since)
         reached = (
             select(_N.c.id, _N.c.started_at, _E.c.occurred_at)
             .join(_E, _E.c.lead_id == _N.c.lead_id)
-            .where(_N.c.sequence == name, _E.c.kind.in_(sorted(kinds)), _E.c.occurred_at > _N.c.started_at, *started)
+            .where(
+                _N.c.lead_id.in_(reachers),
+                _N.c.sequence == name,
+                _E.c.kind.in_(sorted(kinds)),
+                _E.c.occurred_at > _N.c.started_at,
+                *started,
+            )
         )
         for enrollment_id, started_at, at in session.execute(reached):
             if at - started_at <= window:

@@ -39,10 +39,11 @@ def upgrade() -> None:
             "AND CAST(json_extract(properties, '$.nurture_message_id') AS TEXT) NOT GLOB '*[^0-9]*' "
             "AND length(CAST(json_extract(properties, '$.nurture_message_id') AS TEXT)) BETWEEN 1 AND 18"
         )
+    # Kind and time in the index too: the report reads 5M events' kinds from the index alone.
     op.create_index(
         "ix_event_message",
         "event",
-        ["message_id"],
+        ["message_id", "kind", "occurred_at"],
         postgresql_where=sa.text("message_id IS NOT NULL"),
         sqlite_where=sa.text("message_id IS NOT NULL"),
     )
