@@ -475,15 +475,21 @@ def _print_explanation(report: dict[str, Any], playbook: Playbook, now: datetime
 STATUS_HELP = "queued, claimed, sending, sent, failed, in_doubt, suppressed, cancelled or skipped (repeatable)"
 
 
-def _statuses(values: list[str] | None, default: tuple[Any, ...]) -> tuple[Any, ...]:
-    from nurture.delivery import MessageStatus
-
+def _parse_statuses(values: list[str] | None, default: tuple[Any, ...], kind: Any, what: str) -> tuple[Any, ...]:
+    """``--status`` values as members of the ``kind`` enum (``default`` when none), or a usage error naming them."""
     if not values:
         return default
     try:
-        return tuple(MessageStatus(v.strip().lower()) for v in values)
+        return tuple(kind(v.strip().lower()) for v in values)
     except ValueError as exc:
-        raise typer.BadParameter(f"{exc}; a status is one of: {STATUS_HELP.split(' (')[0]}") from exc
+        known = ", ".join(s.value for s in kind)
+        raise typer.BadParameter(f"{exc}; {what} is one of: {known}") from exc
+
+
+def _statuses(values: list[str] | None, default: tuple[Any, ...]) -> tuple[Any, ...]:
+    from nurture.delivery import MessageStatus
+
+    return _parse_statuses(values, default, MessageStatus, "a status")
 
 
 WEBHOOK_STATUS_HELP = (
@@ -496,13 +502,7 @@ WEBHOOKS_HELP = "Outbound webhook deliveries instead of emails (docs/webhooks.md
 def _delivery_statuses(values: list[str] | None, default: tuple[Any, ...]) -> tuple[Any, ...]:
     from nurture.webhooks import DeliveryStatus
 
-    if not values:
-        return default
-    try:
-        return tuple(DeliveryStatus(v.strip().lower()) for v in values)
-    except ValueError as exc:
-        known = ", ".join(s.value for s in DeliveryStatus)
-        raise typer.BadParameter(f"{exc}; a webhook delivery's status is one of: {known}") from exc
+    return _parse_statuses(values, default, DeliveryStatus, "a webhook delivery's status")
 
 
 def _list_webhook_deliveries(status: list[str] | None, limit: int, as_json: bool) -> None:

@@ -32,3 +32,27 @@ def run_nurture(
     assert result.returncode == expect, output
     assert "Traceback" not in output, output
     return result
+
+
+def run_in_checkout(
+    *args: str, cwd: Path, expect: int, env: Mapping[str, str] | None = None, python: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """The command run in a marketer's checkout ``cwd`` with no NURTURE_ setting and no secret of this
+    process: the playbook and templates found there, at 80 columns."""
+    from tests.conftest import ROOT
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NURTURE_") and not k.endswith("_SECRET")}
+    return run_nurture(
+        *args,
+        cwd=cwd,
+        expect=expect,
+        python=python,
+        base_env=clean,
+        env={"COLUMNS": "80", "PYTHONPATH": str(ROOT), **(env or {})},
+        timeout=120,
+    )
+
+
+def line_of(text: str, fragment: str) -> int:
+    """The 1-based line of ``text`` where ``fragment`` starts."""
+    return text[: text.index(fragment)].count("\n") + 1

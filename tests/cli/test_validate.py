@@ -3,46 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
-import pytest
-
-from tests.cli.runner import run_nurture
-from tests.conftest import PLAYBOOK_PATH, ROOT, TEMPLATES_DIR
+from tests.cli.runner import line_of
+from tests.cli.runner import run_in_checkout as nurture
+from tests.conftest import PLAYBOOK_PATH, ROOT
 
 SHIPPED = PLAYBOOK_PATH.read_text()
-
-
-def nurture(
-    *args: str, cwd: Path, expect: int, env: dict[str, str] | None = None, python: tuple[str, ...] = ()
-) -> subprocess.CompletedProcess[str]:
-    """The command run in ``cwd`` with no NURTURE_ setting: the playbook and templates found there."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("NURTURE_")}
-    return run_nurture(
-        *args,
-        cwd=cwd,
-        expect=expect,
-        python=python,
-        base_env=clean,
-        env={"COLUMNS": "80", "PYTHONPATH": str(ROOT), **(env or {})},
-        timeout=120,
-    )
-
-
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
-    """A folder laid out as a marketer's checkout: nurture.yaml and templates/ side by side."""
-    shutil.copytree(TEMPLATES_DIR, tmp_path / "templates")
-    (tmp_path / "nurture.yaml").write_text(SHIPPED)
-    return tmp_path
-
-
-def _line_of(text: str, fragment: str) -> int:
-    return text[: text.index(fragment)].count("\n") + 1
 
 
 def test_the_shipped_playbook_is_clean(project: Path) -> None:
@@ -66,11 +34,11 @@ def test_every_typo_of_a_change_is_reported_at_once_one_line_each(project: Path)
     result = nurture("validate", cwd=project, expect=1)
     lines = result.stderr.splitlines()
     assert lines == [
-        f"nurture.yaml:{_line_of(text, 'page_veiw')}: scoring.events.page_veiw: 'page_veiw' is not an event kind "
+        f"nurture.yaml:{line_of(text, 'page_veiw')}: scoring.events.page_veiw: 'page_veiw' is not an event kind "
         "anything sends (did you mean 'page_view'?)",
-        f"nurture.yaml:{_line_of(text, 'companysize')}: scoring.fit.1.field: lead has no field 'companysize', so this "
+        f"nurture.yaml:{line_of(text, 'companysize')}: scoring.fit.1.field: lead has no field 'companysize', so this "
         "rule never matches (did you mean 'company_size'?)",
-        f"nurture.yaml:{_line_of(text, 'purchse')}: stages.customer.on_events.0: 'purchse' is not an event kind "
+        f"nurture.yaml:{line_of(text, 'purchse')}: stages.customer.on_events.0: 'purchse' is not an event kind "
         "anything sends (did you mean 'purchase'?)",
         "templates/check_in.html:3: lead.company can be empty, and then this line fails ('None' has no attribute "
         "'upper'); guard it: {{ lead.company or '' }} or {% if lead.company %}…{% endif %}",
@@ -107,7 +75,7 @@ def test_duplicate_keys_fail_the_check_with_both_lines(project: Path) -> None:
     text = SHIPPED.replace("    form_submit: 10\n", "    form_submit: 10\n    form_submit: 12\n")
     (project / "nurture.yaml").write_text(text)
     result = nurture("validate", cwd=project, expect=1)
-    first = _line_of(text, "form_submit: 10")
+    first = line_of(text, "form_submit: 10")
     assert result.stderr.splitlines()[0] == (
         f"nurture.yaml:{first + 1}: scoring.events.form_submit: given twice (first on line {first}); keep one"
     )
@@ -151,7 +119,7 @@ def test_with_database_the_stored_event_kinds_are_known(project: Path) -> None:
 
     alone = nurture("validate", cwd=project, expect=1, env=env)
     assert alone.stderr.splitlines()[0] == (
-        f"nurture.yaml:{_line_of(text, 'contract_signed')}: sequences.welcome.goal.events.0: 'contract_signed' is "
+        f"nurture.yaml:{line_of(text, 'contract_signed')}: sequences.welcome.goal.events.0: 'contract_signed' is "
         "not an event kind anything sends; if your website or imports send it, add it to known_events at the top "
         "of the playbook"
     )

@@ -3,15 +3,11 @@ while a webhook has no signing secret."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
-import pytest
-
-from tests.cli.runner import run_nurture
-from tests.conftest import PLAYBOOK_PATH, ROOT, TEMPLATES_DIR
+from tests.cli.runner import line_of
+from tests.cli.runner import run_in_checkout as nurture
+from tests.conftest import PLAYBOOK_PATH
 
 SHIPPED = PLAYBOOK_PATH.read_text()
 GOOD = """
@@ -21,30 +17,6 @@ webhooks:
     events: [lead.transitioned, lead.converted]
     to: hot
 """
-
-
-def nurture(*args: str, cwd: Path, expect: int, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """The command run in ``cwd`` with no NURTURE_ setting of this process: the playbook and templates there."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("NURTURE_") and not k.endswith("_SECRET")}
-    return run_nurture(
-        *args,
-        cwd=cwd,
-        expect=expect,
-        base_env=clean,
-        env={"COLUMNS": "80", "PYTHONPATH": str(ROOT), **(env or {})},
-        timeout=120,
-    )
-
-
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
-    shutil.copytree(TEMPLATES_DIR, tmp_path / "templates")
-    (tmp_path / "nurture.yaml").write_text(SHIPPED)
-    return tmp_path
-
-
-def _line_of(text: str, fragment: str) -> int:
-    return text[: text.index(fragment)].count("\n") + 1
 
 
 def test_validate_reports_each_mistake_of_a_webhook_at_its_file_and_line(project: Path) -> None:
@@ -58,12 +30,12 @@ def test_validate_reports_each_mistake_of_a_webhook_at_its_file_and_line(project
     result = nurture("validate", cwd=project, expect=1, env={"NURTURE_WEBHOOK_SECRET": "s"})
     lines = result.stderr.strip().splitlines()
     assert lines == [
-        f"nurture.yaml:{_line_of(text, 'url: htps')}: webhooks.0.url: 'htps://crm.example.com/hooks' is not a "
+        f"nurture.yaml:{line_of(text, 'url: htps')}: webhooks.0.url: 'htps://crm.example.com/hooks' is not a "
         "webhook URL: it must start with https:// (or http://)",
-        f"nurture.yaml:{_line_of(text, 'events: [lead.transitioned, lead.convrted]')}: webhooks.0.events.1: "
+        f"nurture.yaml:{line_of(text, 'events: [lead.transitioned, lead.convrted]')}: webhooks.0.events.1: "
         "'lead.convrted' is not a webhook event (did you mean 'lead.converted'?); one of: lead.transitioned, "
         "lead.converted, message.failed",
-        f"nurture.yaml:{_line_of(text, 'to: [hot, custmer]')}: webhooks.0.to.1: 'custmer' is not a stage (did you "
+        f"nurture.yaml:{line_of(text, 'to: [hot, custmer]')}: webhooks.0.to.1: 'custmer' is not a stage (did you "
         "mean 'customer'?); one of: cold, warm, hot, customer",
         "3 problems in nurture.yaml and templates/",
     ]
@@ -77,7 +49,7 @@ def test_validate_and_a_run_refuse_webhooks_without_a_signing_secret(project: Pa
     nurture("db", "upgrade", cwd=project, expect=0)
     missing = nurture("validate", "--database", cwd=project, expect=1)
     assert missing.stderr.splitlines()[0] == (
-        f"nurture.yaml:{_line_of(text, 'url: https://crm.example.com')}: webhooks.0.url: NURTURE_WEBHOOK_SECRET "
+        f"nurture.yaml:{line_of(text, 'url: https://crm.example.com')}: webhooks.0.url: NURTURE_WEBHOOK_SECRET "
         "is not set: this webhook would never be sent (nurture sends none unsigned); set NURTURE_WEBHOOK_SECRET "
         "to the secret its receiver verifies with (docs/webhooks.md)"
     )
