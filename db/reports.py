@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from sqlmodel import col
 
 from db.cycle import CLICK, OPEN, PROFILE_COLUMNS, paused_sequences
-from db.models import Enrollment, Event, Lead, Message, ScoreChange, StageTransition, Suppression
+from db.models import Enrollment, Event, Lead, Message, ScoreChange, StageTransition, Suppression, WebhookDelivery
 from nurture.delivery import MessageStatus
 from nurture.importing import normalise_email
 from nurture.playbook import Playbook, Stage
@@ -28,7 +28,7 @@ SCORE_CHANGES_SHOWN = 200
 
 
 def funnel(*, session: Session) -> dict[str, Any]:
-    """Leads per stage, messages per status and the number of transitions."""
+    """Leads per stage, messages per status, the number of transitions, webhook deliveries per status."""
     by_stage = dict.fromkeys(STAGE_ORDER, 0)
     by_stage.update(
         {
@@ -52,11 +52,21 @@ def funnel(*, session: Session) -> dict[str, Any]:
             .order_by(col(StageTransition.from_stage), col(StageTransition.to_stage))
         )
     }
+    # Outbound webhook deliveries, by status: only those that exist (most installations have none).
+    webhooks = {
+        str(row[0]): int(row[1])
+        for row in session.execute(
+            select(col(WebhookDelivery.status), func.count())
+            .group_by(col(WebhookDelivery.status))
+            .order_by(col(WebhookDelivery.status))
+        )
+    }
     return {
         "leads_by_stage": by_stage,
         "messages_by_status": by_status,
         "transitions": transitions,
         "transitions_by_path": by_path,
+        "webhooks_by_status": webhooks,
     }
 
 

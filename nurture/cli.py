@@ -391,15 +391,27 @@ def _print_funnel(totals: dict[str, Any]) -> None:
                     f"Transitions ({totals['transitions']})", "from → to", "leads", totals["transitions_by_path"]
                 ),
                 _count_table("Messages", "status", "messages", totals["messages_by_status"]),
+                *(
+                    [_count_table("Webhooks", "status", "deliveries", totals["webhooks_by_status"])]
+                    if totals.get("webhooks_by_status")
+                    else []
+                ),
             ],
             padding=4,
         )
     )
+    stuck = sum(totals.get("webhooks_by_status", {}).get(s, 0) for s in ("dead", "in_doubt"))
+    if stuck:
+        console.print(
+            f"[yellow]{stuck} webhook deliveries are dead or in doubt:[/] see `nurture messages list --webhooks`, "
+            "then `nurture messages retry --webhooks` once the receiver is fixed (docs/webhooks.md).",
+            highlight=False,
+        )
 
 
 @app.command()
 def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False) -> None:
-    """Leads per stage, messages per status, transitions so far."""
+    """Leads per stage, messages per status, transitions so far, webhook deliveries per status."""
     from db.cycle import scoring_version_in_use
     from db.engine import session_scope
     from db.reports import funnel

@@ -179,6 +179,11 @@ def test_a_5xx_is_retried_after_a_backoff_a_4xx_is_dead_at_once_and_an_operator_
         assert [(d["webhook"], d["status"], d["response_status"]) for d in json.loads(listed.stdout)] == [
             ("strict", "dead", 400)
         ]
+        # The on-call engineer's first look says so too, with what to run.
+        status = run_nurture("status", "--json", env={"NURTURE_DATABASE_URL": database_url})
+        assert json.loads(status.stdout)["webhooks_by_status"] == {"dead": 1, "delivered": 1}
+        shown = " ".join(run_nurture("status", env={"NURTURE_DATABASE_URL": database_url}).stdout.split())
+        assert "1 webhook deliveries are dead or in doubt: see `nurture messages list --webhooks`" in shown
         refusing["on"] = False  # the receiver's owner fixed it
         retried = run_nurture("messages", "retry", "--webhooks", "--yes", env={"NURTURE_DATABASE_URL": database_url})
         assert "1 webhook deliveries queued again" in retried.stdout
