@@ -128,6 +128,11 @@ def explain_lead(*, session: Session, email: str, playbook: Playbook, now: datet
         select(Message).where(col(Message.lead_id) == lead.id).order_by(col(Message.due_at), col(Message.id))
     )
     engaged = _engagement_by_message(events)
+    deliveries = session.scalars(
+        select(WebhookDelivery)
+        .where(col(WebhookDelivery.lead_id) == lead.id)
+        .order_by(col(WebhookDelivery.created_at), col(WebhookDelivery.id))
+    )
     return {
         "lead": {
             "id": lead.id,
@@ -140,6 +145,20 @@ def explain_lead(*, session: Session, email: str, playbook: Playbook, now: datet
             "next_review_at": _iso(lead.next_review_at),
         },
         "score_breakdown": breakdown,
+        # What other systems were told about the lead (outbound webhooks), and whether they heard it.
+        "webhooks": [
+            {
+                "id": d.id,
+                "webhook": d.webhook,
+                "event": d.event,
+                "status": d.status,
+                "at": _iso(d.created_at),
+                "delivered_at": _iso(d.delivered_at),
+                "attempts": d.attempts,
+                "last_error": d.last_error,
+            }
+            for d in deliveries
+        ],
         "suppression": (
             {"reason": suppression.reason, "at": _iso(suppression.at), "source": suppression.source}
             if suppression

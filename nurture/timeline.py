@@ -3,8 +3,8 @@
 Turns the report of ``db.reports.explain_lead`` into lines: who the lead is and why it
 has its score; then, oldest first, its activity (one line per day), score changes with
 their rule-by-rule contributions, stage changes, enrollments, each email with its
-status, step, variant and why, the branches and goals of its sequences, and its
-suppression; last, *what happens next*: the next step and when, or why nothing will,
+status, step, variant and why, the branches and goals of its sequences, what webhooks
+told other systems about it, and its suppression; last, *what happens next*: the next step and when, or why nothing will,
 and when decay alone would move the lead to another stage.
 
 Pure: no clock, no database; ``now`` is a parameter.
@@ -27,7 +27,18 @@ _STAMP = 16  # "2026-10-15 18:00"
 _GAP = "  "
 
 # Order of entries that share a timestamp: what happened first reads first.
-_ORDER = ("activity", "score", "transition", "enrollment", "email", "branch", "goal", "ended", "suppression")
+_ORDER = (
+    "activity",
+    "score",
+    "transition",
+    "enrollment",
+    "email",
+    "branch",
+    "goal",
+    "ended",
+    "webhook",
+    "suppression",
+)
 
 
 @dataclass(frozen=True)
@@ -145,6 +156,10 @@ def entries(report: Mapping[str, Any]) -> list[Entry]:
     for m in report["messages"]:
         enrollment = enrollments.get(m["enrollment_id"], {})
         found.append(_email(m, enrollment, transitions.get(enrollment.get("transition_id"), {})))
+    for d in report.get("webhooks", ()):
+        why = f" ({d['last_error']})" if d["status"] in ("dead", "in_doubt", "failed") and d.get("last_error") else ""
+        text = f"↗ webhook {d['webhook']} told {d['event']}: {d['status']}{why}"
+        found.append(Entry(_time(d["at"]), "webhook", text))
     suppression = report["suppression"]
     if suppression and suppression.get("at"):
         source = f" ({suppression['source']})" if suppression.get("source") else ""

@@ -13,10 +13,12 @@ from sqlalchemy import Engine
 
 from db.engine import session_scope
 from db.models import StageTransition, WebhookDelivery
+from db.reports import explain_lead
 from db.webhooks import DeliveryStatus
 from flows.webhooks import HttpPoster, WebhookResult, announce_transitions, deliver_webhooks
 from nurture.playbook import Playbook, Stage, parse_playbook
 from nurture.sequences import Transition
+from nurture.timeline import entries
 from tests.cli.runner import run_nurture
 from tests.conftest import PLAYBOOK_PATH, T0, TEMPLATES_DIR
 from tests.db.world import World
@@ -111,6 +113,17 @@ def test_a_lead_turning_hot_reaches_the_receiver_signed_with_its_profile_and_sco
     (delivered,) = _deliveries(world)
     assert (delivered.status, delivered.attempts, delivered.response_status) == ("delivered", 1, 200)
     assert delivered.delivered_at is not None
+    # `nurture explain` tells the story: the lead turned hot, and sales was told.
+    with session_scope(engine, commit=False) as session:
+        story = explain_lead(session=session, email=ANN, playbook=playbook, now=NOW)
+    assert story is not None
+    assert [(w["webhook"], w["event"], w["status"]) for w in story["webhooks"]] == [
+        ("sales", "lead.transitioned", "delivered")
+    ]
+    lines = [e.text for e in entries(story)]
+    assert lines.index("↗ webhook sales told lead.transitioned: delivered") > next(
+        i for i, text in enumerate(lines) if text.startswith("▶ cold → hot")
+    )
 
 
 def test_a_cycle_run_again_or_a_transition_announced_twice_enqueues_one_delivery(engine: Engine) -> None:
