@@ -4,8 +4,9 @@ Turns the report of ``db.reports.explain_lead`` into lines: who the lead is and 
 has its score; then, oldest first, its activity (one line per day), score changes with
 their rule-by-rule contributions, stage changes, enrollments, each email with its
 status, step, variant and why, the branches and goals of its sequences, what webhooks
-told other systems about it, and its suppression; last, *what happens next*: the next step and when, or why nothing will,
-and when decay alone would move the lead to another stage.
+told other systems about it, and its suppression; last, *what happens next*: the next
+step and when, or why nothing will, and when decay alone would move the lead to another
+stage.
 
 Pure: no clock, no database; ``now`` is a parameter.
 """
