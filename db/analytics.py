@@ -29,7 +29,7 @@ from db.suppressions import LINK_SOURCE
 from nurture.delivery import MessageStatus
 from nurture.inbound import MACHINE_OPEN
 from nurture.playbook import Playbook, Stage
-from nurture.reporting import Report, StepCounts, build_report
+from nurture.reporting import Report, StepCounts, build_report, describe_duration
 
 # An unsubscribe made on nurture's own page (a link in the email): credited to the last email before it.
 PAGE_SOURCES = (LINK_SOURCE, "expired link")
@@ -345,15 +345,6 @@ def sequence_report(
             "conversion_window": describe_duration(conversion_window),
         },
     )
-
-
-def describe_duration(value: timedelta) -> str:
-    """``14 days``, ``36 hours``: a window as people say it."""
-    hours = value.total_seconds() / 3600
-    if hours % 24 == 0:
-        days = int(hours // 24)
-        return f"{days} day" + ("" if days == 1 else "s")
-    return f"{hours:g} hours"
 
 
 def chart_data(

@@ -15,12 +15,12 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
-from db.analytics import Period, chart_data, describe_duration, sequence_report
+from db.analytics import Period, chart_data, sequence_report
 from db.engine import session_scope
 from flows.report_artifacts import publish_charts
 from flows.runtime import as_utc, current_runtime, run_name
 from nurture.charts import ConversionBar, report_charts
-from nurture.reporting import Report
+from nurture.reporting import Report, describe_duration
 
 # The cycle's artifact: `nurture report`'s defaults.
 REPORT_PERIOD = timedelta(days=30)

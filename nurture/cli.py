@@ -1584,7 +1584,9 @@ def report(
         )
         drawn = chart_data(session=session, playbook=playbook, period=period, window=windows["--conversion-window"])
     if chart is not None:
-        _write_charts(chart, drawn, since=since, window=conversion_window, quiet=as_json or as_csv)
+        _write_charts(
+            chart, drawn, period=windows["--since"], window=windows["--conversion-window"], quiet=as_json or as_csv
+        )
     if as_json:
         print(json.dumps(report_json(result), indent=2))
     elif as_csv:
@@ -1594,13 +1596,16 @@ def report(
             console.print(part, highlight=False)
 
 
-def _write_charts(directory: Path, drawn: Any, *, since: str, window: str, quiet: bool) -> None:
+def _write_charts(directory: Path, drawn: Any, *, period: timedelta, window: timedelta, quiet: bool) -> None:
     """funnel.svg/.png and conversion.svg/.png in ``directory`` (created if need be)."""
     from nurture.charts import ConversionBar, report_charts
+    from nurture.reporting import describe_duration
 
     days, stages, conversions = drawn
     bars = [ConversionBar(c.sequence, c.enrolled, c.converted) for c in conversions]
-    funnel, conversion = report_charts(days, stages, bars, period=f"last {since}", window=window)
+    funnel, conversion = report_charts(
+        days, stages, bars, period=f"the last {describe_duration(period)}", window=describe_duration(window)
+    )
     try:
         directory.mkdir(parents=True, exist_ok=True)
         written = []

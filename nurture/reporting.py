@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from datetime import timedelta
 from typing import Any
 
 from nurture.playbook import Playbook, SplitMetric
@@ -234,3 +235,12 @@ def report_json(report: Report) -> dict[str, Any]:
             for s in report.sequences
         ],
     }
+
+
+def describe_duration(value: timedelta) -> str:
+    """``14 days``, ``36 hours``: a window as people say it."""
+    hours = value.total_seconds() / 3600
+    if hours % 24 == 0:
+        days = int(hours // 24)
+        return f"{days} day" + ("" if days == 1 else "s")
+    return f"{hours:g} hours"

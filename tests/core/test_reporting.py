@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import io
+from datetime import timedelta
 
 import pytest
 from rich.console import Console
 
 from nurture.playbook import Playbook
 from nurture.report_text import render, report_csv
-from nurture.reporting import StepCounts, build_report, report_json
+from nurture.reporting import StepCounts, build_report, describe_duration, report_json
 
 
 def _welcome(variant: str, sent: int, opened: int, clicked: int) -> StepCounts:
@@ -92,3 +93,7 @@ def test_text_fits_80_columns_and_csv_and_json_carry_every_count(playbook: Playb
     assert step["verdict"]["winner"] == "b"
     assert [v["variant"] for v in step["variants"]] == ["a", "b"]
     assert step["variants"][1]["rates"]["opened"] == 0.55
+
+
+def test_a_window_reads_as_people_say_it() -> None:
+    assert [describe_duration(timedelta(hours=h)) for h in (336, 24, 36)] == ["14 days", "1 day", "36 hours"]
